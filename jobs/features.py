@@ -1,0 +1,30 @@
+"""`python -m jobs.features`: build the Silver zone from Bronze with PySpark on Ray (RayDP)."""
+
+from __future__ import annotations
+
+import sys
+
+from cluster.etl import run_feature_etl
+from cluster.ray_runtime import connect
+from configs.schema import PipelineConfig, load_config
+from jobs._cli import base_parser, print_summary, setup_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--lake", required=True, help="lake directory")
+    parser.add_argument("--config", help="pipeline YAML whose `spark` section applies")
+    parser.add_argument("--executors", type=int, help="Spark executors (overrides the config)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    base = load_config(args.config, PipelineConfig) if args.config else PipelineConfig()
+    spark = base.spark
+    if args.executors:
+        spark = spark.model_copy(update={"executors": args.executors})
+    connect(base.ray, args.address)
+    print_summary(run_feature_etl(spark, args.lake))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

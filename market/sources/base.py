@@ -1,0 +1,90 @@
+"""The interface every kline source implements, and the runner that stores its batches."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from market.bronze import Batch, BatchMeta, BronzeStore
+
+log = logging.getLogger(__name__)
+
+
+class KlineSource(Protocol):
+    """A source of raw 1-minute klines for one symbol at a time.
+
+    `batches` yields one Batch per UTC date (or part of one) that the store does not hold yet;
+    it consults the store to resume where an earlier run stopped.
+    """
+
+    name: str
+
+    def batches(self, symbol: str, store: BronzeStore) -> Iterator[Batch]: ...
+
+
+@dataclass
+class IngestReport:
+    """What one symbol's ingestion did."""
+
+    source: str
+    symbol: str
+    days_written: int = 0
+    rows_written: int = 0
+    rows_already_stored: int = 0
+    seconds: float = 0.0
+    parts: list[str] = field(default_factory=list)
+
+
+def now_iso() -> str:
+    """The current UTC time in ISO-8601 with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def ingest_symbol(source: KlineSource, symbol: str, store: BronzeStore) -> IngestReport:
+    """Store every batch `source` yields for `symbol`, skipping minutes its tag already holds."""
+    report = IngestReport(source=source.name, symbol=symbol)
+    started = time.perf_counter()
+    for batch in source.batches(symbol, store):
+        covered = [
+            (p.first_ms, p.last_ms)
+            for p in store.parts(batch.source, batch.symbol)
+            if p.tag == batch.tag and p.day == str(batch.day)
+        ]
+        metas = (
+            [batch.meta] * len(batch.rows)
+            if isinstance(batch.meta, BatchMeta)
+            else list(batch.meta)
+        )
+        kept = [
+            (row, meta)
+            for row, meta in zip(batch.rows, metas, strict=True)
+            if row.open_time_ms is None or not any(a <= row.open_time_ms <= b for a, b in covered)
+        ]
+        report.rows_already_stored += len(batch.rows) - len(kept)
+        if not kept:
+            continue
+        rows = [row for row, _ in kept]
+        written = store.write(
+            Batch(batch.source, batch.symbol, batch.day, batch.tag, rows, [m for _, m in kept])
+        )
+        if written is not None:
+            report.days_written += 1
+            report.rows_written += len(rows)
+            report.parts.append(str(written))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            log.info(
+                "ingest %s %s %s: %d rows (total %d rows, %d parts, %.0f rows/s)",
+                source.name,
+                symbol,
+                batch.day,
+                len(rows),
+                report.rows_written,
+                report.days_written,
+                report.rows_written / elapsed,
+            )
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,1 @@
+"""The Ray Serve signal application (see issue 4)."""
