@@ -188,20 +188,18 @@ def parse_and_validate(raw: DataFrame) -> DataFrame:
     precedence: Column = F.lit(99)
     for source, order in v.SOURCE_PRECEDENCE.items():
         precedence = F.when(F.col("source") == source, F.lit(order)).otherwise(precedence)
-    checked = typed.withColumn("reason", reason).withColumn("_precedence", precedence)
-    first_of_minute = Window.partitionBy("symbol", "open_time_ms").orderBy(
+    checked = (
+        typed.withColumn("reason", reason)
+        .withColumn("_precedence", precedence)
+        .withColumn("_valid", F.col("reason").isNull())
+    )
+    # Rank within the rows that passed the other checks: a rejected row must not shadow a good one.
+    first_of_minute = Window.partitionBy("symbol", "open_time_ms", "_valid").orderBy(
         "_precedence", "fetched_at", "batch", "seq"
     )
-    rank = F.row_number().over(first_of_minute)
-    # Rank only the rows that passed the other checks: a rejected row must not shadow a good one.
-    ranked = checked.withColumn("_valid", F.col("reason").isNull()).withColumn(
-        "_rank", F.when(F.col("_valid"), rank)
-    )
-    return ranked.withColumn(
-        "reason",
-        F.when(F.col("_valid") & (F.col("_rank") > 1), F.lit(v.DUPLICATE_OPEN_TIME)).otherwise(
-            F.col("reason")
-        ),
+    duplicate = F.col("_valid") & (F.row_number().over(first_of_minute) > 1)
+    return checked.withColumn(
+        "reason", F.when(duplicate, F.lit(v.DUPLICATE_OPEN_TIME)).otherwise(F.col("reason"))
     )
 
 

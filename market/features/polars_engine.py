@@ -29,12 +29,16 @@ def _ms(open_time: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return open_time.cast(pl.Int64)
 
 
-def add_segments(bars: pl.DataFrame) -> pl.DataFrame:
-    """Sort by symbol/open_time and number each maximal run of consecutive minutes per symbol."""
+def add_segments(bars: pl.DataFrame, interval_ms: int = ONE_MINUTE_MS) -> pl.DataFrame:
+    """Sort by symbol/open_time and number each maximal run of consecutive bars per symbol.
+
+    `interval_ms` is the bar length: 1 minute for Silver; other lengths let the same rules run
+    on coarser bars (the tests use the hourly file with real outages).
+    """
     dtype = bars.schema["open_time"]
     out = bars.with_columns(_ms(pl.col("open_time"), dtype).alias("_t")).sort("symbol", "_t")
     step = pl.col("_t").diff().over("symbol")
-    new_segment = step.is_null() | (step != ONE_MINUTE_MS)
+    new_segment = step.is_null() | (step != interval_ms)
     return out.with_columns(new_segment.cast(pl.Int64).cum_sum().over("symbol").alias("segment"))
 
 
@@ -42,9 +46,12 @@ def _ema(expr: pl.Expr, span: int) -> pl.Expr:
     return expr.ewm_mean(alpha=2.0 / (span + 1), adjust=False)
 
 
-def compute_features(bars: pl.DataFrame) -> pl.DataFrame:
-    """Every spec feature and target for `bars` (see module docstring for the shape)."""
-    df = add_segments(bars)
+def compute_features(bars: pl.DataFrame, interval_ms: int = ONE_MINUTE_MS) -> pl.DataFrame:
+    """Every spec feature and target for `bars` (see module docstring for the shape).
+
+    Windows count bars; the target is HORIZON_BARS bars ahead within the segment.
+    """
+    df = add_segments(bars, interval_ms)
     c = pl.col("close")
     pos = pl.int_range(pl.len()).over(_KEYS)
 

@@ -192,13 +192,14 @@ class BinanceSource:
         self.clock = clock
 
     def batches(self, symbol: str, store: BronzeStore) -> Iterator[Batch]:
-        covered = store.covered_until(self.name, symbol)
-        start = self.start_ms if covered is None else max(self.start_ms, covered + ONE_MINUTE_MS)
         # Only closed klines: a bar is final once its close time has passed.
         newest_closed = int(self.clock() * 1000) // ONE_MINUTE_MS * ONE_MINUTE_MS - ONE_MINUTE_MS
         end = min(self.end_ms, newest_closed)
-        if start > end:
-            return
+        covered = [(p.first_ms, p.last_ms) for p in store.parts(self.name, symbol)]
+        for gap_start, gap_end in missing_ranges(covered, self.start_ms, end):
+            yield from self._fetch(symbol, gap_start, gap_end)
+
+    def _fetch(self, symbol: str, start: int, end: int) -> Iterator[Batch]:
         pending_day: date | None = None
         pending: list[RawKline] = []
         metas: list[BatchMeta] = []
@@ -217,3 +218,25 @@ class BinanceSource:
                 metas.append(meta)
         if pending and pending_day is not None:
             yield Batch(self.name, symbol, pending_day, self.tag, pending, metas)
+
+
+def missing_ranges(
+    covered: list[tuple[int, int]], start_ms: int, end_ms: int
+) -> list[tuple[int, int]]:
+    """The inclusive sub-ranges of [start_ms, end_ms] that no stored part covers.
+
+    Resuming after the last stored minute alone would skip a backfill of an earlier range.
+    """
+    missing: list[tuple[int, int]] = []
+    cursor = start_ms
+    for first, last in sorted(covered):
+        if last < cursor:
+            continue
+        if first > end_ms:
+            break
+        if first > cursor:
+            missing.append((cursor, min(first - ONE_MINUTE_MS, end_ms)))
+        cursor = max(cursor, last + ONE_MINUTE_MS)
+    if cursor <= end_ms:
+        missing.append((cursor, end_ms))
+    return missing
