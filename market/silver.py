@@ -203,14 +203,8 @@ def parse_and_validate(raw: DataFrame) -> DataFrame:
     )
 
 
-def _write_spec(silver: Path) -> dict[str, Any]:
-    document = {
-        "version": spec.SPEC_VERSION,
-        "hash": spec.spec_hash(),
-        "spec": spec.spec_document(),
-    }
-    _write_json_atomic(silver / SPEC_FILE, document)
-    return document
+def _spec_identity() -> dict[str, str]:
+    return {"version": spec.SPEC_VERSION, "hash": spec.spec_hash()}
 
 
 def _rewrite_filter(plan: dict[str, str | None]) -> Column:
@@ -282,12 +276,11 @@ def build_silver(spark: SparkSession, lake: str | Path) -> SilverSummary:
     summary.gaps = int(gap_stats["segments"] or 0) - int(gap_stats["symbols"] or 0)
     summary.missing_minutes = int(gap_stats["missing"] or 0)
 
-    spec_doc = {"version": spec.SPEC_VERSION, "hash": spec.spec_hash()}
     features = compute_features_spark(segmented)
     output = features.select(
         "symbol",
         F.timestamp_millis("open_time_ms").alias(
-            "open_time", metadata={SPEC_METADATA_KEY: spec_doc}
+            "open_time", metadata={SPEC_METADATA_KEY: _spec_identity()}
         ),
         *[F.col(c) for c in BAR_TYPES],
         *[F.col(c) for c in spec.FEATURE_COLUMNS],
@@ -306,9 +299,11 @@ def build_silver(spark: SparkSession, lake: str | Path) -> SilverSummary:
     for row in sorted(month_rows, key=lambda r: (r["symbol"], r["month"])):
         summary.months_written.setdefault(row["symbol"], []).append(row["month"])
 
-    _write_spec(silver)
-    state = _state(silver) if _state(silver).get("spec_hash") == spec.spec_hash() else {}
-    done = dict(state.get("symbols", {}))
+    _write_json_atomic(silver / SPEC_FILE, {**_spec_identity(), "spec": spec.spec_document()})
+    previous = _state(silver)
+    done = (
+        dict(previous.get("symbols", {})) if previous.get("spec_hash") == spec.spec_hash() else {}
+    )
     done.update({s: keys[s] for s in symbols})
     _write_json_atomic(silver / STATE_FILE, {"spec_hash": spec.spec_hash(), "symbols": done})
     summary.seconds = time.perf_counter() - started

@@ -17,7 +17,7 @@ from scipy.signal import lfilter
 
 from market.features import spec
 from market.features.polars_engine import DISPERSION_EPS
-from market.klines import ONE_MINUTE_MS
+from market.klines import ONE_DAY_MS, ONE_MINUTE_MS
 
 FloatArray = np.ndarray
 
@@ -129,9 +129,11 @@ def compute_symbol_features(
         return out
     starts = np.flatnonzero(np.r_[True, segment[1:] != segment[:-1]])
     ends = np.r_[starts[1:], n]
+    warm = np.zeros(n, dtype=bool)
     for a, b in zip(starts, ends, strict=True):
         if b - a <= spec.WARMUP_BARS:
             continue
+        warm[a + spec.WARMUP_BARS : b] = True
         seg = _segment_features(
             columns["close"][a:b],
             columns["high"][a:b],
@@ -143,13 +145,10 @@ def compute_symbol_features(
         for name, values in seg.items():
             out[name][lo:b] = values[spec.WARMUP_BARS :]
 
-    warm = np.zeros(n, dtype=bool)
-    for a, b in zip(starts, ends, strict=True):
-        warm[a + spec.WARMUP_BARS : b] = True
     out["log_volume"] = np.where(warm, np.log1p(columns["volume"]), np.nan)
     out["log_trades"] = np.where(warm, np.log1p(columns["trades"]), np.nan)
     minute = (open_time_ms // ONE_MINUTE_MS) % spec.MINUTES_PER_DAY
-    dow = (open_time_ms // 86_400_000 + 3) % spec.DAYS_PER_WEEK
+    dow = (open_time_ms // ONE_DAY_MS + 3) % spec.DAYS_PER_WEEK
     tau = 2.0 * math.pi
     for name, values in (
         ("minute_sin", np.sin(minute * tau / spec.MINUTES_PER_DAY)),

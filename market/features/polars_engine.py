@@ -15,7 +15,7 @@ import operator
 import polars as pl
 
 from market.features import spec
-from market.klines import ONE_MINUTE_MS
+from market.klines import ONE_DAY_MS, ONE_MINUTE_MS
 
 _KEYS = ["symbol", "segment"]
 # Numerical zero for a dispersion: float sums of identical values need not cancel exactly, so
@@ -121,7 +121,7 @@ def compute_features(bars: pl.DataFrame, interval_ms: int = ONE_MINUTE_MS) -> pl
 
     minute = (pl.col("_t") // ONE_MINUTE_MS) % spec.MINUTES_PER_DAY
     # 1970-01-01 was a Thursday: ISO weekday 4, so Monday-based index 3.
-    dow = (pl.col("_t") // 86_400_000 + 3) % spec.DAYS_PER_WEEK
+    dow = (pl.col("_t") // ONE_DAY_MS + 3) % spec.DAYS_PER_WEEK
     tau = 2.0 * math.pi
     cols["minute_sin"] = (minute * tau / spec.MINUTES_PER_DAY).sin()
     cols["minute_cos"] = (minute * tau / spec.MINUTES_PER_DAY).cos()

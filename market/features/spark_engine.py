@@ -48,10 +48,9 @@ def _features_for_symbol(pdf: pd.DataFrame) -> pd.DataFrame:
     features = compute_symbol_features(
         pdf["open_time_ms"].to_numpy(dtype=np.int64), pdf["segment"].to_numpy(np.int64), arrays
     )
-    out = pdf.copy()
     for name, values in features.items():
-        out[name] = pd.array(values, dtype="Float64")
-    return out
+        pdf[name] = pd.array(values, dtype="Float64")
+    return pdf
 
 
 def add_segments_and_targets(bars: DataFrame) -> DataFrame:

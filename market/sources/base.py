@@ -48,12 +48,12 @@ def ingest_symbol(source: KlineSource, symbol: str, store: BronzeStore) -> Inges
     """Store every batch `source` yields for `symbol`, skipping minutes its tag already holds."""
     report = IngestReport(source=source.name, symbol=symbol)
     started = time.perf_counter()
+    # (tag, day) -> open-time ranges stored: read once, then kept current as parts are written.
+    covered_by: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for part in store.parts(source.name, symbol):
+        covered_by.setdefault((part.tag, part.day), []).append((part.first_ms, part.last_ms))
     for batch in source.batches(symbol, store):
-        covered = [
-            (p.first_ms, p.last_ms)
-            for p in store.parts(batch.source, batch.symbol)
-            if p.tag == batch.tag and p.day == str(batch.day)
-        ]
+        covered = covered_by.setdefault((batch.tag, str(batch.day)), [])
         metas = (
             [batch.meta] * len(batch.rows)
             if isinstance(batch.meta, BatchMeta)
@@ -72,6 +72,8 @@ def ingest_symbol(source: KlineSource, symbol: str, store: BronzeStore) -> Inges
             Batch(batch.source, batch.symbol, batch.day, batch.tag, rows, [m for _, m in kept])
         )
         if written is not None:
+            known = [r.open_time_ms for r in rows if r.open_time_ms is not None]
+            covered.append((min(known, default=0), max(known, default=0)))
             report.days_written += 1
             report.rows_written += len(rows)
             report.parts.append(str(written))

@@ -67,12 +67,13 @@ class DumpSource:
         self.start_ms = start_ms
         self.end_ms = end_ms
 
-    def files_for(self, symbol: str, symbols_requested: int = 1) -> list[Path]:
+    def files_for(self, symbol: str) -> list[Path]:
+        """Files named for `symbol` (BTCUSDT-1m-...), or every match when none is."""
         files = sorted(Path(p) for p in glob.glob(self.pattern))
         if not files:
             raise FileNotFoundError(f"no dump files match {self.pattern!r}")
         named = [f for f in files if f.name.upper().startswith(f"{symbol.upper()}-")]
-        return named if named or symbols_requested > 1 else files
+        return named or files
 
     def _in_range(self, open_time_ms: int | None) -> bool:
         if open_time_ms is None:

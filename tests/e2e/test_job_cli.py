@@ -31,7 +31,7 @@ def run_job(*args: str) -> dict[str, object]:
 
 def test_ingest_then_features_from_the_command_line(tmp_path: Path) -> None:
     lake = str(tmp_path / "lake")
-    ingest = run_job(
+    ingest_args = (
         "jobs.ingest",
         "--source",
         "sim",
@@ -44,20 +44,9 @@ def test_ingest_then_features_from_the_command_line(tmp_path: Path) -> None:
         "--lake",
         lake,
     )
+    ingest = run_job(*ingest_args)
     assert ingest["rows_written"] == 2 * 2 * 1440 and ingest["symbols"] == ["SIMA", "SIMB"]
-    again = run_job(
-        "jobs.ingest",
-        "--source",
-        "sim",
-        "--symbols",
-        "SIMA,SIMB",
-        "--start",
-        "2024-01-01",
-        "--end",
-        "2024-01-02T23:59",
-        "--lake",
-        lake,
-    )
+    again = run_job(*ingest_args)
     assert again["rows_written"] == 0, "a rerun over the same range is a no-op"
     features = run_job("jobs.features", "--lake", lake)
     assert features["rows_out"] == 2 * 2 * 1440

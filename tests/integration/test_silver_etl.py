@@ -17,7 +17,7 @@ from market import validation as v
 from market.bronze import Batch, BatchMeta, BronzeStore, RawKline
 from market.features import spec
 from market.features.polars_engine import compute_features
-from market.klines import ONE_MINUTE_MS, date_start_ms
+from market.klines import BAR_COLUMNS, ONE_MINUTE_MS, date_start_ms
 from market.silver import SPEC_METADATA_KEY, build_silver
 from market.sources.base import ingest_symbol
 from market.sources.dump import DumpSource
@@ -27,7 +27,6 @@ from tests.unit.test_feature_engines import scaled_error
 pytestmark = pytest.mark.integration
 
 SYMBOLS = ["SIMA", "SIMB"]
-GOOD = "1706572800000,100.0,101.0,99.0,100.5,10.0,1706572859999,1000.0,5,4.0,400.0,0"
 
 
 def bad_rows(day_start: int) -> dict[str, list[str]]:
@@ -67,14 +66,26 @@ def read_silver(lake: Path) -> pl.DataFrame:
     return frame.sort("symbol", "open_time")
 
 
+def assert_silver_matches_polars(silver: pl.DataFrame) -> None:
+    """Recompute Silver's features from its own bars with polars: equal within 1e-9."""
+    bars = silver.select(
+        *[pl.col(c).dt.epoch("ms") if c == "open_time" else pl.col(c) for c in BAR_COLUMNS]
+    )
+    online = compute_features(bars)
+    for name in (*spec.FEATURE_COLUMNS, *spec.TARGET_COLUMNS):
+        a = silver[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        b = online[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
+        assert np.array_equal(np.isnan(a), np.isnan(b)), f"{name}: null patterns differ"
+        present = ~np.isnan(a)
+        assert scaled_error(a[present], b[present]) <= 1e-9, name
+
+
 @pytest.fixture(scope="module")
 def sim_lake(tmp_path_factory: pytest.TempPathFactory, spark: Any) -> dict[str, Any]:
     lake = tmp_path_factory.mktemp("lake")
     config = sim_config()
     ingest_sim(lake, SYMBOLS, days=3, config=config)
     expected_bad = add_bad_part(lake, "SIMA", config.anchor_date)
-    # A second delivery of a whole sim day from the "dump" source: every row a duplicate that
-    # wins on precedence, so the sim copies are the ones quarantined.
     summary = build_silver(spark, lake)
     return {"lake": lake, "summary": summary, "expected_bad": expected_bad, "config": config}
 
@@ -97,21 +108,7 @@ def test_every_rejected_row_is_quarantined_with_its_reason(sim_lake: dict[str, A
 def test_silver_has_the_contract_schema_partitions_and_spec(sim_lake: dict[str, Any]) -> None:
     lake: Path = sim_lake["lake"]
     silver = read_silver(lake)
-    expected = [
-        "symbol",
-        "open_time",
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "quote_volume",
-        "trades",
-        "taker_buy_base",
-        "taker_buy_quote",
-        *spec.FEATURE_COLUMNS,
-        *spec.TARGET_COLUMNS,
-    ]
+    expected = [*BAR_COLUMNS, *spec.FEATURE_COLUMNS, *spec.TARGET_COLUMNS]
     # symbol and month are the partition columns: in the path, not in the files.
     assert sorted(silver.columns) == sorted([*expected, "month"])
     a_file = next((lake / "silver").glob("symbol=*/month=*/*.parquet"))
@@ -129,27 +126,7 @@ def test_silver_has_the_contract_schema_partitions_and_spec(sim_lake: dict[str, 
 
 
 def test_spark_and_polars_engines_agree_on_silver(sim_lake: dict[str, Any]) -> None:
-    silver = read_silver(sim_lake["lake"]).drop("month")
-    bars = silver.select(
-        "symbol",
-        pl.col("open_time").dt.epoch("ms").alias("open_time"),
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "quote_volume",
-        "trades",
-        "taker_buy_base",
-        "taker_buy_quote",
-    )
-    online = compute_features(bars)
-    for name in (*spec.FEATURE_COLUMNS, *spec.TARGET_COLUMNS):
-        a = silver[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        b = online[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        assert np.array_equal(np.isnan(a), np.isnan(b)), f"{name}: null patterns differ"
-        present = ~np.isnan(a)
-        assert scaled_error(a[present], b[present]) <= 1e-9, name
+    assert_silver_matches_polars(read_silver(sim_lake["lake"]))
 
 
 def test_silver_reads_as_a_ray_dataset(sim_lake: dict[str, Any]) -> None:
@@ -197,24 +174,5 @@ def test_the_real_year_through_spark_matches_polars(tmp_path: Path, spark: Any) 
     silver = read_silver(tmp_path)
     assert silver.height == 571_680
     assert silver["month"].n_unique() == 13
-    bars = silver.select(
-        "symbol",
-        pl.col("open_time").dt.epoch("ms").alias("open_time"),
-        "open",
-        "high",
-        "low",
-        "close",
-        "volume",
-        "quote_volume",
-        "trades",
-        "taker_buy_base",
-        "taker_buy_quote",
-    )
-    online = compute_features(bars)
-    for name in (*spec.FEATURE_COLUMNS, *spec.TARGET_COLUMNS):
-        a = silver[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        b = online[name].cast(pl.Float64).fill_null(np.nan).to_numpy()
-        assert np.array_equal(np.isnan(a), np.isnan(b)), name
-        present = ~np.isnan(a)
-        assert scaled_error(a[present], b[present]) <= 1e-9, name
+    assert_silver_matches_polars(silver)
     assert (silver["open_time"].diff().drop_nulls() == timedelta(minutes=1)).all()

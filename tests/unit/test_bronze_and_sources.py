@@ -62,7 +62,7 @@ def test_sim_ingest_twice_is_a_no_op(tmp_path: Path) -> None:
 
 
 class JobKilledError(RuntimeError):
-    pass
+    """Stands for the job being killed between two batches."""
 
 
 class DiesAfter:
