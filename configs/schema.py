@@ -22,7 +22,9 @@ class RayConfig(StrictModel):
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1)
     namespace: str = "quant-ai"
-    include_dashboard: bool = False
+    # The dashboard also serves Ray's State API, which Ray Train's placement-group cleaner needs
+    # to free the workers of trials that ASHA stops.
+    include_dashboard: bool = True
     object_store_memory_mb: int | None = Field(default=None, ge=64)
 
 
@@ -103,6 +105,110 @@ class PipelineConfig(StrictModel):
     ray: RayConfig = RayConfig()
     spark: SparkConfig = SparkConfig()
     ingest: IngestConfig = IngestConfig()
+
+
+class BacktestConfig(StrictModel):
+    """Vectorised backtest of BUY/SELL/NEUTRAL decisions. Costs are in basis points per side.
+
+    A decision taken at the close of bar t trades at the open of bar t+1. BUY needs
+    p_up >= `p_up_threshold` and a predicted return above the round-trip cost plus
+    `min_edge_bps`; SELL is the mirror image. Once entered, a position is held for at least
+    `hold_bars` bars (the prediction horizon) unless an opposite signal arrives.
+    """
+
+    mode: Literal["long_short", "long_only"] = "long_short"
+    fee_side: Literal["taker", "maker"] = "taker"
+    taker_fee_bps: float = Field(default=10.0, ge=0)
+    maker_fee_bps: float = Field(default=2.0, ge=0)
+    slippage_bps: float = Field(default=0.0, ge=0)
+    p_up_threshold: float = Field(default=0.55, ge=0.5, le=1.0)
+    min_edge_bps: float = Field(default=0.0, ge=0)
+    hold_bars: int = Field(default=10, ge=1)
+    bars_per_year: float = Field(
+        default=525_600.0, gt=0, description="1-minute bars in a 365-day, 24/7 year"
+    )
+
+    @property
+    def fee_bps(self) -> float:
+        """The fee charged per side on every fill, in bps."""
+        return self.taker_fee_bps if self.fee_side == "taker" else self.maker_fee_bps
+
+
+class FoldConfig(StrictModel):
+    """Walk-forward folds, in bars (1 bar = 1 minute). Purge >= horizon + longest window."""
+
+    scheme: Literal["rolling", "expanding"] = "rolling"
+    train_bars: int = Field(default=20_000, ge=100)
+    val_bars: int = Field(default=4_000, ge=10)
+    test_bars: int = Field(default=4_000, ge=10)
+    purge_bars: int | None = Field(
+        default=None, ge=0, description="None = horizon + longest feature window"
+    )
+    embargo_bars: int = Field(default=60, ge=0)
+    max_folds: int | None = Field(default=None, ge=1)
+
+
+ModelFamily = Literal["lstm", "gru", "tcn"]
+MODEL_FAMILIES: tuple[ModelFamily, ...] = ("lstm", "gru", "tcn")
+
+
+class SearchSpaceConfig(StrictModel):
+    """What Ray Tune samples. Lists are categorical choices; pairs are (low, high) ranges."""
+
+    family: list[ModelFamily] = Field(default_factory=lambda: list(MODEL_FAMILIES), min_length=1)
+    hidden_size: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)
+    num_layers: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    dropout: tuple[float, float] = (0.0, 0.2)
+    learning_rate: tuple[float, float] = (1e-3, 5e-3)
+    window_bars: list[int] = Field(default_factory=lambda: [30, 60], min_length=1)
+    batch_size: list[int] = Field(default_factory=lambda: [256, 512], min_length=1)
+    tcn_kernel_size: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
+    tcn_dilations: list[list[int]] = Field(
+        default_factory=lambda: [[1, 2, 4], [1, 2, 4, 8]], min_length=1
+    )
+
+
+class ScalingSettings(StrictModel):
+    """Ray Train `ScalingConfig` of one trial's training run."""
+
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    trial_driver_cpus: float = Field(
+        default=0.5,
+        ge=0,
+        description="CPU held by each Tune trial's driver (it evaluates the trained folds)",
+    )
+
+
+class GateConfig(StrictModel):
+    """Promotion gate: DSR over all trials and beating buy-and-hold and every baseline."""
+
+    min_dsr: float = Field(default=0.95, ge=0, le=1)
+    min_trades: int = Field(default=10, ge=0)
+
+
+class TuneJobConfig(StrictModel):
+    """`jobs.tune`: the sweep, its folds, backtest and promotion gate."""
+
+    seed: int = 7
+    ray: RayConfig = RayConfig()
+    symbols: list[str] | None = Field(default=None, description="None = every Silver symbol")
+    num_samples: int = Field(default=4, ge=1)
+    max_concurrent_trials: int = Field(default=1, ge=1)
+    max_epochs: int = Field(default=3, ge=1, description="epochs per fold")
+    asha: bool = True
+    asha_grace_period: int = Field(default=1, ge=1)
+    asha_reduction_factor: int = Field(default=2, ge=2)
+    max_train_windows: int | None = Field(
+        default=None, ge=1, description="subsample training windows per fold (seeded)"
+    )
+    search: SearchSpaceConfig = SearchSpaceConfig()
+    scaling: ScalingSettings = ScalingSettings()
+    folds: FoldConfig = FoldConfig()
+    backtest: BacktestConfig = BacktestConfig()
+    gate: GateConfig = GateConfig()
+    model_name: str = "signal"
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
