@@ -55,7 +55,10 @@ def run_polars(source: Path, target: Path) -> float:
 
 
 def run_spark(source: Path, target: Path, executors: int) -> dict[str, Any]:
+    # A distinct app name per run: RayDP names its master actor after the app, and the previous
+    # run's actor can still hold the name while it shuts down.
     config = SparkConfig(
+        app_name=f"bench-etl-{executors}x",
         executors=executors,
         executor_cores=1,
         executor_memory="4g",
@@ -91,6 +94,7 @@ def main() -> int:
         bars.write_parquet(work / "bars.parquet", row_group_size=100_000)
         del bars
         polars_s = run_polars(work / "bars.parquet", work / "polars.parquet")
+        print(f"polars: {polars_s:.1f} s", file=sys.stderr)
         spark_runs = {}
         for executors in (int(e) for e in args.executors.split(",")):
             spark_runs[executors] = run_spark(
