@@ -1,0 +1,238 @@
+"""Silver as model-ready arrays, read through Ray Data, and the windows the models train on.
+
+Every symbol's rows are concatenated in (symbol, open_time) order into flat arrays: inputs are
+float32 [bars, inputs]. Windows are never materialised: a window is the index of its last bar
+(the decision bar t) and a batch gathers `inputs[t - L + 1 .. t]` on the fly, so memory stays at
+one copy of the inputs however many windows a fold has (a year of 1-minute bars x 30 inputs is
+~70 MB per symbol).
+
+A window is valid only when its L bars are consecutive minutes of one segment with every input
+present (past the warm-up). Fold ranges are checked on the decision bar and, for training and
+validation, on the target bar t + 10 too, so that no label reaches past its range.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from market.features.spec import FEATURE_COLUMNS, HORIZON_BARS
+from market.klines import ONE_MINUTE_MS
+
+# Price-level features (SMA, EMA) are not stationary across a year of prices: they are left out
+# of the model inputs, and the MACD family (in price units) is divided by the close.
+PRICE_LEVEL_FEATURES = ("sma_5", "sma_10", "sma_20", "ema_12", "ema_26")
+PRICE_SCALED_FEATURES = ("macd", "macd_signal", "macd_hist")
+INPUT_COLUMNS: tuple[str, ...] = tuple(c for c in FEATURE_COLUMNS if c not in PRICE_LEVEL_FEATURES)
+SILVER_COLUMNS: tuple[str, ...] = (
+    "symbol",
+    "open_time",
+    "open",
+    "close",
+    *FEATURE_COLUMNS,
+    "target_ret_10",
+    "target_up_10",
+)
+
+
+def model_inputs(columns: Mapping[str, np.ndarray], close: np.ndarray) -> np.ndarray:
+    """The model's input matrix (float32 [bars, len(INPUT_COLUMNS)]) from spec feature columns.
+
+    Used offline (Silver) and online (the polars engine in Serve), so both see the same inputs.
+    Nulls must already be NaN.
+    """
+    out = np.empty((len(close), len(INPUT_COLUMNS)), dtype=np.float32)
+    for j, name in enumerate(INPUT_COLUMNS):
+        values = np.asarray(columns[name], dtype=np.float64)
+        if name in PRICE_SCALED_FEATURES:
+            values = values / close
+        out[:, j] = values
+    return out
+
+
+@dataclass(frozen=True)
+class MarketArrays:
+    """Silver rows of several symbols, concatenated in (symbol, open_time) order."""
+
+    symbols: tuple[str, ...]
+    symbol_index: np.ndarray  # int32 per bar, index into `symbols`
+    open_time_ms: np.ndarray  # int64, bar open time, epoch ms UTC
+    open: np.ndarray  # float64
+    close: np.ndarray  # float64
+    inputs: np.ndarray  # float32 [bars, len(INPUT_COLUMNS)], NaN during warm-up
+    target_ret: np.ndarray  # float32 log return over the next 10 bars, NaN when null
+    target_up: np.ndarray  # float32 1/0, NaN when null
+    segment: np.ndarray  # int64, unique across symbols: a new id at every missing minute
+    valid_run: np.ndarray  # int64: consecutive bars of this segment with all inputs, ending here
+
+    @property
+    def bars(self) -> int:
+        return len(self.open_time_ms)
+
+    def symbol_slices(self) -> dict[str, slice]:
+        """Row range of each symbol."""
+        bounds = np.searchsorted(self.symbol_index, np.arange(len(self.symbols) + 1))
+        return {s: slice(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(self.symbols)}
+
+
+def _valid_run(segment: np.ndarray, inputs_ok: np.ndarray) -> np.ndarray:
+    """For each bar, how many bars ending here are in one segment with every input present."""
+    n = len(segment)
+    index = np.arange(n, dtype=np.int64)
+    segment_start = np.ones(n, dtype=bool)
+    segment_start[1:] = segment[1:] != segment[:-1]
+    blocker = np.where(~inputs_ok, index, np.where(segment_start, index - 1, -(2**62)))
+    last_block = np.maximum.accumulate(blocker)
+    return np.where(inputs_ok, index - last_block, 0)
+
+
+def arrays_from_table(table: pa.Table) -> MarketArrays:
+    """Build MarketArrays from a table with the SILVER_COLUMNS (any row order)."""
+    symbol_col = table.column("symbol").to_numpy(zero_copy_only=False).astype(str)
+    open_time = (
+        table.column("open_time").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+    )
+    symbols = tuple(sorted(set(symbol_col.tolist())))
+    code = np.searchsorted(np.array(symbols), symbol_col).astype(np.int32)
+    order = np.lexsort((open_time, code))
+
+    def col(name: str) -> np.ndarray:
+        values = table.column(name).to_numpy(zero_copy_only=False)
+        return np.asarray(values, dtype=np.float64)[order]
+
+    code = code[order]
+    open_time = open_time[order]
+    close = col("close")
+    inputs = model_inputs({name: col(name) for name in INPUT_COLUMNS}, close)
+    step = np.diff(open_time, prepend=open_time[:1] - 2 * ONE_MINUTE_MS)
+    new_segment = (step != ONE_MINUTE_MS) | (np.diff(code, prepend=-1) != 0)
+    segment = np.cumsum(new_segment).astype(np.int64) - 1
+    return MarketArrays(
+        symbols=symbols,
+        symbol_index=code,
+        open_time_ms=open_time,
+        open=col("open"),
+        close=close,
+        inputs=inputs,
+        target_ret=col("target_ret_10").astype(np.float32),
+        target_up=col("target_up_10").astype(np.float32),
+        segment=segment,
+        valid_run=_valid_run(segment, np.isfinite(inputs).all(axis=1)),
+    )
+
+
+def load_silver(lake: str, symbols: Sequence[str] | None = None) -> MarketArrays:
+    """Read Silver (`<lake>/silver`, a path or URI) through Ray Data into MarketArrays.
+
+    Needs a connected Ray. Only the columns the models use are read. Raises FileNotFoundError
+    with a hint when Silver is missing and ValueError when a requested symbol has no rows.
+    """
+    import ray.data
+
+    silver = f"{lake.rstrip('/')}/silver"
+    try:
+        dataset = ray.data.read_parquet(
+            silver, columns=list(SILVER_COLUMNS), file_extensions=["parquet"]
+        )
+    except (FileNotFoundError, OSError) as error:
+        raise FileNotFoundError(f"no Silver at {silver}: run `python -m jobs.features`") from error
+    if symbols:
+        wanted = set(symbols)
+        dataset = dataset.filter(lambda row: row["symbol"] in wanted)
+    tables = [t for t in ray.get(dataset.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        raise ValueError(f"Silver at {silver} has no rows for symbols {symbols or 'any'}")
+    arrays = arrays_from_table(pa.concat_tables(tables, promote_options="permissive"))
+    missing = sorted(set(symbols or ()) - set(arrays.symbols))
+    if missing:
+        raise ValueError(f"Silver at {silver} has no rows for {', '.join(missing)}")
+    return arrays
+
+
+def window_ends(
+    arrays: MarketArrays,
+    start_ms: int,
+    end_ms: int,
+    window_bars: int,
+    *,
+    labelled: bool,
+) -> np.ndarray:
+    """Decision bars t in [start_ms, end_ms) whose window of `window_bars` bars is valid.
+
+    With `labelled`, t also needs its target and its target bar t + 10 inside the range, so no
+    label reaches past the range (training and validation). Returns int64 row indices.
+    """
+    in_range = (arrays.open_time_ms >= start_ms) & (arrays.open_time_ms < end_ms)
+    ok = in_range & (arrays.valid_run >= window_bars)
+    if labelled:
+        target_inside = arrays.open_time_ms + HORIZON_BARS * ONE_MINUTE_MS < end_ms
+        ok &= target_inside & np.isfinite(arrays.target_ret) & np.isfinite(arrays.target_up)
+    return np.flatnonzero(ok).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Scaler:
+    """Per-input mean and std fitted on one training range, and the target's scale.
+
+    `target_scale` is the std of the 10-bar log return on the training windows; the network
+    regresses target / target_scale so that its two losses have comparable size.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    target_scale: float
+    columns: tuple[str, ...] = INPUT_COLUMNS
+
+    @classmethod
+    def fit(cls, arrays: MarketArrays, train_ends: np.ndarray, window_bars: int) -> Scaler:
+        """Fit on every bar that a training window reads (and nothing after them)."""
+        # Mark the bars covered by any window with a +1/-1 difference array: O(bars), no
+        # [windows x L] index matrix.
+        cover = np.zeros(arrays.bars + 1, dtype=np.int64)
+        np.add.at(cover, train_ends - window_bars + 1, 1)
+        np.add.at(cover, train_ends + 1, -1)
+        rows = np.flatnonzero(np.cumsum(cover[:-1]) > 0)
+        values = arrays.inputs[rows].astype(np.float64)
+        std = values.std(axis=0)
+        target_scale = float(np.std(arrays.target_ret[train_ends].astype(np.float64)))
+        return cls(
+            mean=values.mean(axis=0),
+            std=np.where(std > 1e-12, std, 1.0),
+            target_scale=target_scale if target_scale > 0 else 1.0,
+        )
+
+    def transform(self, inputs: np.ndarray) -> np.ndarray:
+        return ((inputs - self.mean) / self.std).astype(np.float32)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "columns": list(self.columns),
+                "mean": self.mean.tolist(),
+                "std": self.std.tolist(),
+                "target_scale": self.target_scale,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Scaler:
+        data = json.loads(text)
+        columns = tuple(data["columns"])
+        if columns != INPUT_COLUMNS:
+            raise ValueError(f"scaler columns {columns} differ from the model inputs")
+        return cls(
+            mean=np.asarray(data["mean"], dtype=np.float64),
+            std=np.asarray(data["std"], dtype=np.float64),
+            target_scale=float(data["target_scale"]),
+            columns=columns,
+        )
+
+
+def gather_windows(normalised: np.ndarray, ends: np.ndarray, window_bars: int) -> np.ndarray:
+    """float32 [len(ends), window_bars, inputs]: the windows ending at `ends` (oldest first)."""
+    offsets = np.arange(-window_bars + 1, 1, dtype=np.int64)
+    return normalised[ends[:, None] + offsets]

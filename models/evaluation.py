@@ -1,0 +1,248 @@
+"""Walk-forward scoring: out-of-sample predictions -> decisions -> backtest -> metrics.
+
+The track record is every bar of every fold's test block, for every symbol. Each symbol trades
+its own sleeve of equal capital; the portfolio's per-bar return is the mean of the sleeves'
+returns at that minute. Fold scores are annualised net Sharpe ratios of the portfolio over each
+test block (1-minute bars, 525,600 per year); a model's score is their mean. Blocks never span a
+data gap, a fold boundary or a symbol: positions are flat at every break.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from configs.schema import BacktestConfig
+from models.backtest import (
+    BacktestResult,
+    buy_and_hold,
+    decide_signals,
+    regime_breakdown,
+    run_backtest,
+)
+from models.dataset import MarketArrays, window_ends
+from models.folds import Fold
+from models.metrics import moments, performance_summary, sharpe_per_bar
+
+
+@dataclass(frozen=True)
+class OutOfSampleBars:
+    """The rows (into MarketArrays) of every fold's test block, with their fold and block."""
+
+    rows: np.ndarray  # int64, ascending (so grouped by symbol, then time)
+    fold: np.ndarray  # int32 fold index per row
+    block: np.ndarray  # int64 block id: new at a symbol, fold or segment change
+
+    @classmethod
+    def of(cls, arrays: MarketArrays, folds: Sequence[Fold]) -> OutOfSampleBars:
+        fold_of = np.full(arrays.bars, -1, dtype=np.int32)
+        for each in folds:
+            inside = (arrays.open_time_ms >= each.test_start_ms) & (
+                arrays.open_time_ms < each.test_end_ms
+            )
+            fold_of[inside] = each.index
+        rows = np.flatnonzero(fold_of >= 0).astype(np.int64)
+        fold = fold_of[rows]
+        change = np.ones(len(rows), dtype=bool)
+        change[1:] = (
+            (np.diff(rows) != 1)
+            | (np.diff(fold) != 0)
+            | (np.diff(arrays.segment[rows]) != 0)
+            | (np.diff(arrays.symbol_index[rows]) != 0)
+        )
+        return cls(rows=rows, fold=fold, block=np.cumsum(change) - 1)
+
+
+@dataclass
+class Evaluation:
+    """A model's (or baseline's) out-of-sample record and its metrics."""
+
+    name: str
+    open_time_ms: np.ndarray  # portfolio timeline (each test minute once)
+    returns: np.ndarray  # portfolio net per-bar simple returns
+    metrics: dict[str, float]
+    fold_metrics: list[dict[str, Any]]
+    regimes: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        return self.metrics["score"]
+
+
+def _portfolio(
+    arrays: MarketArrays, test: OutOfSampleBars, per_row: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Equal-weight mean over symbols of a per-row quantity, on the union test timeline."""
+    times = arrays.open_time_ms[test.rows]
+    timeline, where = np.unique(times, return_inverse=True)
+    total = np.zeros(len(timeline))
+    np.add.at(total, where, per_row)
+    return timeline, total / max(1, len(arrays.symbols))
+
+
+def _results_per_symbol(
+    arrays: MarketArrays, test: OutOfSampleBars, signals: np.ndarray | None, config: BacktestConfig
+) -> list[tuple[np.ndarray, BacktestResult]]:
+    """Backtest each symbol's test rows; `signals` None means buy-and-hold."""
+    out = []
+    symbol_of_row = arrays.symbol_index[test.rows]
+    for code in range(len(arrays.symbols)):
+        mask = symbol_of_row == code
+        if not mask.any():
+            continue
+        rows = test.rows[mask]
+        blocks = test.block[mask]
+        if signals is None:
+            result = buy_and_hold(arrays.open[rows], blocks, config)
+        else:
+            result = run_backtest(arrays.open[rows], signals[mask], blocks, config)
+        out.append((mask, result))
+    return out
+
+
+def evaluate(
+    name: str,
+    arrays: MarketArrays,
+    folds: Sequence[Fold],
+    test: OutOfSampleBars,
+    config: BacktestConfig,
+    predicted_return: np.ndarray | None,
+    p_up: np.ndarray | None,
+) -> Evaluation:
+    """Score predictions aligned with `test.rows` (NaN = no opinion); None = buy-and-hold."""
+    signals = None
+    if predicted_return is not None and p_up is not None:
+        signals = decide_signals(p_up, predicted_return, config)
+    per_symbol = _results_per_symbol(arrays, test, signals, config)
+    row_returns = np.zeros(len(test.rows))
+    row_positions = np.zeros(len(test.rows))
+    trade_pnls = []
+    for mask, result in per_symbol:
+        row_returns[mask] = result.returns
+        row_positions[mask] = result.positions
+        trade_pnls.append(result.trade_pnls)
+    timeline, returns = _portfolio(arrays, test, row_returns)
+    _, positions = _portfolio(arrays, test, row_positions)
+    pnls = np.concatenate(trade_pnls) if trade_pnls else np.zeros(0)
+    metrics = dict(performance_summary(returns, positions, config.bars_per_year, pnls))
+
+    fold_metrics: list[dict[str, Any]] = []
+    for fold in folds:
+        inside = (timeline >= fold.test_start_ms) & (timeline < fold.test_end_ms)
+        summary = performance_summary(returns[inside], positions[inside], config.bars_per_year)
+        fold_metrics.append(
+            {
+                "model": name,
+                "fold": fold.index,
+                "train_start_ms": fold.train_start_ms,
+                "train_end_ms": fold.train_end_ms,
+                "test_start_ms": fold.test_start_ms,
+                "test_end_ms": fold.test_end_ms,
+                **{k: summary[k] for k in ("sharpe", "total_return", "max_drawdown", "exposure")},
+            }
+        )
+    fold_sharpes = np.array([f["sharpe"] for f in fold_metrics])
+    skew, kurtosis = moments(returns)
+    metrics.update(
+        {
+            "score": float(fold_sharpes.mean()),
+            "worst_fold_sharpe": float(fold_sharpes.min()),
+            "sharpe_per_bar": sharpe_per_bar(returns),
+            "skew": skew,
+            "kurtosis": kurtosis,
+            "bars": float(len(returns)),
+        }
+    )
+    target_ret = arrays.target_ret[test.rows]
+    if signals is not None:
+        metrics.update(_directional(signals, p_up, target_ret, arrays.target_up[test.rows]))
+    regimes = regime_breakdown(
+        row_returns, arrays.close[test.rows], test.block, config.bars_per_year
+    )
+    return Evaluation(
+        name=name,
+        open_time_ms=timeline,
+        returns=returns,
+        metrics=metrics,
+        fold_metrics=fold_metrics,
+        regimes=[{"model": name, **r} for r in regimes],
+    )
+
+
+def _directional(
+    signals: np.ndarray, p_up: np.ndarray | None, target_ret: np.ndarray, target_up: np.ndarray
+) -> dict[str, float]:
+    """Signal hit rate (BUY/SELL bars whose 10-bar return had the signal's sign) and the
+    directional accuracy of P(up) > 0.5 on every bar with a prediction and a known target."""
+    known = np.isfinite(target_ret)
+    traded = known & (signals != 0)
+    hits = np.sign(target_ret[traded]) == signals[traded]
+    out = {
+        "signal_hit_rate": float(hits.mean()) if traded.any() else float("nan"),
+        "signal_bars": float(traded.sum()),
+    }
+    if p_up is not None:
+        scored = known & np.isfinite(p_up)
+        correct = (p_up[scored] > 0.5) == (target_up[scored] > 0.5)
+        out["directional_accuracy"] = float(correct.mean()) if scored.any() else float("nan")
+    return out
+
+
+def model_predictions(
+    arrays: MarketArrays,
+    folds: Sequence[Fold],
+    test: OutOfSampleBars,
+    fold_models: Sequence[Any],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each fold's model (a LoadedModel) predicts its own test block, aligned to `test.rows`."""
+    predicted = np.full(len(test.rows), np.nan)
+    p_up = np.full(len(test.rows), np.nan)
+    position = np.full(arrays.bars, -1, dtype=np.int64)
+    position[test.rows] = np.arange(len(test.rows))
+    for fold, model in zip(folds, fold_models, strict=True):
+        ends = window_ends(
+            arrays, fold.test_start_ms, fold.test_end_ms, model.spec.window_bars, labelled=False
+        )
+        if len(ends) == 0:
+            continue
+        ret, prob = model.predict_ends(arrays.inputs, ends)
+        predicted[position[ends]] = ret
+        p_up[position[ends]] = prob
+    return predicted, p_up
+
+
+def baseline_predictions(
+    arrays: MarketArrays, folds: Sequence[Fold], test: OutOfSampleBars, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """darts baselines fitted per fold and symbol on the training range, aligned to test.rows."""
+    from models.baselines import darts_baselines
+
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    symbol_of_row = arrays.symbol_index[test.rows]
+    for fold in folds:
+        for code in range(len(arrays.symbols)):
+            mask = (test.fold == fold.index) & (symbol_of_row == code)
+            if not mask.any():
+                continue
+            in_train = (
+                (arrays.symbol_index == code)
+                & (arrays.open_time_ms >= fold.train_start_ms)
+                & (arrays.open_time_ms < fold.train_end_ms)
+            )
+            forecasts = darts_baselines(
+                arrays.close[in_train],
+                arrays.close[test.rows[mask]],
+                test.block[mask],
+                seed=seed,
+            )
+            for forecast in forecasts:
+                predicted, p_up = out.setdefault(
+                    forecast.name,
+                    (np.full(len(test.rows), np.nan), np.full(len(test.rows), np.nan)),
+                )
+                predicted[mask] = forecast.predicted_return
+                p_up[mask] = forecast.p_up
+    return out

@@ -1,0 +1,85 @@
+"""The promotion gate: a candidate becomes `production` only when it survives the sweep's size.
+
+Conditions, all required: its Deflated Sharpe Ratio over every trial started (early-stopped ones
+included) is at least `min_dsr`; its walk-forward score (mean fold net Sharpe, annualised)
+beats buy-and-hold and every baseline on the same folds; it traded at least `min_trades` times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from configs.schema import GateConfig
+from models.evaluation import Evaluation
+from models.metrics import deflated_sharpe_ratio
+
+
+@dataclass
+class GateDecision:
+    """What the gate decided and why; `version` is set once the candidate is registered."""
+
+    promoted: bool
+    candidate: str | None
+    dsr: float
+    n_trials: int
+    reasons: list[str] = field(default_factory=list)
+    version: str | None = None
+    production_before: str | None = None
+    production_after: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def candidate_dsr(
+    candidate: Evaluation, trial_sharpes_per_bar: Sequence[float], n_trials: int
+) -> float:
+    """DSR of the candidate against the expected best of `n_trials` (per-bar Sharpe, raw
+    kurtosis), the variance of Sharpe ratios taken over the trials that produced a record."""
+    return deflated_sharpe_ratio(
+        candidate.metrics["sharpe_per_bar"],
+        list(trial_sharpes_per_bar),
+        int(candidate.metrics["bars"]),
+        candidate.metrics["skew"],
+        candidate.metrics["kurtosis"],
+        n_trials=n_trials,
+    )
+
+
+def apply_gate(
+    candidate: Evaluation | None,
+    trial_sharpes_per_bar: Sequence[float],
+    n_trials: int,
+    references: Mapping[str, Evaluation],
+    config: GateConfig,
+) -> GateDecision:
+    """Decide promotion. `references` holds buy-and-hold and every baseline."""
+    if candidate is None:
+        return GateDecision(False, None, float("nan"), n_trials, ["no trial completed"])
+    dsr = candidate_dsr(candidate, trial_sharpes_per_bar, n_trials)
+    reasons = []
+    if not np.isfinite(dsr) or dsr < config.min_dsr:
+        reasons.append(
+            f"DSR {dsr:.4f} < {config.min_dsr} over {n_trials} trials: the best Sharpe is "
+            "within what chance gives the best of that many tries"
+        )
+    for name, reference in sorted(references.items()):
+        if not candidate.score > reference.score:
+            reasons.append(
+                f"score {candidate.score:.3f} does not beat {name} ({reference.score:.3f}) "
+                "on the same folds"
+            )
+    trades = candidate.metrics.get("trades", 0.0)
+    if trades < config.min_trades:
+        reasons.append(f"{trades:.0f} trades < min_trades {config.min_trades}")
+    return GateDecision(
+        promoted=not reasons,
+        candidate=candidate.name,
+        dsr=float(dsr),
+        n_trials=n_trials,
+        reasons=reasons or ["passed: DSR, baselines, buy-and-hold and trade count"],
+    )

@@ -1,0 +1,263 @@
+"""The Ray Tune sweep: each trial trains one candidate through Ray Train on every fold.
+
+A trial is a Tune function that launches a `TorchTrainer` (Lightning workers, `ScalingConfig`
+from the config) whose per-epoch validation losses reach Tune through `TuneReportCallback`, so
+ASHA can stop weak candidates early. When training finishes, the trial loads each fold's model
+with the shared load function, predicts that fold's test block, backtests the track record after
+costs and reports the walk-forward score (mean fold net Sharpe, annualised). Every trial leaves
+its fold models and per-bar returns under `<out>/trials/<trial_id>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from configs.schema import SearchSpaceConfig, TuneJobConfig
+from models.artifact import LoadedModel, load_model_files, read_model_dir
+from models.dataset import INPUT_COLUMNS, MarketArrays
+from models.evaluation import Evaluation, OutOfSampleBars, evaluate, model_predictions
+from models.folds import Fold
+from models.networks import ModelSpec
+from models.training import train_loop_per_worker
+
+COMPLETED = "completed"
+EARLY_STOPPED = "early_stopped"
+ERRORED = "error"
+HYPERPARAMETERS = (
+    "family",
+    "hidden_size",
+    "num_layers",
+    "dropout",
+    "learning_rate",
+    "window_bars",
+    "batch_size",
+    "tcn_kernel_size",
+    "tcn_dilations",
+)
+
+
+def search_space(space: SearchSpaceConfig) -> dict[str, Any]:
+    """Tune's sampling space from the config (log-uniform learning rate)."""
+    from ray import tune
+
+    return {
+        "family": tune.choice(list(space.family)),
+        "hidden_size": tune.choice(list(space.hidden_size)),
+        "num_layers": tune.choice(list(space.num_layers)),
+        "dropout": tune.uniform(*space.dropout),
+        "learning_rate": tune.loguniform(*space.learning_rate),
+        "window_bars": tune.choice(list(space.window_bars)),
+        "batch_size": tune.choice(list(space.batch_size)),
+        "tcn_kernel_size": tune.choice(list(space.tcn_kernel_size)),
+        "tcn_dilations": tune.choice([list(d) for d in space.tcn_dilations]),
+    }
+
+
+def spec_of(config: dict[str, Any]) -> ModelSpec:
+    """The ModelSpec of a trial's sampled hyper-parameters."""
+    return ModelSpec(
+        family=config["family"],
+        input_size=len(INPUT_COLUMNS),
+        hidden_size=int(config["hidden_size"]),
+        num_layers=int(config["num_layers"]),
+        dropout=float(config["dropout"]),
+        window_bars=int(config["window_bars"]),
+        learning_rate=float(config["learning_rate"]),
+        batch_size=int(config["batch_size"]),
+        tcn_kernel_size=int(config["tcn_kernel_size"]),
+        tcn_dilations=tuple(int(d) for d in config["tcn_dilations"]),
+    )
+
+
+def load_fold_models(trial_dir: Path, folds: list[Fold]) -> list[LoadedModel]:
+    return [load_model_files(read_model_dir(trial_dir / f"fold_{f.index}")) for f in folds]
+
+
+def save_record(trial_dir: Path, evaluation: Evaluation) -> None:
+    """Per-bar portfolio returns and metrics of a trial, for the report and the gate."""
+    np.savez(
+        trial_dir / "record.npz", open_time_ms=evaluation.open_time_ms, returns=evaluation.returns
+    )
+    (trial_dir / "evaluation.json").write_text(
+        json.dumps(
+            {
+                "metrics": evaluation.metrics,
+                "folds": evaluation.fold_metrics,
+                "regimes": evaluation.regimes,
+            },
+            default=float,
+        )
+    )
+
+
+def load_record(trial_dir: Path, name: str) -> Evaluation:
+    record = np.load(trial_dir / "record.npz")
+    data = json.loads((trial_dir / "evaluation.json").read_text())
+    return Evaluation(
+        name=name,
+        open_time_ms=record["open_time_ms"],
+        returns=record["returns"],
+        metrics=data["metrics"],
+        fold_metrics=data["folds"],
+        regimes=data["regimes"],
+    )
+
+
+def make_trial(
+    job: TuneJobConfig,
+    folds: list[Fold],
+    data_ref: Any,
+    out_dir: Path,
+    shuffle_labels: bool,
+) -> Callable[[dict[str, Any]], None]:
+    """The Tune function trainable of this sweep (closes over picklable values only)."""
+    folds_json = [f.as_dict() for f in folds]
+    job_json = job.model_dump(mode="json")
+
+    def trial(config: dict[str, Any]) -> None:
+        import ray
+        from ray import tune
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        settings = TuneJobConfig.model_validate(job_json)
+        trial_id = tune.get_context().get_trial_id()
+        spec = spec_of(config)
+        scaling = settings.scaling
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "data": [data_ref],
+                "spec": spec.model_dump(mode="json"),
+                "folds": folds_json,
+                "seed": settings.seed,
+                "max_epochs": settings.max_epochs,
+                "max_train_windows": settings.max_train_windows,
+                "shuffle_labels": shuffle_labels,
+                "threads": max(1, int(scaling.cpus_per_worker)),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=scaling.num_workers,
+                use_gpu=scaling.use_gpu,
+                resources_per_worker={"CPU": scaling.cpus_per_worker},
+            ),
+            run_config=RunConfig(
+                name=f"train-{trial_id}",
+                storage_path=str(out_dir / "train"),
+                callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"trial {trial_id}: training returned no checkpoint")
+        trial_dir = out_dir / "trials" / trial_id
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            shutil.copytree(checkpoint_dir, trial_dir, dirs_exist_ok=True)
+        (trial_dir / "config.json").write_text(json.dumps(config, default=str))
+        fold_list = [Fold(**f) for f in folds_json]
+        arrays: MarketArrays = ray.get(data_ref)
+        test = OutOfSampleBars.of(arrays, fold_list)
+        models = load_fold_models(trial_dir, fold_list)
+        predicted, p_up = model_predictions(arrays, fold_list, test, models)
+        evaluation = evaluate(trial_id, arrays, fold_list, test, settings.backtest, predicted, p_up)
+        save_record(trial_dir, evaluation)
+        tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
+
+    return trial
+
+
+def _last_val(result: Any) -> float:
+    metrics = result.metrics or {}
+    return float(metrics.get("val_loss", float("nan")))
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    config: dict[str, Any]
+    status: str
+    iterations: int
+    metrics: dict[str, Any]
+    error: str | None = None
+
+
+def run_sweep(
+    job: TuneJobConfig,
+    folds: list[Fold],
+    data_ref: Any,
+    out_dir: Path,
+    *,
+    shuffle_labels: bool = False,
+) -> list[TrialOutcome]:
+    """Run the sweep; every trial started is returned (the DSR counts them all)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Reports per trial: one per fold epoch, the checkpoint report, then the evaluation. ASHA
+    # stops a trial when it reaches max_t, so max_t must lie past the evaluation report.
+    max_t = len(folds) * job.max_epochs + 3
+    scheduler: Any = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_t,
+            grace_period=min(job.asha_grace_period, max_t),
+            reduction_factor=job.asha_reduction_factor,
+        )
+        if job.asha
+        else FIFOScheduler()
+    )
+    trainable = tune.with_resources(
+        make_trial(job, folds, data_ref, out_dir, shuffle_labels),
+        {"CPU": job.scaling.trial_driver_cpus},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(job.search),
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            num_samples=job.num_samples,
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(
+                random_state=job.seed, max_concurrent=job.max_concurrent_trials
+            ),
+            max_concurrent_trials=job.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name="sweep",
+            storage_path=str(out_dir / "tune"),
+            verbose=1,
+        ),
+    )
+    grid = tuner.fit()
+    outcomes = []
+    for result in grid:  # type: ignore[attr-defined]
+        metrics = dict(result.metrics or {})
+        trial_id = str(metrics.get("trial_id") or Path(result.path).name)
+        if result.error is not None:
+            status, error = ERRORED, f"{type(result.error).__name__}: {result.error}"
+        elif metrics.get("evaluated") == 1.0:
+            status, error = COMPLETED, None
+        else:
+            status, error = EARLY_STOPPED, None
+        outcomes.append(
+            TrialOutcome(
+                trial_id=trial_id,
+                config=dict(result.config or {}),
+                status=status,
+                iterations=int(metrics.get("training_iteration", 0)),
+                metrics=metrics,
+                error=error,
+            )
+        )
+    outcomes.sort(key=lambda o: o.trial_id)
+    return outcomes

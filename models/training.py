@@ -1,0 +1,208 @@
+"""The Ray Train worker loop: one candidate trained on every walk-forward fold in turn.
+
+Runs inside `TorchTrainer` workers (Lightning with Ray's DDP strategy), so the same code trains
+on one local worker or several workers of a cluster. Each epoch's validation loss is reported to
+Ray Train (and from there to Tune, for ASHA). The last report carries a checkpoint holding, per
+fold, the best-validation-epoch model files; the Tune trial evaluates them on the test blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from models.artifact import model_files, write_model_dir
+from models.dataset import MarketArrays, Scaler, window_ends
+from models.folds import Fold
+from models.lightning_module import SignalModule, WindowBatches
+from models.networks import ModelSpec
+
+
+class EpochReporter(pl.Callback):
+    """Reports each validation epoch to Ray Train and keeps the best epoch's weights."""
+
+    def __init__(self, fold: int, epochs_before: int) -> None:
+        self.fold = fold
+        self.epochs_before = epochs_before
+        self.best_loss = float("inf")
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        import ray.train
+
+        val_loss = float(trainer.callback_metrics["val_loss"])
+        train_loss = trainer.callback_metrics.get("train_loss")
+        if val_loss < self.best_loss:
+            self.best_loss = val_loss
+            self.best_state = copy.deepcopy(pl_module.state_dict())
+        ray.train.report(
+            {
+                "val_loss": val_loss,
+                "train_loss": float(train_loss) if train_loss is not None else float("nan"),
+                "fold": self.fold,
+                "epoch": self.epochs_before + trainer.current_epoch,
+            }
+        )
+
+
+def _loader(
+    normalised: np.ndarray,
+    arrays: MarketArrays,
+    ends: np.ndarray,
+    scaler: Scaler,
+    spec: ModelSpec,
+    *,
+    shuffle: bool,
+    seed: int,
+) -> DataLoader[int]:
+    collate = WindowBatches(
+        normalised,
+        ends,
+        (np.nan_to_num(arrays.target_ret) / scaler.target_scale).astype(np.float32),
+        np.nan_to_num(arrays.target_up).astype(np.float32),
+        spec.window_bars,
+    )
+    return DataLoader(
+        range(len(ends)),  # type: ignore[arg-type]
+        batch_size=spec.batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate,
+    )
+
+
+def subsample(ends: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
+    """At most `limit` decision bars, drawn without replacement by a seeded generator."""
+    if limit is None or len(ends) <= limit:
+        return ends
+    chosen = np.random.default_rng(seed).choice(len(ends), size=limit, replace=False)
+    return ends[np.sort(chosen)]
+
+
+def train_fold(
+    arrays: MarketArrays,
+    fold: Fold,
+    spec: ModelSpec,
+    *,
+    seed: int,
+    max_epochs: int,
+    max_train_windows: int | None,
+    shuffle_labels: bool,
+    epochs_before: int,
+    distributed: bool,
+) -> tuple[dict[str, bytes], float]:
+    """Train one fold; return the best-validation-epoch model files and that epoch's loss."""
+    fold_seed = seed * 1000 + fold.index
+    pl.seed_everything(fold_seed, workers=True)
+    train_ends = window_ends(
+        arrays, fold.train_start_ms, fold.train_end_ms, spec.window_bars, labelled=True
+    )
+    train_ends = subsample(train_ends, max_train_windows, fold_seed)
+    val_ends = window_ends(
+        arrays, fold.val_start_ms, fold.val_end_ms, spec.window_bars, labelled=True
+    )
+    if len(train_ends) == 0 or len(val_ends) == 0:
+        raise ValueError(
+            f"fold {fold.index}: {len(train_ends)} training and {len(val_ends)} validation "
+            f"windows of {spec.window_bars} bars; the data is too short or too gappy"
+        )
+    scaler = Scaler.fit(arrays, train_ends, spec.window_bars)
+    normalised = scaler.transform(arrays.inputs)
+    train_arrays = arrays
+    if shuffle_labels:
+        # The shuffled-label control: break any link between inputs and targets on the training
+        # windows only (validation keeps true labels, so ASHA still sees honest losses).
+        permutation = np.random.default_rng(fold_seed).permutation(len(train_ends))
+        target_ret = arrays.target_ret.copy()
+        target_up = arrays.target_up.copy()
+        target_ret[train_ends] = arrays.target_ret[train_ends[permutation]]
+        target_up[train_ends] = arrays.target_up[train_ends[permutation]]
+        train_arrays = _with_targets(arrays, target_ret, target_up)
+    train_loader = _loader(
+        normalised, train_arrays, train_ends, scaler, spec, shuffle=True, seed=fold_seed
+    )
+    val_loader = _loader(normalised, arrays, val_ends, scaler, spec, shuffle=False, seed=fold_seed)
+    module = SignalModule(spec.model_dump())
+    reporter = EpochReporter(fold.index, epochs_before)
+    trainer = _trainer(max_epochs, reporter, distributed)
+    trainer.fit(module, train_loader, val_loader)
+    if reporter.best_state is not None:
+        module.load_state_dict(reporter.best_state)
+    return model_files(spec, scaler, module.net), reporter.best_loss
+
+
+def _with_targets(arrays: MarketArrays, ret: np.ndarray, up: np.ndarray) -> MarketArrays:
+    from dataclasses import replace
+
+    return replace(arrays, target_ret=ret, target_up=up)
+
+
+def _trainer(max_epochs: int, reporter: EpochReporter, distributed: bool) -> pl.Trainer:
+    common: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "callbacks": [reporter],
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
+    }
+    if not distributed:
+        return pl.Trainer(accelerator="cpu", devices=1, **common)
+    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+
+    trainer = pl.Trainer(
+        accelerator="auto",
+        devices="auto",
+        strategy=RayDDPStrategy(),
+        plugins=[RayLightningEnvironment()],
+        **common,
+    )
+    return prepare_trainer(trainer)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. `config`: data (a one-element list holding the MarketArrays
+    ObjectRef), spec, folds, seed, max_epochs, max_train_windows, shuffle_labels, threads."""
+    import ray
+    import ray.train
+
+    torch.set_num_threads(int(config["threads"]))
+    arrays: MarketArrays = ray.get(config["data"][0])
+    spec = ModelSpec.model_validate(config["spec"])
+    folds = [Fold(**f) for f in config["folds"]]
+    context = ray.train.get_context()
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch)
+        last_val_loss = float("nan")
+        for fold in folds:
+            files, last_val_loss = train_fold(
+                arrays,
+                fold,
+                spec,
+                seed=int(config["seed"]),
+                max_epochs=int(config["max_epochs"]),
+                max_train_windows=config["max_train_windows"],
+                shuffle_labels=bool(config["shuffle_labels"]),
+                epochs_before=fold.index * int(config["max_epochs"]),
+                distributed=True,
+            )
+            write_model_dir(out / f"fold_{fold.index}", files)
+        checkpoint = None
+        if context.get_world_rank() == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+        # The last report repeats the last validation loss: schedulers expect their metric in
+        # every result.
+        ray.train.report(
+            {"val_loss": last_val_loss, "trained_folds": len(folds)}, checkpoint=checkpoint
+        )
