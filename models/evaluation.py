@@ -72,15 +72,21 @@ class Evaluation:
         return self.metrics["score"]
 
 
-def _portfolio(
-    arrays: MarketArrays, test: OutOfSampleBars, per_row: np.ndarray
+def _portfolio_timeline(
+    arrays: MarketArrays, test: OutOfSampleBars
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Equal-weight mean over symbols of a per-row quantity, on the union test timeline."""
-    times = arrays.open_time_ms[test.rows]
-    timeline, where = np.unique(times, return_inverse=True)
+    """The union test timeline and, per test row, its position on it."""
+    timeline, where = np.unique(arrays.open_time_ms[test.rows], return_inverse=True)
+    return timeline, where
+
+
+def _portfolio_mean(
+    timeline: np.ndarray, where: np.ndarray, per_row: np.ndarray, symbols: int
+) -> np.ndarray:
+    """Equal-weight mean over symbols of a per-row quantity at each timeline minute."""
     total = np.zeros(len(timeline))
     np.add.at(total, where, per_row)
-    return timeline, total / max(1, len(arrays.symbols))
+    return total / max(1, symbols)
 
 
 def _results_per_symbol(
@@ -124,8 +130,9 @@ def evaluate(
         row_returns[mask] = result.returns
         row_positions[mask] = result.positions
         trade_pnls.append(result.trade_pnls)
-    timeline, returns = _portfolio(arrays, test, row_returns)
-    _, positions = _portfolio(arrays, test, row_positions)
+    timeline, where = _portfolio_timeline(arrays, test)
+    returns = _portfolio_mean(timeline, where, row_returns, len(arrays.symbols))
+    positions = _portfolio_mean(timeline, where, row_positions, len(arrays.symbols))
     pnls = np.concatenate(trade_pnls) if trade_pnls else np.zeros(0)
     metrics = dict(performance_summary(returns, positions, config.bars_per_year, pnls))
 

@@ -491,15 +491,11 @@ def _section_trial_metrics(leaderboard: pd.DataFrame) -> str:
     return _section(heading, caption + _figure_html(figure, "fig-trials"))
 
 
-def _section_equity(
-    curves: Mapping[str, pd.Series], plotted: Mapping[str, pd.Series], log_y: bool
-) -> str:
-    heading = "Equity curves"
-    if not curves:
-        return _section(heading, _empty("No equity curves were provided."))
+def _line_figure(curves: Mapping[str, pd.Series]) -> go.Figure:
+    """One line per curve, candidates, baselines and buy-and-hold styled apart."""
     figure = go.Figure()
-    for name in _curve_order(plotted):
-        curve = plotted[name]
+    for name in _curve_order(curves):
+        curve = curves[name]
         figure.add_trace(
             go.Scatter(
                 x=_plot_x(curve.index),
@@ -509,6 +505,16 @@ def _section_equity(
                 line=_curve_style(name),
             )
         )
+    return figure
+
+
+def _section_equity(
+    curves: Mapping[str, pd.Series], plotted: Mapping[str, pd.Series], log_y: bool
+) -> str:
+    heading = "Equity curves"
+    if not curves:
+        return _section(heading, _empty("No equity curves were provided."))
+    figure = _line_figure(plotted)
     every_positive = all(bool((curve > 0).all()) for curve in curves.values())
     axis_type = "log" if log_y and every_positive else "linear"
     figure.update_layout(
@@ -548,18 +554,7 @@ def _section_drawdowns(drawdowns: Mapping[str, pd.Series]) -> str:
     heading = "Drawdowns"
     if not drawdowns:
         return _section(heading, _empty("No equity curves were provided."))
-    figure = go.Figure()
-    for name in _curve_order(drawdowns):
-        curve = drawdowns[name]
-        figure.add_trace(
-            go.Scatter(
-                x=_plot_x(curve.index),
-                y=curve.to_numpy(np.float64),
-                mode="lines",
-                name=name,
-                line=_curve_style(name),
-            )
-        )
+    figure = _line_figure(drawdowns)
     figure.update_layout(
         height=380,
         xaxis={"title": {"text": "bar open time (UTC)"}, "type": _x_type(drawdowns)},

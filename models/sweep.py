@@ -119,7 +119,6 @@ def make_trial(
 ) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable of this sweep (closes over picklable values only)."""
     folds_json = [f.as_dict() for f in folds]
-    job_json = job.model_dump(mode="json")
 
     def trial(config: dict[str, Any]) -> None:
         import ray
@@ -128,19 +127,18 @@ def make_trial(
         from ray.train.torch import TorchTrainer
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        settings = TuneJobConfig.model_validate(job_json)
         trial_id = tune.get_context().get_trial_id()
         spec = spec_of(config)
-        scaling = settings.scaling
+        scaling = job.scaling
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
                 "data": [data_ref],
                 "spec": spec.model_dump(mode="json"),
                 "folds": folds_json,
-                "seed": settings.seed,
-                "max_epochs": settings.max_epochs,
-                "max_train_windows": settings.max_train_windows,
+                "seed": job.seed,
+                "max_epochs": job.max_epochs,
+                "max_train_windows": job.max_train_windows,
                 "shuffle_labels": shuffle_labels,
                 "threads": max(1, int(scaling.cpus_per_worker)),
             },
@@ -162,12 +160,11 @@ def make_trial(
         with result.checkpoint.as_directory() as checkpoint_dir:
             shutil.copytree(checkpoint_dir, trial_dir, dirs_exist_ok=True)
         (trial_dir / "config.json").write_text(json.dumps(config, default=str))
-        fold_list = [Fold(**f) for f in folds_json]
         arrays: MarketArrays = ray.get(data_ref)
-        test = OutOfSampleBars.of(arrays, fold_list)
-        models = load_fold_models(trial_dir, fold_list)
-        predicted, p_up = model_predictions(arrays, fold_list, test, models)
-        evaluation = evaluate(trial_id, arrays, fold_list, test, settings.backtest, predicted, p_up)
+        test = OutOfSampleBars.of(arrays, folds)
+        models = load_fold_models(trial_dir, folds)
+        predicted, p_up = model_predictions(arrays, folds, test, models)
+        evaluation = evaluate(trial_id, arrays, folds, test, job.backtest, predicted, p_up)
         save_record(trial_dir, evaluation)
         tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def train_fold(
         target_up = arrays.target_up.copy()
         target_ret[train_ends] = arrays.target_ret[train_ends[permutation]]
         target_up[train_ends] = arrays.target_up[train_ends[permutation]]
-        train_arrays = _with_targets(arrays, target_ret, target_up)
+        train_arrays = replace(arrays, target_ret=target_ret, target_up=target_up)
     train_loader = _loader(
         normalised, train_arrays, train_ends, scaler, spec, shuffle=True, seed=fold_seed
     )
@@ -138,12 +139,6 @@ def train_fold(
     if reporter.best_state is not None:
         module.load_state_dict(reporter.best_state)
     return model_files(spec, scaler, module.net), reporter.best_loss
-
-
-def _with_targets(arrays: MarketArrays, ret: np.ndarray, up: np.ndarray) -> MarketArrays:
-    from dataclasses import replace
-
-    return replace(arrays, target_ret=ret, target_up=up)
 
 
 def _trainer(max_epochs: int, reporter: EpochReporter, distributed: bool) -> pl.Trainer:

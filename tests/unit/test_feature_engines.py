@@ -13,7 +13,7 @@ from market.features import spec
 from market.features.numpy_kernel import compute_symbol_features
 from market.features.polars_engine import compute_features
 from market.klines import ONE_MINUTE_MS
-from market.sources.sim import MarketSimulator
+from market.sim_silver import simulated_bars
 from tests.conftest import sim_config
 
 HOUR_MS = 60 * ONE_MINUTE_MS
@@ -48,31 +48,7 @@ def assert_engines_agree(frame: pl.DataFrame, tolerance: float = 1e-9) -> None:
 
 
 def sim_bars(days: int, gap_rate: float, seed: int = 3) -> pl.DataFrame:
-    config = sim_config(seed=seed, gap_rate=gap_rate)
-    frames = []
-    for symbol in ("SIMA", "SIMB"):
-        simulator = MarketSimulator(config, symbol)
-        last = config.anchor_date.fromordinal(config.anchor_date.toordinal() + days - 1)
-        for _, day in simulator.days(config.anchor_date, last):
-            keep = day.present
-            frames.append(
-                pl.DataFrame(
-                    {
-                        "symbol": symbol,
-                        "open_time": day.open_time_ms[keep],
-                        "open": day.open[keep],
-                        "high": day.high[keep],
-                        "low": day.low[keep],
-                        "close": day.close[keep],
-                        "volume": day.volume[keep],
-                        "quote_volume": day.volume[keep] * day.close[keep],
-                        "trades": day.trades[keep],
-                        "taker_buy_base": day.taker_buy_base[keep],
-                        "taker_buy_quote": day.taker_buy_base[keep] * day.close[keep],
-                    }
-                )
-            )
-    return pl.concat(frames)
+    return simulated_bars(sim_config(seed=seed, gap_rate=gap_rate), ["SIMA", "SIMB"], days)
 
 
 @pytest.fixture(scope="module")
