@@ -199,5 +199,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # The last report repeats the last validation loss: schedulers expect their metric in
         # every result.
         ray.train.report(
-            {"val_loss": last_val_loss, "trained_folds": len(folds)}, checkpoint=checkpoint
+            {
+                "val_loss": last_val_loss,
+                "trained_folds": len(folds),
+                "world_size": context.get_world_size(),
+            },
+            checkpoint=checkpoint,
         )
