@@ -102,6 +102,13 @@ class PipelineConfig(StrictModel):
     """`jobs.pipeline`: the stages that `make run` chains."""
 
     lake: str = "lake"
+    registry: str = "registry"
+    runs: str = Field(default="runs", description="where each sweep's leaderboard/report go")
+    tune: str | None = Field(
+        default="configs/tune/smoke.yaml",
+        description="tune YAML of the sweep stage (its `ray` section is ignored: the pipeline "
+        "connects once); None stops after Silver",
+    )
     ray: RayConfig = RayConfig()
     spark: SparkConfig = SparkConfig()
     ingest: IngestConfig = IngestConfig()
@@ -209,6 +216,89 @@ class TuneJobConfig(StrictModel):
     backtest: BacktestConfig = BacktestConfig()
     gate: GateConfig = GateConfig()
     model_name: str = "signal"
+
+
+class JwtConfig(StrictModel):
+    """JWT signing and verification. Lifetimes and leeway are in seconds.
+
+    HS256 reads its secret from the environment variable `secret_env`, else from `secret_file`.
+    RS256 verifies with `public_key_file` and signs (POST /token, the mint CLI) with
+    `private_key_file`. Only `algorithm` is accepted on verification: `none` and the other
+    family are rejected (no algorithm confusion).
+    """
+
+    algorithm: Literal["HS256", "RS256"] = "HS256"
+    secret_env: str = "QUANT_AI_JWT_SECRET"
+    secret_file: str | None = ".secrets/jwt_secret"
+    public_key_file: str | None = None
+    private_key_file: str | None = None
+    audience: str = "quant-ai"
+    issuer: str = "quant-ai"
+    token_ttl_s: int = Field(default=900, ge=1)
+    leeway_s: int = Field(default=10, ge=0, le=300)
+    max_token_bytes: int = Field(default=4096, ge=128)
+
+
+class AuthConfig(StrictModel):
+    """API clients and their limits. `clients_file` is YAML of client ids, scrypt-hashed
+    secrets and scopes (written by `python -m serve.tokens add-client`)."""
+
+    jwt: JwtConfig = JwtConfig()
+    clients_file: str = ".secrets/clients.yaml"
+    rate_limit_per_minute: float = Field(default=1200.0, gt=0, description="per client")
+    rate_limit_burst: int = Field(default=100, ge=1, description="requests in one burst")
+
+
+class FeedConfig(StrictModel):
+    """Where the live bars come from.
+
+    `binance` polls the REST klines endpoint every `poll_interval_s`; `sim` and `dump` replay
+    bars on an accelerated clock of `replay_bars_per_s` bars per second (for demos and tests),
+    starting `history_bars` bars in so features are warm at once. `history_bars` is the
+    number of latest closed bars kept per symbol: enough that the online features of the
+    newest bar equal the offline ones. Bars older than `stale_after_s` make the feed stale.
+    """
+
+    source: Literal["binance", "sim", "dump"] = "sim"
+    symbols: list[str] = Field(default_factory=lambda: ["SIMBTC"], min_length=1)
+    history_bars: int = Field(default=400, ge=100)
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    replay_bars_per_s: float = Field(default=1.0, gt=0)
+    stale_after_s: float = Field(default=150.0, gt=0)
+    dump_path: str | None = None
+    sim: SimConfig = SimConfig()
+    sim_days: int = Field(default=3, ge=1)
+    binance: BinanceConfig = BinanceConfig()
+
+
+class GoldConfig(StrictModel):
+    """The Gold store of served signals: a SQLAlchemy URL (SQLite file or PostgreSQL)."""
+
+    url: str = "sqlite:///gold.sqlite"
+
+
+class ServeConfig(StrictModel):
+    """The Ray Serve application of `python -m jobs.deploy` / `serve deploy`."""
+
+    ray: RayConfig = RayConfig()
+    registry: str = "registry"
+    model_name: str = "signal"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    ingress_replicas: int = Field(default=1, ge=1)
+    registry_poll_s: float = Field(default=5.0, gt=0, description="production alias checks")
+    snapshot_poll_s: float = Field(
+        default=0.25, gt=0, description="how often the ingress refreshes its signal snapshot"
+    )
+    max_predict_bars: int = Field(default=2000, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    auth: AuthConfig = AuthConfig()
+    feed: FeedConfig = FeedConfig()
+    gold: GoldConfig = GoldConfig()
+    backtest: BacktestConfig | None = Field(
+        default=None,
+        description="decision thresholds; None uses those the model was selected with",
+    )
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
