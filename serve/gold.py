@@ -1,0 +1,479 @@
+"""The Gold store: every served signal, and its realised outcome once the horizon has passed.
+
+The signal service decides one signal per symbol at the close of each new 1-minute bar ``t``
+(``bar_open_time_ms`` is the bar's open time, epoch milliseconds, UTC) for a horizon of
+``horizon_minutes`` bars (``market.features.spec.HORIZON_BARS``, 10). Each served signal is written
+here with the model version and feature-spec hash that produced it. When bar ``t + horizon``
+arrives, :meth:`GoldStore.fill_outcomes` fills in what happened, with the same definition as the
+Silver target (DESIGN.md section 4):
+
+- ``realised_close``: close of the bar whose open time is ``t + horizon_minutes * 60_000`` ms;
+- ``realised_return``: the log return ``ln(realised_close / close)``;
+- ``hit``: ``realised_return > 0`` for BUY, ``< 0`` for SELL, NULL for NEUTRAL (a flat return is
+  a miss for both directions);
+- ``pnl_bps``: position (+1 BUY, -1 SELL, 0 NEUTRAL) times the simple return
+  ``exp(realised_return) - 1``, in basis points (1e-4), **gross of fees and slippage**.
+
+The store is SQLAlchemy Core over SQLite (the default, a local file) or PostgreSQL (by URL, e.g.
+``postgresql+psycopg://user:secret@host:5432/gold``). Writes are idempotent on
+(symbol, bar_open_time_ms, model_version) and safe with several writers (Serve replicas, processes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, RowMapping, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import StaticPool
+
+from market.klines import ONE_MINUTE_MS
+
+SIGNALS: Final = ("BUY", "SELL", "NEUTRAL")
+POSITION: Final[Mapping[str, int]] = {"BUY": 1, "SELL": -1, "NEUTRAL": 0}
+SUPPORTED_BACKENDS: Final = ("sqlite", "postgresql")
+TABLE_NAME: Final = "gold_signals"
+BPS: Final = 1e4
+
+# A custom execution option: SQLite transactions carrying it start with BEGIN IMMEDIATE.
+_WRITE_LOCK: Final = "gold_write_lock"
+# Key of the PostgreSQL advisory lock that serialises concurrent create_all() calls.
+_SCHEMA_LOCK_KEY: Final = 0x601D5161
+# How long a SQLite writer waits for another writer's lock before failing, in seconds.
+_SQLITE_BUSY_TIMEOUT_S: Final = 30.0
+
+_METADATA = MetaData()
+
+GOLD_SIGNALS = Table(
+    TABLE_NAME,
+    _METADATA,
+    # INTEGER (not BIGINT) on SQLite so that the column aliases the rowid and autoincrements.
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("symbol", String(32), nullable=False),
+    Column("bar_open_time_ms", BigInteger, nullable=False),
+    Column("signal", String(8), nullable=False),
+    Column("confidence", Double, nullable=False),
+    # NULL when the signal had no model output (e.g. NEUTRAL on stale features).
+    Column("p_up", Double, nullable=True),
+    Column("predicted_return", Double, nullable=True),
+    Column("predicted_close", Double, nullable=True),
+    Column("close", Double, nullable=False),
+    Column("horizon_minutes", Integer, nullable=False),
+    Column("model_version", String(128), nullable=False),
+    Column("feature_spec_hash", String(64), nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("served_at_ms", BigInteger, nullable=False),
+    Column("realised_close", Double, nullable=True),
+    Column("realised_return", Double, nullable=True),
+    Column("hit", Boolean, nullable=True),
+    Column("pnl_bps", Double, nullable=True),
+    Column("filled_at_ms", BigInteger, nullable=True),
+    UniqueConstraint("symbol", "bar_open_time_ms", "model_version", name="uq_gold_signals_key"),
+    CheckConstraint("signal IN ('BUY', 'SELL', 'NEUTRAL')", name="ck_gold_signals_signal"),
+    CheckConstraint("horizon_minutes > 0", name="ck_gold_signals_horizon"),
+    Index("ix_gold_signals_symbol_time", "symbol", "bar_open_time_ms"),
+    # fill_outcomes() looks up the unfilled rows of one symbol; with filled_at_ms in the key the
+    # filled history (almost every row) is skipped instead of scanned on every new bar.
+    Index("ix_gold_signals_pending", "symbol", "filled_at_ms", "bar_open_time_ms"),
+)
+
+# Model outputs a signal may lack; NaN is accepted for them and stored as NULL.
+_OPTIONAL_OUTPUTS: Final = ("p_up", "predicted_return", "predicted_close")
+
+_UNIQUE_KEY: Final = (
+    GOLD_SIGNALS.c.symbol,
+    GOLD_SIGNALS.c.bar_open_time_ms,
+    GOLD_SIGNALS.c.model_version,
+)
+
+
+@dataclass(frozen=True)
+class SignalRecord:
+    """One served signal, decided at the close of bar ``t``.
+
+    Times are epoch milliseconds (UTC). ``predicted_return`` is a log return over the horizon;
+    ``predicted_close`` and ``close`` are prices in the quote currency; ``p_up`` and
+    ``confidence`` are probabilities in [0, 1]. ``p_up``, ``predicted_return`` and
+    ``predicted_close`` are None (or NaN) when no model produced them, e.g. a NEUTRAL signal on
+    stale features; they are stored as NULL.
+    """
+
+    symbol: str
+    bar_open_time_ms: int  # open time of the decision bar t
+    signal: str  # "BUY" | "SELL" | "NEUTRAL"
+    confidence: float
+    p_up: float | None
+    predicted_return: float | None  # ln(predicted_close / close)
+    predicted_close: float | None
+    close: float  # close of bar t
+    horizon_minutes: int
+    model_version: str
+    feature_spec_hash: str
+    reason: str | None
+    served_at_ms: int
+
+    def __post_init__(self) -> None:
+        if not self.symbol:
+            raise ValueError("SignalRecord.symbol is empty")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"SignalRecord.signal must be one of {SIGNALS}, got {self.signal!r}")
+        if self.horizon_minutes <= 0:
+            raise ValueError(
+                f"SignalRecord.horizon_minutes must be > 0, got {self.horizon_minutes}"
+            )
+        # SQLite silently stores NaN as NULL (then fails NOT NULL) and NaN is not valid JSON for
+        # /signals/history: refuse it here, where the faulty producer is still on the stack.
+        for name in ("confidence", "close"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"SignalRecord.{name} must be finite, got {value!r}")
+        for name in _OPTIONAL_OUTPUTS:
+            value = getattr(self, name)
+            if value is not None and math.isinf(value):
+                raise ValueError(f"SignalRecord.{name} must be finite, NaN or None, got {value!r}")
+        if self.close <= 0:
+            raise ValueError(f"SignalRecord.close must be > 0, got {self.close!r}")
+
+
+def _iso_utc(ms: int) -> str:
+    """Epoch milliseconds as ISO-8601 UTC, the repository's timestamp format."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _mask(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Unparsable text cannot be masked, so it is not echoed: it may hold a password.
+        raise ValueError(
+            "Gold store URL is not a SQLAlchemy URL; expected e.g. 'sqlite:///gold.sqlite' or "
+            "'postgresql+psycopg://user:password@host:5432/gold'"
+        ) from None
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; the platform ships psycopg 3.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            f"Gold store URL scheme {parsed.drivername!r} is not supported "
+            f"(use one of {SUPPORTED_BACKENDS}): {_mask(parsed)}"
+        )
+    return parsed
+
+
+def _sqlite_is_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or "mode=memory" in (url.database or "")
+
+
+def _create_engine(url: URL) -> Engine:
+    backend = url.get_backend_name()
+    try:
+        if backend == "sqlite":
+            return _create_sqlite_engine(url)
+        # pool_pre_ping: a PostgreSQL restart or an idle-connection reaper must not fail the
+        # first write after it; the ping costs one round trip per checkout.
+        return create_engine(url, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise ValueError(
+            f"Gold store URL scheme {url.drivername!r} has no installed driver "
+            f"({type(exc).__name__}): {_mask(url)}"
+        ) from None
+
+
+def _create_sqlite_engine(url: URL) -> Engine:
+    memory = _sqlite_is_memory(url)
+    uri = str(url.query.get("uri", "")).lower() in ("true", "1")
+    if not memory and not uri and url.database:
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        # The store is shared by the service's threads; SQLite itself serialises the writers.
+        connect_args={"check_same_thread": False, "timeout": _SQLITE_BUSY_TIMEOUT_S},
+        # Every pooled connection to ":memory:" would be a different, empty database.
+        **({"poolclass": StaticPool} if memory else {}),
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling defers BEGIN and cannot take the write lock
+        # up front; hand BEGIN to SQLAlchemy (below) as SQLAlchemy's pysqlite docs recommend.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # WAL: readers (the API's history, metrics) never block the writer and vice versa.
+            cursor.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A read-then-write transaction under a deferred BEGIN fails with SQLITE_BUSY (without
+        # waiting) when another writer commits in between; IMMEDIATE takes the lock first.
+        immediate = conn.get_execution_options().get(_WRITE_LOCK, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class GoldStore:
+    """Served signals and their realised outcomes, in SQLite or PostgreSQL.
+
+    ``url`` is a SQLAlchemy URL (``GoldConfig.url``): ``sqlite:///path/gold.sqlite`` (parent
+    directories are created) or ``postgresql+psycopg://...`` (plain ``postgresql://`` also means
+    psycopg 3). The table is created if missing. Thread-safe: one store may be shared by all
+    threads of a process; several processes may write the same database.
+    """
+
+    def __init__(self, url: str) -> None:
+        parsed = _parse_url(url)
+        self.url = _mask(parsed)  # safe to log
+        self.backend = parsed.get_backend_name()
+        self._engine = _create_engine(parsed)
+        try:
+            self._create_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def __repr__(self) -> str:
+        return f"GoldStore({self.url!r})"
+
+    def _write(self) -> Connection:
+        """A connection whose transactions take the write lock at BEGIN (SQLite)."""
+        return self._engine.connect().execution_options(**{_WRITE_LOCK: True})
+
+    def _create_schema(self) -> None:
+        with self._write() as conn, conn.begin():
+            if self.backend == "postgresql":
+                # Serve replicas starting together would otherwise race between create_all's
+                # existence check and CREATE TABLE ("duplicate key ... pg_type_typname_nsp").
+                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+            _METADATA.create_all(conn, checkfirst=True)
+
+    def record(self, record: SignalRecord) -> bool:
+        """Store one served signal; False (no error) when its (symbol, bar, model) key exists.
+
+        Uses INSERT ... ON CONFLICT DO NOTHING, so concurrent writers of the same key never
+        raise: exactly one row is kept, the first one committed.
+        """
+        values = asdict(record)
+        for name in _OPTIONAL_OUTPUTS:
+            values[name] = _opt_float(values[name])
+        insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+        stmt = (
+            insert(GOLD_SIGNALS)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=list(_UNIQUE_KEY))
+            # RETURNING, not rowcount: on PostgreSQL SQLAlchemy consumes the implicit RETURNING
+            # of the primary key and reports rowcount -1. A skipped row returns nothing.
+            .returning(GOLD_SIGNALS.c.id)
+        )
+        with self._write() as conn, conn.begin():
+            inserted = conn.execute(stmt).first()
+        return inserted is not None
+
+    def fill_outcomes(self, symbol: str, closes: Mapping[int, float], now_ms: int) -> int:
+        """Fill the outcomes of ``symbol``'s pending signals whose horizon bar is in ``closes``.
+
+        ``closes`` maps bar open time (epoch ms) to that bar's close; a signal of bar ``t`` is
+        filled when ``t + horizon_minutes * 60_000`` is a key. Sets ``realised_close``,
+        ``realised_return`` (log return), ``hit``, ``pnl_bps`` (basis points, gross of fees) and
+        ``filled_at_ms = now_ms``. Rows already filled are never touched again. Returns the
+        number of rows filled; all of them are written in one transaction.
+        """
+        if not closes:
+            return 0
+        for open_time, price in closes.items():
+            if not math.isfinite(price) or price <= 0:
+                raise ValueError(f"close of bar {open_time} must be a positive number, got {price}")
+        first, last = min(closes), max(closes)
+        t = GOLD_SIGNALS.c
+        outcome_time = t.bar_open_time_ms + t.horizon_minutes * ONE_MINUTE_MS
+        pending = (
+            select(t.id, t.bar_open_time_ms, t.horizon_minutes, t.signal, t.close)
+            .where(
+                t.symbol == symbol,
+                t.filled_at_ms.is_(None),
+                # horizon_minutes >= 1, so the decision bar is before the last close: this bound
+                # lets the pending index do a range scan; the next one is exact.
+                t.bar_open_time_ms < last,
+                outcome_time.between(first, last),
+            )
+            # PostgreSQL: a concurrent filler waits here, then sees the rows filled and skips
+            # them. SQLite ignores FOR UPDATE; BEGIN IMMEDIATE already serialises writers.
+            .with_for_update()
+        )
+        fill = (
+            update(GOLD_SIGNALS)
+            .where(t.id == bindparam("b_id"), t.filled_at_ms.is_(None))
+            .values(
+                realised_close=bindparam("b_realised_close"),
+                realised_return=bindparam("b_realised_return"),
+                hit=bindparam("b_hit"),
+                pnl_bps=bindparam("b_pnl_bps"),
+                filled_at_ms=bindparam("b_filled_at_ms"),
+            )
+        )
+        with self._write() as conn, conn.begin():
+            params = []
+            for row in conn.execute(pending):
+                outcome_close = closes.get(
+                    row.bar_open_time_ms + row.horizon_minutes * ONE_MINUTE_MS
+                )
+                if outcome_close is None:
+                    continue  # a bar inside [first, last] that the caller did not give
+                params.append(_outcome(row.id, row.signal, row.close, outcome_close, now_ms))
+            if not params:
+                return 0
+            updated = conn.execute(fill, params).rowcount
+        if self._engine.dialect.supports_sane_multi_rowcount:
+            return updated
+        # The row locks (PostgreSQL) or the write lock (SQLite) guarantee every update applied.
+        return len(params)
+
+    def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        """Served signals, newest decision bar first, at most ``limit`` (all symbols if None).
+
+        JSON-ready dicts: the record's fields, ``as_of`` (the decision bar's open time as
+        ISO-8601 UTC, next to ``bar_open_time_ms``), ``outcome_open_time_ms`` (the horizon bar)
+        and the outcome fields, None until filled.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        t = GOLD_SIGNALS.c
+        stmt = select(GOLD_SIGNALS).order_by(t.bar_open_time_ms.desc(), t.id.desc()).limit(limit)
+        if symbol is not None:
+            stmt = stmt.where(t.symbol == symbol)
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+        return [_history_item(row) for row in rows]
+
+    def outcome_summary(self) -> dict[str, dict[str, float | None]]:
+        """Per symbol: ``signals`` served, ``filled``, ``directional`` (filled BUY/SELL), ``hits``,
+        ``hit_rate`` (hits / directional; None when there is none), ``pnl_bps`` (cumulative sum
+        of per-signal P&L in basis points, gross of fees; 0.0 when nothing is filled).
+        """
+        t = GOLD_SIGNALS.c
+        filled = t.filled_at_ms.is_not(None)
+        directional = filled & t.signal.in_(("BUY", "SELL"))
+        stmt = (
+            select(
+                t.symbol,
+                func.count().label("signals"),
+                func.count(t.filled_at_ms).label("filled"),
+                func.coalesce(func.sum(case((directional, 1), else_=0)), 0).label("directional"),
+                func.coalesce(func.sum(case((t.hit.is_(True), 1), else_=0)), 0).label("hits"),
+                func.coalesce(func.sum(t.pnl_bps), 0.0).label("pnl_bps"),
+            )
+            .group_by(t.symbol)
+            .order_by(t.symbol)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        summary: dict[str, dict[str, float | None]] = {}
+        for row in rows:
+            n_directional = int(row.directional)
+            hits = int(row.hits)
+            summary[row.symbol] = {
+                "signals": int(row.signals),
+                "filled": int(row.filled),
+                "directional": n_directional,
+                "hits": hits,
+                "hit_rate": hits / n_directional if n_directional else None,
+                "pnl_bps": float(row.pnl_bps),
+            }
+        return summary
+
+    def counts_by_signal(self) -> dict[tuple[str, str], int]:
+        """(symbol, signal) -> number of served signals, to restore counters after a restart."""
+        t = GOLD_SIGNALS.c
+        stmt = select(t.symbol, t.signal, func.count()).group_by(t.symbol, t.signal)
+        with self._engine.connect() as conn:
+            return {(symbol, signal): int(n) for symbol, signal, n in conn.execute(stmt)}
+
+    def close(self) -> None:
+        """Release every pooled connection (the store is unusable afterwards)."""
+        self._engine.dispose()
+
+
+def _outcome(
+    row_id: int, signal: str, close: float, outcome_close: float, now_ms: int
+) -> dict[str, Any]:
+    realised_return = math.log(outcome_close / close)
+    position = POSITION[signal]
+    hit = None if position == 0 else position * realised_return > 0
+    return {
+        "b_id": row_id,
+        "b_realised_close": outcome_close,
+        "b_realised_return": realised_return,
+        "b_hit": hit,
+        # expm1 keeps full precision for the tiny log returns of a 10-minute horizon.
+        "b_pnl_bps": position * math.expm1(realised_return) * BPS,
+        "b_filled_at_ms": now_ms,
+    }
+
+
+def _opt_float(value: Any) -> float | None:
+    """None for unknowns: SQL NULL, or NaN (which JSON cannot carry)."""
+    if value is None or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _history_item(row: RowMapping) -> dict[str, Any]:
+    bar_ms = int(row["bar_open_time_ms"])
+    horizon = int(row["horizon_minutes"])
+    return {
+        "symbol": row["symbol"],
+        "as_of": _iso_utc(bar_ms),
+        "bar_open_time_ms": bar_ms,
+        "signal": row["signal"],
+        "confidence": float(row["confidence"]),
+        "p_up": _opt_float(row["p_up"]),
+        "predicted_return": _opt_float(row["predicted_return"]),
+        "predicted_close": _opt_float(row["predicted_close"]),
+        "close": float(row["close"]),
+        "horizon_minutes": horizon,
+        "outcome_open_time_ms": bar_ms + horizon * ONE_MINUTE_MS,
+        "model_version": row["model_version"],
+        "feature_spec_hash": row["feature_spec_hash"],
+        "reason": row["reason"],
+        "served_at_ms": int(row["served_at_ms"]),
+        "realised_close": _opt_float(row["realised_close"]),
+        "realised_return": _opt_float(row["realised_return"]),
+        "hit": None if row["hit"] is None else bool(row["hit"]),
+        "pnl_bps": _opt_float(row["pnl_bps"]),
+        "filled_at_ms": None if row["filled_at_ms"] is None else int(row["filled_at_ms"]),
+    }

@@ -1,0 +1,336 @@
+"""GoldStore on SQLite files: recording, outcome filling, history, summaries, URL errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+
+from serve.gold import GoldStore, SignalRecord
+
+T0 = 1_706_572_800_000  # 2024-01-30 00:00 UTC, epoch ms
+MINUTE = 60_000
+H = 10  # horizon, minutes
+NOW = T0 + 3_600_000
+
+
+def rec(
+    t: int,
+    signal: str = "BUY",
+    close: float = 100.0,
+    symbol: str = "BTCUSDT",
+    model_version: str = "m1",
+) -> SignalRecord:
+    return SignalRecord(
+        symbol=symbol,
+        bar_open_time_ms=t,
+        signal=signal,
+        confidence=0.6,
+        p_up=0.6 if signal == "BUY" else 0.4,
+        predicted_return=0.001,
+        predicted_close=close * math.exp(0.001),
+        close=close,
+        horizon_minutes=H,
+        model_version=model_version,
+        feature_spec_hash="abcdef0123456789",
+        reason=None if signal != "NEUTRAL" else "below threshold",
+        served_at_ms=t + MINUTE + 150,
+    )
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'nested' / 'dir' / 'gold.sqlite'}"
+
+
+@pytest.fixture
+def store(url: str) -> GoldStore:
+    return GoldStore(url)
+
+
+def by_time(store: GoldStore, symbol: str = "BTCUSDT") -> dict[int, dict[str, object]]:
+    return {row["bar_open_time_ms"]: row for row in store.history(symbol, 1000)}
+
+
+def test_record_and_duplicate(store: GoldStore) -> None:
+    assert store.record(rec(T0)) is True
+    assert store.record(rec(T0)) is False  # same (symbol, bar, model): kept once, no error
+    assert store.record(replace(rec(T0), confidence=0.9)) is False  # the first write wins
+    assert store.record(rec(T0, model_version="m2")) is True
+    assert store.record(rec(T0, symbol="ETHUSDT")) is True
+    assert len(store.history(None, 100)) == 3
+    assert store.history("BTCUSDT", 100)[-1]["confidence"] == 0.6
+    assert store.counts_by_signal() == {("BTCUSDT", "BUY"): 2, ("ETHUSDT", "BUY"): 1}
+
+
+def test_fill_outcomes_exact_values(store: GoldStore) -> None:
+    store.record(rec(T0, "BUY", close=100.0))
+    store.record(rec(T0 + MINUTE, "SELL", close=100.0))
+    store.record(rec(T0 + 2 * MINUTE, "NEUTRAL", close=100.0))
+    store.record(rec(T0 + 3 * MINUTE, "SELL", close=200.0))
+    closes = {
+        T0 + H * MINUTE: 101.0,
+        T0 + (H + 1) * MINUTE: 101.0,
+        T0 + (H + 2) * MINUTE: 99.0,
+        T0 + (H + 3) * MINUTE: 198.0,
+    }
+    assert store.fill_outcomes("BTCUSDT", closes, NOW) == 4
+    rows = by_time(store)
+
+    buy = rows[T0]
+    assert buy["realised_close"] == 101.0
+    assert buy["realised_return"] == pytest.approx(math.log(1.01), rel=1e-12)
+    assert buy["hit"] is True
+    assert buy["pnl_bps"] == pytest.approx(100.0, rel=1e-9)  # +1 x (101/100 - 1) x 1e4
+    assert buy["filled_at_ms"] == NOW
+
+    sell_loss = rows[T0 + MINUTE]
+    assert sell_loss["hit"] is False
+    assert sell_loss["pnl_bps"] == pytest.approx(-100.0, rel=1e-9)
+
+    neutral = rows[T0 + 2 * MINUTE]
+    assert neutral["realised_return"] == pytest.approx(math.log(0.99), rel=1e-12)
+    assert neutral["hit"] is None  # no position: neither hit nor miss
+    assert neutral["pnl_bps"] == 0.0
+
+    sell_win = rows[T0 + 3 * MINUTE]
+    assert sell_win["realised_return"] == pytest.approx(math.log(0.99), rel=1e-12)
+    assert sell_win["hit"] is True
+    assert sell_win["pnl_bps"] == pytest.approx(100.0, rel=1e-9)  # -1 x (198/200 - 1) x 1e4
+
+    # Filled rows are final: the same closes again, or other values, change nothing.
+    assert store.fill_outcomes("BTCUSDT", closes, NOW + 1) == 0
+    assert store.fill_outcomes("BTCUSDT", {T0 + H * MINUTE: 50.0}, NOW + 2) == 0
+    assert by_time(store)[T0] == buy
+
+
+def test_flat_return_is_a_miss_both_ways(store: GoldStore) -> None:
+    store.record(rec(T0, "BUY"))
+    store.record(rec(T0, "SELL", model_version="m2"))
+    assert store.fill_outcomes("BTCUSDT", {T0 + H * MINUTE: 100.0}, NOW) == 2
+    rows = store.history("BTCUSDT", 10)
+    assert [(r["hit"], r["realised_return"], r["pnl_bps"]) for r in rows] == [
+        (False, 0.0, 0.0),
+        (False, 0.0, 0.0),
+    ]
+
+
+def test_partial_fill(store: GoldStore) -> None:
+    for i in range(5):
+        store.record(rec(T0 + i * MINUTE, "BUY", close=100.0 + i))
+    store.record(rec(T0, "SELL", symbol="ETHUSDT", close=10.0))
+
+    # Only the horizon bars of t0 and t0+2 have arrived (plus bars no signal is waiting for).
+    closes = {T0 + H * MINUTE: 110.0, T0 + (H + 2) * MINUTE: 112.0, T0 + 5 * MINUTE: 1.0}
+    assert store.fill_outcomes("BTCUSDT", closes, NOW) == 2
+    rows = by_time(store)
+    assert [t for t, r in sorted(rows.items()) if r["filled_at_ms"] is not None] == [
+        T0,
+        T0 + 2 * MINUTE,
+    ]
+    pending = rows[T0 + MINUTE]
+    assert pending["realised_close"] is None
+    assert pending["realised_return"] is None
+    assert pending["hit"] is None
+    assert pending["pnl_bps"] is None
+    # Another symbol's pending signal at the same bar is not touched.
+    assert store.history("ETHUSDT", 10)[0]["filled_at_ms"] is None
+
+    later = {T0 + (H + i) * MINUTE: 120.0 for i in (1, 3, 4)}
+    assert store.fill_outcomes("BTCUSDT", later, NOW + MINUTE) == 3
+    rows = by_time(store)
+    assert all(r["filled_at_ms"] is not None for r in rows.values())
+    assert rows[T0 + MINUTE]["realised_return"] == pytest.approx(math.log(120.0 / 101.0))
+    assert rows[T0]["filled_at_ms"] == NOW  # the first fill stands
+    assert store.fill_outcomes("BTCUSDT", {}, NOW) == 0
+
+
+def test_fill_rejects_bad_closes(store: GoldStore) -> None:
+    store.record(rec(T0))
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="positive"):
+            store.fill_outcomes("BTCUSDT", {T0 + H * MINUTE: bad}, NOW)
+    assert store.history("BTCUSDT", 1)[0]["filled_at_ms"] is None
+
+
+def test_history_order_limit_and_symbol(store: GoldStore) -> None:
+    for i in range(6):
+        store.record(rec(T0 + i * MINUTE, "BUY", symbol="BTCUSDT"))
+        store.record(rec(T0 + i * MINUTE, "SELL", symbol="ETHUSDT"))
+    newest = store.history("BTCUSDT", 3)
+    assert [r["bar_open_time_ms"] for r in newest] == [
+        T0 + 5 * MINUTE,
+        T0 + 4 * MINUTE,
+        T0 + 3 * MINUTE,
+    ]
+    assert {r["symbol"] for r in newest} == {"BTCUSDT"}
+    both = store.history(None, 4)
+    assert [r["bar_open_time_ms"] for r in both] == [T0 + 5 * MINUTE] * 2 + [T0 + 4 * MINUTE] * 2
+    assert {r["symbol"] for r in both} == {"BTCUSDT", "ETHUSDT"}
+    assert store.history("XRPUSDT", 10) == []
+    assert len(store.history(None, 1000)) == 12
+    with pytest.raises(ValueError, match="limit"):
+        store.history(None, 0)
+
+    item = newest[0]
+    assert item["as_of"] == "2024-01-30T00:05:00.000+00:00"
+    assert item["outcome_open_time_ms"] == T0 + (5 + H) * MINUTE
+    assert item["feature_spec_hash"] == "abcdef0123456789"
+    assert item["model_version"] == "m1"
+    assert item["horizon_minutes"] == H
+    assert item["served_at_ms"] == T0 + 6 * MINUTE + 150
+    json.dumps(store.history(None, 1000), allow_nan=False)  # JSON-ready, also before filling
+
+
+def test_outcome_summary_and_counts(store: GoldStore) -> None:
+    signals = ["BUY", "SELL", "NEUTRAL", "BUY", "SELL"]
+    for i, signal in enumerate(signals):
+        store.record(rec(T0 + i * MINUTE, signal, close=100.0))
+    store.record(rec(T0, "NEUTRAL", symbol="ETHUSDT"))
+    store.record(rec(T0 + MINUTE, "BUY", symbol="SOLUSDT"))  # never filled
+    # Up to 102 for the first four horizon bars; the last SELL stays pending.
+    closes = {T0 + (H + i) * MINUTE: 102.0 for i in range(4)}
+    assert store.fill_outcomes("BTCUSDT", closes, NOW) == 4
+    assert store.fill_outcomes("ETHUSDT", {T0 + H * MINUTE: 90.0}, NOW) == 1
+
+    summary = store.outcome_summary()
+    btc = summary["BTCUSDT"]
+    assert btc["signals"] == 5
+    assert btc["filled"] == 4
+    assert btc["directional"] == 3  # BUY, SELL, BUY filled; the NEUTRAL does not count
+    assert btc["hits"] == 2
+    assert btc["hit_rate"] == pytest.approx(2 / 3)
+    assert btc["pnl_bps"] == pytest.approx(200.0 - 200.0 + 200.0, rel=1e-9)
+    assert summary["ETHUSDT"] == {
+        "signals": 1,
+        "filled": 1,
+        "directional": 0,
+        "hits": 0,
+        "hit_rate": None,
+        "pnl_bps": 0.0,
+    }
+    assert summary["SOLUSDT"]["hit_rate"] is None
+    assert summary["SOLUSDT"]["pnl_bps"] == 0.0
+    assert store.counts_by_signal() == {
+        ("BTCUSDT", "BUY"): 2,
+        ("BTCUSDT", "SELL"): 2,
+        ("BTCUSDT", "NEUTRAL"): 1,
+        ("ETHUSDT", "NEUTRAL"): 1,
+        ("SOLUSDT", "BUY"): 1,
+    }
+
+
+def test_signal_without_model_outputs(store: GoldStore) -> None:
+    # A NEUTRAL on stale features has no p_up / prediction: None or NaN, stored as NULL.
+    store.record(replace(rec(T0, "NEUTRAL"), p_up=None, predicted_return=None))
+    store.record(replace(rec(T0 + MINUTE, "NEUTRAL"), p_up=math.nan, predicted_close=math.nan))
+    assert store.fill_outcomes("BTCUSDT", {T0 + H * MINUTE: 99.0}, NOW) == 1
+    rows = by_time(store)
+    assert rows[T0]["p_up"] is None
+    assert rows[T0]["predicted_return"] is None
+    assert rows[T0]["pnl_bps"] == 0.0
+    assert rows[T0 + MINUTE]["p_up"] is None
+    assert rows[T0 + MINUTE]["predicted_close"] is None
+    assert rows[T0 + MINUTE]["predicted_return"] == 0.001
+    json.dumps(store.history(None, 10), allow_nan=False)
+
+
+def test_empty_store(store: GoldStore) -> None:
+    assert store.outcome_summary() == {}
+    assert store.counts_by_signal() == {}
+    assert store.history(None, 10) == []
+
+
+def test_reopen_keeps_data_and_uses_wal(url: str, tmp_path: Path) -> None:
+    first = GoldStore(url)
+    first.record(rec(T0))
+    first.fill_outcomes("BTCUSDT", {T0 + H * MINUTE: 101.0}, NOW)
+    before = first.history(None, 10)
+    first.close()
+
+    path = tmp_path / "nested" / "dir" / "gold.sqlite"
+    assert path.is_file()  # parent directories were created
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+    again = GoldStore(url)  # create_all on an existing table is a no-op
+    assert again.history(None, 10) == before
+    assert again.record(rec(T0)) is False
+    assert again.record(rec(T0 + MINUTE)) is True
+    again.close()
+
+
+def test_concurrent_writers_keep_one_row_per_key(url: str) -> None:
+    stores = [GoldStore(url), GoldStore(url)]  # two "replicas" on one file
+    keys = [T0 + i * MINUTE for i in range(20)]
+    start = threading.Barrier(6)
+
+    def write(worker: int) -> list[bool]:
+        start.wait()
+        return [stores[worker % 2].record(rec(t)) for t in keys]
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(write, range(6)))
+    assert [sum(column) for column in zip(*results, strict=True)] == [1] * len(keys)
+    assert len(stores[0].history(None, 1000)) == len(keys)
+    for store in stores:
+        store.close()
+
+
+def test_memory_url_is_one_database() -> None:
+    store = GoldStore("sqlite://")
+    store.record(rec(T0))
+    with ThreadPoolExecutor(2) as pool:
+        assert pool.submit(store.history, None, 10).result()[0]["bar_open_time_ms"] == T0
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("mysql://gold:hunter2@db.internal/gold", "'mysql'"),
+        ("postgresql+nosuchdriver://gold:hunter2@db.internal/gold", "'postgresql+nosuchdriver'"),
+        ("not a url at all hunter2", "not a SQLAlchemy URL"),
+    ],
+)
+def test_bad_url_error_names_scheme_and_hides_password(url: str, named: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        GoldStore(url)
+    message = str(caught.value)
+    assert named in message
+    assert "hunter2" not in message
+    assert caught.value.__cause__ is None or "hunter2" not in str(caught.value.__cause__)
+
+
+def test_unreachable_postgres_error_hides_password() -> None:
+    # Port 1 on loopback refuses at once: the connection error comes from create_all.
+    with pytest.raises(OperationalError) as caught:
+        GoldStore("postgresql://gold:hunter2@127.0.0.1:1/gold?connect_timeout=2")
+    assert "hunter2" not in str(caught.value)
+    assert "127.0.0.1" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"signal": "HOLD"},
+        {"confidence": math.nan},
+        {"close": math.nan},
+        {"predicted_return": math.inf},
+        {"p_up": -math.inf},
+        {"close": 0.0},
+        {"horizon_minutes": 0},
+        {"symbol": ""},
+    ],
+)
+def test_invalid_record_is_rejected(change: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        replace(rec(T0), **change)
