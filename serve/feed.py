@@ -1,0 +1,448 @@
+"""The live bar feed of the signal service: the latest closed 1-minute bars of each symbol.
+
+Three sources (`FeedConfig.source`):
+
+- `binance`: polls Binance's REST klines endpoint (`market.sources.binance.BinanceClient`, with
+  its retries, Retry-After handling and request-weight budget) for the minutes since the newest
+  bar held; the first poll fetches the last `history_bars` minutes. Only closed bars are kept: a
+  bar opening at `t` ms closes at `t + 59_999` ms and is final once that moment has passed.
+- `sim`: simulates `sim_days` days per symbol up front with the seeded market simulator, then
+  replays them on an accelerated clock.
+- `dump`: the same replay from Binance dump files (`dump_path`, a path or glob; CSV, CSV.gz or
+  zip; millisecond or microsecond timestamps); files named `SYMBOL-...` are used for SYMBOL,
+  otherwise every matching file.
+
+A replay starts when the feed is constructed: the first poll exposes the first `history_bars`
+bars, and every later poll releases each bar whose accelerated time has come,
+`bars_due = history_bars + floor((now - start) * replay_bars_per_s)` (`now`, `start` in seconds).
+When the replay runs out of bars it stops producing any, and so goes stale: that is by design.
+
+Every row passes the Silver ETL's checks (`market.validation`, the same rules and order as
+`market.silver.parse_and_validate`): a malformed row is dropped and counted per reason, never
+raised. Duplicated or out-of-order bars are deduplicated by open time, the first seen wins (a
+later copy counts as `duplicate_open_time`). Source failures (network errors, HTTP errors) are
+recorded per symbol (`last_error`) and logged; the next poll retries.
+
+Memory is bounded: at most `history_bars` bars are held per symbol; a replay also holds its
+source bars (`sim_days` x 1440 bars per symbol for `sim`, the file's bars for `dump`).
+
+Threading: `poll()` is meant for one background loop (it is not re-entrant); the read methods
+may be called from other threads at any time and see either the state before or after a poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+
+from configs.schema import FeedConfig
+from market import validation as v
+from market.klines import BAR_COLUMNS, MICROSECOND_THRESHOLD, ONE_MINUTE_MS, RAW_FIELDS
+from market.sim_silver import simulated_bars
+from market.sources.binance import BinanceAPIError, BinanceClient
+from market.sources.dump import DumpSource, read_lines
+
+log = logging.getLogger(__name__)
+
+# The validated-bar frame the feature engine reads (market.klines.BAR_COLUMNS, open_time in
+# epoch ms as Int64).
+BAR_SCHEMA: dict[str, pl.DataType] = {
+    "symbol": pl.String(),
+    "open_time": pl.Int64(),
+    "open": pl.Float64(),
+    "high": pl.Float64(),
+    "low": pl.Float64(),
+    "close": pl.Float64(),
+    "volume": pl.Float64(),
+    "quote_volume": pl.Float64(),
+    "trades": pl.Int64(),
+    "taker_buy_base": pl.Float64(),
+    "taker_buy_quote": pl.Float64(),
+}
+_PRICES = ("open", "high", "low", "close")
+_AMOUNTS = ("volume", "quote_volume", "trades", "taker_buy_base", "taker_buy_quote")
+# First fields of a dump header line (as market.sources.dump recognises them).
+_HEADER_FIRST_FIELDS = frozenset({"open_time", "open time", "opentime"})
+# What a failing Binance poll can raise once the client has spent its retries: the client's own
+# error (4xx, retries exhausted, a non-list body) and httpx/socket errors it does not retry.
+_SOURCE_ERRORS: tuple[type[BaseException], ...] = (BinanceAPIError, httpx.HTTPError, OSError)
+
+
+def empty_bars() -> pl.DataFrame:
+    """A frame with the validated-bar columns and no rows."""
+    return pl.DataFrame(schema=BAR_SCHEMA)
+
+
+def _to_ms(value: pl.Expr) -> pl.Expr:
+    # Binance dumps from 2025 on use microseconds; any timestamp above 1e14 is one.
+    return pl.when(value > MICROSECOND_THRESHOLD).then(value // 1000).otherwise(value)
+
+
+def _reason() -> pl.Expr:
+    """The first quarantine reason that applies to a typed row, null when the row is valid.
+
+    The same checks in the same order as the Spark ETL (market.silver.parse_and_validate), so a
+    row the feed drops is one Silver would quarantine, for the same reason.
+    """
+    unparseable = pl.lit(False)
+    for name in ("open_time", "_close_time", *_PRICES, *_AMOUNTS):
+        check = pl.col(name).is_null()
+        if BAR_SCHEMA.get(name) == pl.Float64():
+            check = check | pl.col(name).is_nan() | pl.col(name).is_infinite()
+        unparseable = unparseable | check
+    chain = pl.when(pl.col("_n") != len(RAW_FIELDS)).then(pl.lit(v.WRONG_FIELD_COUNT))
+    return (
+        chain.when(unparseable)
+        .then(pl.lit(v.UNPARSEABLE_VALUE))
+        .when(
+            (pl.col("open_time") % ONE_MINUTE_MS != 0)
+            | (pl.col("_close_time") != pl.col("open_time") + ONE_MINUTE_MS - 1)
+        )
+        .then(pl.lit(v.BAD_TIMESTAMP))
+        .when(pl.min_horizontal(*_PRICES) <= 0)
+        .then(pl.lit(v.NON_POSITIVE_PRICE))
+        .when(pl.min_horizontal(*_AMOUNTS) < 0)
+        .then(pl.lit(v.NEGATIVE_VOLUME))
+        .when(
+            (pl.col("high") < pl.max_horizontal("open", "close", "low"))
+            | (pl.col("low") > pl.min_horizontal("open", "close"))
+        )
+        .then(pl.lit(v.OHLC_INCONSISTENT))
+        .when(pl.col("taker_buy_base") > pl.col("volume"))
+        .then(pl.lit(v.TAKER_BUY_EXCEEDS_VOLUME))
+        .otherwise(pl.lit(None, dtype=pl.String))
+    )
+
+
+def check_lines(lines: Sequence[str], symbol: str) -> pl.DataFrame:
+    """Raw kline lines (CSV dump lines or REST arrays as text) as typed bars with a `reason`.
+
+    Returns the BAR_SCHEMA columns (open_time in epoch ms, microseconds converted), `reason`
+    (null for a valid row, else a market.validation reason) in input order. Fields are split
+    like the Spark ETL does it: brackets, quotes and whitespace removed, then split on commas.
+    """
+    raw = pl.DataFrame({"raw": list(lines)}, schema={"raw": pl.String})
+    fields = pl.col("raw").str.replace_all(r'[\[\]"\s]', "").str.split(",")
+    index = {name: i for i, name in enumerate(RAW_FIELDS)}
+
+    def field_as(name: str, dtype: pl.DataType) -> pl.Expr:
+        return pl.col("_f").list.get(index[name], null_on_oob=True).cast(dtype, strict=False)
+
+    typed = raw.with_columns(fields.alias("_f")).with_columns(
+        pl.col("_f").list.len().alias("_n"),
+        pl.lit(symbol, dtype=pl.String).alias("symbol"),
+        _to_ms(field_as("open_time", pl.Int64())).alias("open_time"),
+        _to_ms(field_as("close_time", pl.Int64())).alias("_close_time"),
+        *[field_as(name, BAR_SCHEMA[name]).alias(name) for name in _PRICES + _AMOUNTS],
+    )
+    return typed.with_columns(_reason().alias("reason")).select(*BAR_COLUMNS, "reason")
+
+
+def check_bars(bars: pl.DataFrame) -> pl.DataFrame:
+    """Typed bars (BAR_SCHEMA columns) with the `reason` column of `check_lines` added."""
+    typed = bars.select(BAR_COLUMNS).cast(BAR_SCHEMA)  # type: ignore[arg-type]
+    return (
+        typed.with_columns(
+            pl.lit(len(RAW_FIELDS)).alias("_n"),
+            (pl.col("open_time") + ONE_MINUTE_MS - 1).alias("_close_time"),
+        )
+        .with_columns(_reason().alias("reason"))
+        .select(*BAR_COLUMNS, "reason")
+    )
+
+
+def _rest_line(row: object) -> str:
+    """One REST kline (a JSON array) as a comma-separated line for `check_lines`."""
+    if isinstance(row, list | tuple):
+        return ",".join(str(value) for value in row)
+    return str(row)  # not an array: it fails the field count, as it should
+
+
+@dataclass
+class _SymbolState:
+    """What the feed holds for one symbol."""
+
+    bars: pl.DataFrame = field(default_factory=empty_bars)
+    rejected: Counter[str] = field(default_factory=Counter)
+    last_error: str | None = None
+    # binance: open time (epoch ms) of the next minute to ask for; None before the first poll.
+    next_open_ms: int | None = None
+    # replays: the validated, deduplicated, sorted source bars and how many were released.
+    source: pl.DataFrame | None = None
+    released: int = 0
+
+
+class BarFeed:
+    """The latest `history_bars` closed 1-minute bars of each configured symbol.
+
+    `clock` returns epoch seconds (the wall clock for `binance`; any monotonic-enough clock for
+    replays, whose time is accelerated). `sleep` is what the Binance client waits with (for
+    Retry-After and backoff); tests pass a recorder. Nothing is held before the first `poll()`.
+    Constructing a replay feed simulates or reads its source bars, so a bad `dump_path` raises
+    here (FileNotFoundError, ValueError), not in `poll()`.
+    """
+
+    def __init__(
+        self,
+        config: FeedConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._states: dict[str, _SymbolState] = {s: _SymbolState() for s in config.symbols}
+        self._client: BinanceClient | None = None
+        self._start_s = clock()
+        if config.source == "binance":
+            self._client = BinanceClient(config.binance, sleep=sleep, clock=clock)
+        elif config.source == "sim":
+            self._load_sim()
+        else:
+            self._load_dump()
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _load_sim(self) -> None:
+        for symbol, state in self._states.items():
+            bars = simulated_bars(self.config.sim, [symbol], self.config.sim_days)
+            state.source = self._clean_source(check_bars(bars), state)
+
+    def _load_dump(self) -> None:
+        if self.config.dump_path is None:
+            raise ValueError("FeedConfig.source is 'dump' but dump_path is not set")
+        for symbol, state in self._states.items():
+            lines: list[str] = []
+            for path in DumpSource(self.config.dump_path).files_for(symbol):
+                lines.extend(
+                    line
+                    for line in read_lines(Path(path))
+                    if line.split(",", 1)[0].strip().lower() not in _HEADER_FIRST_FIELDS
+                )
+            state.source = self._clean_source(check_lines(lines, symbol), state)
+            log.info(
+                "feed dump %s: %d bars to replay from %s, %d rows rejected",
+                symbol,
+                state.source.height,
+                self.config.dump_path,
+                sum(state.rejected.values()),
+            )
+
+    @staticmethod
+    def _clean_source(checked: pl.DataFrame, state: _SymbolState) -> pl.DataFrame:
+        """Valid rows of a replay, first of each open time, sorted; rejects counted now.
+
+        A replay's malformed rows are counted once, when the source is read, rather than when
+        their minute would have come: a row with a bad timestamp has no reliable minute.
+        """
+        state.rejected.update(checked["reason"].drop_nulls().to_list())
+        valid = checked.filter(pl.col("reason").is_null()).drop("reason")
+        first = valid.filter(pl.col("open_time").is_first_distinct())
+        if valid.height > first.height:
+            state.rejected[v.DUPLICATE_OPEN_TIME] += valid.height - first.height
+        return first.sort("open_time")
+
+    def close(self) -> None:
+        """Close the Binance client's HTTP connections (a no-op for replays)."""
+        if self._client is not None:
+            self._client.close()
+
+    # -- polling --------------------------------------------------------------------------
+
+    def poll(self) -> dict[str, int]:
+        """Bring every symbol up to date; the number of new closed bars per symbol.
+
+        Never raises for a source failure: the symbol's error is recorded (`last_error`), a
+        warning logged, and the next poll retries from where this one got to.
+        """
+        client = self._client
+        if client is not None:
+            return {symbol: self._poll_binance(client, symbol) for symbol in self._states}
+        return {symbol: self._poll_replay(symbol) for symbol in self._states}
+
+    def _replay_due(self, now_s: float) -> int:
+        elapsed = max(0.0, now_s - self._start_s)
+        return self.config.history_bars + math.floor(elapsed * self.config.replay_bars_per_s)
+
+    def _poll_replay(self, symbol: str) -> int:
+        state = self._states[symbol]
+        if state.source is None:  # only a binance feed has no source frame
+            return 0
+        due = min(self._replay_due(self._clock()), state.source.height)
+        if due <= state.released:
+            return 0
+        batch = state.source.slice(state.released, due - state.released)
+        with self._lock:
+            state.released = due
+            return self._merge(state, batch)
+
+    def _poll_binance(self, client: BinanceClient, symbol: str) -> int:
+        state = self._states[symbol]
+        now_ms = int(self._clock() * 1000)
+        # The newest closed bar opened a whole minute before the current minute began.
+        end = now_ms - now_ms % ONE_MINUTE_MS - ONE_MINUTE_MS
+        # Never ask for more than the window holds, even after a long outage (that leaves a gap,
+        # which the feature engine treats as the start of a new segment).
+        earliest = end - (self.config.history_bars - 1) * ONE_MINUTE_MS
+        cursor = earliest if state.next_open_ms is None else max(state.next_open_ms, earliest)
+        added = 0
+        try:
+            while cursor <= end:
+                rows, _ = client.klines(symbol, cursor, end)
+                if not rows:
+                    break
+                checked = check_lines([_rest_line(row) for row in rows], symbol)
+                # Only closed bars: a server may also send the open one, or rows past `end`.
+                # Rows before `cursor` (a repeated or late minute) go to the merge, which
+                # deduplicates them or fills a minute missed earlier. A row whose open time is
+                # off the minute is judged by the minute it falls in (and rejected later).
+                minute = pl.col("open_time") - pl.col("open_time") % ONE_MINUTE_MS
+                closed = (minute <= end) & (minute + ONE_MINUTE_MS <= now_ms)
+                page = checked.filter(closed | pl.col("open_time").is_null())
+                last = page.select(minute.max()).item()
+                with self._lock:
+                    state.rejected.update(page["reason"].drop_nulls().to_list())
+                    added += self._merge(state, page.filter(pl.col("reason").is_null()))
+                if not isinstance(last, int):
+                    break  # no usable open time in the page: nothing to page on from
+                # Continue after the newest minute received, malformed or not, so that a bad row
+                # is counted once instead of being asked for (and rejected) on every poll.
+                if last < cursor:
+                    break  # only minutes before the cursor: no progress to make
+                cursor = last + ONE_MINUTE_MS
+                state.next_open_ms = cursor
+        except _SOURCE_ERRORS as error:
+            message = f"{type(error).__name__}: {error}"
+            with self._lock:
+                state.last_error = message
+            log.warning("feed binance %s: poll failed, retrying next poll: %s", symbol, message)
+            return added
+        with self._lock:
+            state.last_error = None
+        return added
+
+    def _merge(self, state: _SymbolState, new: pl.DataFrame) -> int:
+        """Add valid bars to the window (caller holds the lock); the number of new bars.
+
+        Held bars come first, so the first copy of a minute wins; later copies are counted as
+        duplicates. The window keeps the newest `history_bars` bars, sorted by open time. A new
+        bar is a minute not held before that is newer than the newest bar held (even when a
+        burst pushes it out of the window at once) or that lands inside the window (a late one).
+        """
+        if new.height == 0:
+            return 0
+        held = state.bars
+        combined = pl.concat([held, new.select(BAR_COLUMNS).cast(BAR_SCHEMA)])  # type: ignore[arg-type]
+        unique = combined.filter(pl.col("open_time").is_first_distinct())
+        if combined.height > unique.height:
+            state.rejected[v.DUPLICATE_OPEN_TIME] += combined.height - unique.height
+        window = unique.sort("open_time").tail(self.config.history_bars)
+        state.bars = window
+        fresh = unique.slice(held.height)  # the batch's minutes that were not held
+        newest_held = held["open_time"].max() if held.height else None
+        kept_from = window["open_time"][0]
+        counted = pl.col("open_time") >= kept_from
+        if isinstance(newest_held, int):
+            counted = counted | (pl.col("open_time") > newest_held)
+        return fresh.filter(counted).height
+
+    # -- reads ----------------------------------------------------------------------------
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """The configured symbols, in config order."""
+        return tuple(self._states)
+
+    def _state(self, symbol: str) -> _SymbolState:
+        try:
+            return self._states[symbol]
+        except KeyError:
+            raise KeyError(f"unknown symbol {symbol!r}; the feed serves {self.symbols}") from None
+
+    def bars(self, symbol: str) -> pl.DataFrame:
+        """The latest (at most `history_bars`) closed bars of `symbol`, sorted by open time.
+
+        Columns: market.klines.BAR_COLUMNS, `open_time` in epoch ms (Int64). KeyError for a
+        symbol the feed does not serve.
+        """
+        with self._lock:
+            return self._state(symbol).bars.clone()
+
+    def last_bar_open_ms(self, symbol: str) -> int | None:
+        """Open time (epoch ms) of the newest bar held, None before any bar arrived."""
+        with self._lock:
+            bars = self._state(symbol).bars
+            return int(bars["open_time"][-1]) if bars.height else None
+
+    def staleness_s(self, symbol: str) -> float:
+        """Seconds since the newest bar held became available; infinity when none is held.
+
+        `binance`: now - the newest bar's close (its open + 60 s), on the wall clock.
+        Replays: seconds, on the feed's clock, since the newest bar held was due, i.e. since it
+        was emitted on the accelerated replay clock (a poll's lateness counts as staleness).
+        """
+        now_s = self._clock()
+        with self._lock:
+            state = self._state(symbol)
+            if state.bars.height == 0:
+                return math.inf
+            if self._client is not None:
+                newest_close_s = (int(state.bars["open_time"][-1]) + ONE_MINUTE_MS) / 1000
+                return max(0.0, now_s - newest_close_s)
+            # Source bar j (0-based) is due once history_bars + floor(elapsed * rate) > j.
+            late = max(0, state.released - self.config.history_bars)
+            emitted_s = self._start_s + late / self.config.replay_bars_per_s
+            return max(0.0, now_s - emitted_s)
+
+    def is_stale(self, symbol: str) -> bool:
+        """True when `staleness_s(symbol)` exceeds `stale_after_s` (or no bar is held)."""
+        return self.staleness_s(symbol) > self.config.stale_after_s
+
+    def last_error(self, symbol: str) -> str | None:
+        """The error of `symbol`'s most recent poll, None when that poll succeeded."""
+        with self._lock:
+            return self._state(symbol).last_error
+
+    def rejected(self, symbol: str | None = None) -> dict[str, int]:
+        """Rows dropped so far per market.validation reason, for `symbol` or all symbols."""
+        with self._lock:
+            states = self._states.values() if symbol is None else [self._state(symbol)]
+            total: Counter[str] = Counter()
+            for state in states:
+                total.update(state.rejected)
+            return dict(total)
+
+    def closes_since(self, symbol: str, open_ms: int) -> dict[int, float]:
+        """Close of every held bar opening at or after `open_ms` (epoch ms): open time -> close.
+
+        Covers at most the window held (`history_bars` minutes); the caller fills outcomes of
+        earlier signals from it.
+        """
+        with self._lock:
+            bars = self._state(symbol).bars.filter(pl.col("open_time") >= open_ms)
+        return dict(zip(bars["open_time"].to_list(), bars["close"].to_list(), strict=True))
+
+    def replay_remaining(self, symbol: str) -> int | None:
+        """Bars a replay has yet to release for `symbol`; None for the binance source."""
+        with self._lock:
+            state = self._state(symbol)
+            return None if state.source is None else state.source.height - state.released
+
+    def __repr__(self) -> str:
+        details: dict[str, Any] = {
+            "source": self.config.source,
+            "symbols": list(self.symbols),
+            "history_bars": self.config.history_bars,
+        }
+        return f"BarFeed({details})"
