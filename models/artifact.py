@@ -17,6 +17,7 @@ import torch
 
 from models.dataset import Scaler, gather_windows
 from models.networks import ModelSpec, SignalNet
+from models.registry import ModelRegistry
 
 MODEL_FILES = ("model.pt", "spec.json", "scaler.json")
 
@@ -100,3 +101,8 @@ def write_model_dir(directory: Path, files: Mapping[str, bytes]) -> None:
 
 def read_model_dir(directory: Path) -> dict[str, bytes]:
     return {name: (directory / name).read_bytes() for name in MODEL_FILES}
+
+
+def load_registered(registry: ModelRegistry, name: str, version: str) -> LoadedModel:
+    """The model of one registry version, through the same `load_model_files` (Serve's path)."""
+    return load_model_files({f: registry.read_file(name, version, f) for f in MODEL_FILES})

@@ -1,0 +1,147 @@
+"""The Ray Serve application: a FastAPI ingress composed with the signal engine deployment.
+
+    SignalIngress (FastAPI, JWT, rate limit, /metrics)  --handle-->  SignalEngineDeployment
+        answers /signal from a snapshot in memory,                  live bars, production model,
+        refreshed every `snapshot_poll_s`                            Gold store, registry watch
+
+`build_app(config)` returns the bound application for `serve.run`; `app_builder(args)` is the
+import path for a Serve config file (`serve deploy` / `serve run configs/serve/...`), taking the
+ServeConfig YAML path as its argument. Nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from configs.schema import ServeConfig, load_config
+from serve.api import make_api
+from serve.auth import TokenService
+from serve.clients import ClientStore
+from serve.engine import SignalEngine
+from serve.signals import bars_frame
+
+log = logging.getLogger(__name__)
+
+ENGINE_DEPLOYMENT = "SignalEngine"
+INGRESS_DEPLOYMENT = "SignalIngress"
+# How often the engine deployment polls its feed (seconds): new bars are picked up within this.
+ENGINE_TICK_S = 0.5
+
+
+@serve.deployment(name=ENGINE_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
+class SignalEngineDeployment:
+    """Owns the SignalEngine; a background task keeps bars, signals and the model current."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = ServeConfig.model_validate(config)
+        self.engine = SignalEngine(self.config)
+        self.engine.refresh_model()
+        self._task: asyncio.Task[None] | None = None
+        with contextlib.suppress(RuntimeError):  # no running loop: started on first call
+            self._ensure_loop()
+
+    def _ensure_loop(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        next_registry_check = 0.0
+        while True:
+            try:
+                now = time.monotonic()
+                if now >= next_registry_check:
+                    await asyncio.to_thread(self.engine.refresh_model)
+                    next_registry_check = now + self.config.registry_poll_s
+                await asyncio.to_thread(self.engine.tick)
+            except Exception:  # the loop must outlive any one bad tick; the next one retries
+                log.exception("engine tick failed")
+            await asyncio.sleep(ENGINE_TICK_S)
+
+    async def snapshot(self) -> dict[str, Any]:
+        self._ensure_loop()
+        return self.engine.snapshot()
+
+    def predict(self, symbol: str, bars: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.engine.predict(symbol, bars_frame(symbol, bars)).as_dict()
+
+    def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        return self.engine.history(symbol, limit)
+
+    async def check_health(self) -> None:
+        self._ensure_loop()
+        if self._task is not None and self._task.done():
+            raise RuntimeError("the engine loop stopped")
+
+
+class HandleBackend:
+    """The ingress' view of the engine: a snapshot refreshed in the background over a handle."""
+
+    def __init__(self, engine: DeploymentHandle, poll_s: float) -> None:
+        self.engine = engine
+        self.poll_s = poll_s
+        self._snapshot: dict[str, Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def snapshot(self) -> dict[str, Any] | None:
+        return self._snapshot
+
+    async def _refresh(self) -> None:
+        while True:
+            try:
+                self._snapshot = await self.engine.snapshot.remote()
+            except Exception as error:  # the engine restarts: keep the last snapshot meanwhile
+                log.warning("engine snapshot failed: %s", error)
+            await asyncio.sleep(self.poll_s)
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):
+            self._snapshot = await self.engine.snapshot.remote()
+        self._task = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.engine.predict.remote(symbol, bars)
+        return result
+
+    async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await self.engine.history.remote(symbol, limit)
+        return result
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class SignalIngress:
+    """The FastAPI ingress: auth, rate limits and metrics here; signals from the snapshot."""
+
+    def __init__(self, engine: DeploymentHandle, config: dict[str, Any]) -> None:
+        self.config = ServeConfig.model_validate(config)
+        self.backend = HandleBackend(engine, self.config.snapshot_poll_s)
+        self.tokens = TokenService.from_config(self.config.auth.jwt)
+        self.clients = ClientStore.load(self.config.auth.clients_file)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return make_api(self.backend, self.config, self.tokens, self.clients)
+
+
+def build_app(config: ServeConfig) -> Any:
+    """The bound Serve application (engine + ingress) for `serve.run`."""
+    data = config.model_dump(mode="json")
+    engine = SignalEngineDeployment.bind(data)  # type: ignore[attr-defined]
+    ingress = SignalIngress.options(num_replicas=config.ingress_replicas)  # type: ignore[attr-defined]
+    return ingress.bind(engine, data)
+
+
+def app_builder(args: dict[str, str]) -> Any:
+    """Entry point for Serve config files: `import_path: serve.app:app_builder`,
+    `args: {config: configs/serve/local.yaml}`."""
+    return build_app(load_config(args.get("config", "configs/serve/local.yaml"), ServeConfig))

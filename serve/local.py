@@ -1,0 +1,82 @@
+"""The API on plain uvicorn: the engine in-process, driven by a background thread.
+
+For the benchmark's "plain FastAPI" side and for single-process use without Ray. The handler code
+is the same `make_api` the Serve ingress runs; only the backend differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from configs.schema import ServeConfig
+from serve.api import make_api
+from serve.auth import TokenService
+from serve.clients import ClientStore
+from serve.engine import SignalEngine
+from serve.signals import bars_frame
+
+log = logging.getLogger(__name__)
+
+
+class LocalBackend:
+    """Runs a SignalEngine in this process; the snapshot is refreshed by the engine thread."""
+
+    def __init__(self, engine: SignalEngine, tick_s: float = 0.5) -> None:
+        self.engine = engine
+        self.tick_s = tick_s
+        self._snapshot: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def snapshot(self) -> dict[str, Any] | None:
+        return self._snapshot
+
+    def step(self, check_registry: bool = True) -> None:
+        """One engine round: registry, feed, snapshot (the thread's body; tests call it)."""
+        if check_registry:
+            self.engine.refresh_model()
+        self.engine.tick()
+        self._snapshot = self.engine.snapshot()
+
+    def _run(self) -> None:
+        next_registry_check = 0.0
+        while not self._stop.is_set():
+            try:
+                now = time.monotonic()
+                check = now >= next_registry_check
+                if check:
+                    next_registry_check = now + self.engine.config.registry_poll_s
+                self.step(check_registry=check)
+            except Exception:  # keep serving the last snapshot; the next round retries
+                log.exception("engine round failed")
+            self._stop.wait(self.tick_s)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.step)
+        self._thread = threading.Thread(target=self._run, name="signal-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> dict[str, Any]:
+        frame = bars_frame(symbol, bars)
+        signal = await asyncio.to_thread(self.engine.predict, symbol, frame)
+        return signal.as_dict()
+
+    async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.engine.history, symbol, limit)
+
+
+def make_local_api(config: ServeConfig, engine: SignalEngine | None = None) -> Any:
+    """The FastAPI app over an in-process engine (serve it with uvicorn)."""
+    backend = LocalBackend(engine or SignalEngine(config))
+    tokens = TokenService.from_config(config.auth.jwt)
+    clients = ClientStore.load(config.auth.clients_file)
+    return make_api(backend, config, tokens, clients)

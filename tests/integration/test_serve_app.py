@@ -1,0 +1,552 @@
+"""The signal API as a real Ray Serve application, called over HTTP.
+
+One application is deployed for the module (local Ray, Serve's HTTP proxy on a free loopback
+port): a simulator replay at 4 bars per second, a registry holding an untrained GRU as
+`production`, a SQLite Gold store, HS256 tokens. Tests call every route and every error of
+DESIGN.md §5, swap the production model under concurrent load, kill an ingress replica under
+load, and parse `/metrics` with prometheus_client's parser.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client.parser import text_string_to_metric_families
+
+from configs.schema import (
+    AuthConfig,
+    FeedConfig,
+    GoldConfig,
+    JwtConfig,
+    RayConfig,
+    ServeConfig,
+    SimConfig,
+)
+from market.sim_silver import simulated_bars
+from models.registry import ModelRegistry
+from serve.clients import ClientStore
+from serve.metrics import METRIC_NAMES
+from tests.serve_support import MODEL_NAME, register_model
+
+pytestmark = pytest.mark.integration
+
+SECRET = "test-secret-" + "x" * 40
+AUDIENCE = "quant-ai"
+ISSUER = "quant-ai"
+SYMBOLS = ["SIMAAA", "SIMBBB"]
+SIGNAL_FIELDS = {
+    "symbol",
+    "signal",
+    "confidence",
+    "p_up",
+    "predicted_return",
+    "predicted_close",
+    "horizon_minutes",
+    "as_of",
+    "model_version",
+    "feature_spec_hash",
+    "reason",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def token(
+    scope: str = "signals:read signals:predict",
+    *,
+    secret: str = SECRET,
+    lifetime_s: int = 300,
+    issued_offset_s: int = 0,
+    audience: str = AUDIENCE,
+    drop: tuple[str, ...] = (),
+    algorithm: str = "HS256",
+    key: Any = None,
+) -> str:
+    now = int(time.time()) + issued_offset_s
+    claims = {
+        "sub": "tester",
+        "aud": audience,
+        "iss": ISSUER,
+        "iat": now,
+        "nbf": now,
+        "exp": now + lifetime_s,
+        "scope": scope,
+    }
+    for name in drop:
+        claims.pop(name)
+    return jwt.encode(claims, key if key is not None else secret, algorithm=algorithm)
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+class Service:
+    def __init__(self, url: str, registry: Path, secrets: dict[str, str]) -> None:
+        self.url = url
+        self.registry = registry
+        self.secrets = secrets
+        self.client = httpx.Client(base_url=url, timeout=30.0)
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.get(path, **kwargs)
+
+    def wait_for(self, predicate: Any, timeout_s: float = 120.0, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout_s
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = predicate()
+            if last:
+                return last
+            time.sleep(0.25)
+        raise AssertionError(f"timed out waiting for {what}: last {last!r}")
+
+
+def serve_config(tmp: Path, port: int, **feed: Any) -> ServeConfig:
+    (tmp / "jwt_secret").write_text(SECRET)
+    feed_config: dict[str, Any] = {
+        "source": "sim",
+        "symbols": SYMBOLS,
+        "history_bars": 320,
+        "replay_bars_per_s": 4.0,
+        "stale_after_s": 10.0,
+        "sim_days": 1,
+        "sim": SimConfig(seed=9, anchor_date=date(2024, 3, 1), signal_strength=0.2),
+    }
+    feed_config.update(feed)
+    return ServeConfig(
+        ray=RayConfig(num_cpus=2),
+        registry=str(tmp / "registry"),
+        model_name=MODEL_NAME,
+        port=port,
+        ingress_replicas=2,
+        registry_poll_s=1.0,
+        snapshot_poll_s=0.2,
+        max_predict_bars=1000,
+        max_body_bytes=200_000,
+        auth=AuthConfig(
+            jwt=JwtConfig(
+                secret_env="QUANT_AI_TEST_UNSET_SECRET", secret_file=str(tmp / "jwt_secret")
+            ),
+            clients_file=str(tmp / "clients.yaml"),
+            rate_limit_per_minute=60_000,
+            rate_limit_burst=2_000,
+        ),
+        feed=FeedConfig(**feed_config),
+        gold=GoldConfig(url=f"sqlite:///{tmp / 'gold.sqlite'}"),
+    )
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    register_model(tmp / "registry", seed=1)
+    store = ClientStore.load(str(tmp / "clients.yaml"))
+    secrets = {
+        "full": store.add("full", ["signals:read", "signals:predict"]),
+        "reader": store.add("reader", ["signals:read"]),
+    }
+    port = free_port()
+    config = serve_config(tmp, port)
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="quant-ai", route_prefix="/", blocking=False)
+        svc = Service(f"http://127.0.0.1:{port}", tmp / "registry", secrets)
+        svc.wait_for(lambda: _ok(svc, "/readyz"), timeout_s=180, what="the service to become ready")
+        yield svc
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _ok(svc: Service, path: str) -> bool:
+    try:
+        return svc.get(path).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"}, body
+    if code is not None:
+        assert body["error"] == code, body
+    assert "Traceback" not in response.text
+
+
+def real_bars(n: int, start_day: date = date(2024, 5, 1)) -> list[dict[str, Any]]:
+    frame = simulated_bars(SimConfig(seed=5, anchor_date=start_day), ["SIMAAA"], 1).head(n)
+    return [{k: v for k, v in row.items() if k != "symbol"} for row in frame.iter_rows(named=True)]
+
+
+# -- open routes -----------------------------------------------------------------------------
+
+
+def test_health_and_readiness(service: Service) -> None:
+    assert service.get("/healthz").json() == {"status": "ok"}
+    ready = service.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_unknown_route_is_a_json_404(service: Service) -> None:
+    assert_error(service.get("/nope"), 404, "not_found")
+
+
+# -- tokens ----------------------------------------------------------------------------------
+
+
+def test_token_endpoint_issues_a_working_token(service: Service) -> None:
+    response = service.client.post(
+        "/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": "full",
+            "client_secret": service.secrets["full"],
+        },
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["token_type"] == "bearer" and body["expires_in"] > 0
+    assert service.get("/signal?symbol=SIMAAA", headers=bearer(body["access_token"])).is_success
+
+
+def test_token_endpoint_errors(service: Service) -> None:
+    wrong = {"grant_type": "client_credentials", "client_id": "full", "client_secret": "no"}
+    assert_error(service.client.post("/token", data=wrong), 401, "invalid_client")
+    unknown = {**wrong, "client_id": "ghost"}
+    assert_error(service.client.post("/token", data=unknown), 401, "invalid_client")
+    grant = {**wrong, "grant_type": "password"}
+    assert_error(service.client.post("/token", data=grant), 422, "unsupported_grant_type")
+    too_much = {
+        "grant_type": "client_credentials",
+        "client_id": "reader",
+        "client_secret": service.secrets["reader"],
+        "scope": "signals:predict",
+    }
+    assert_error(service.client.post("/token", data=too_much), 403, "insufficient_scope")
+
+
+# -- /signal and auth failures ---------------------------------------------------------------
+
+
+def test_signal_answers_for_every_symbol(service: Service) -> None:
+    for symbol in SYMBOLS:
+        response = service.get(f"/signal?symbol={symbol}", headers=bearer(token()))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert set(body) >= SIGNAL_FIELDS
+        assert body["symbol"] == symbol
+        assert body["signal"] in {"BUY", "SELL", "NEUTRAL"}
+        assert 0.0 <= body["confidence"] <= 1.0
+        assert body["horizon_minutes"] == 10
+
+
+def rsa_pem() -> tuple[Any, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key, public
+
+
+def unsigned_token() -> str:
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {"sub": "x", "aud": AUDIENCE, "iss": ISSUER, "iat": now, "exp": now + 60}
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part({**claims, 'scope': 'signals:read'})}."
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({}, 401, "missing_token"),
+        ({"Authorization": "Basic dGVzdDp0ZXN0"}, 401, "malformed_header"),
+        ({"Authorization": "Bearer"}, 401, "malformed_header"),
+        (bearer("not.a.jwt"), 401, "invalid_token"),
+        (bearer(token(lifetime_s=-120, issued_offset_s=-600)), 401, "token_expired"),
+        (bearer(token(issued_offset_s=600)), 401, "token_not_yet_valid"),
+        (bearer(token(audience="someone-else")), 401, "invalid_audience"),
+        (bearer(token(scope="profile")), 403, "insufficient_scope"),
+        (bearer(token(secret="forged-" + "y" * 40)), 401, "invalid_token"),
+        (bearer(unsigned_token()), 401, "invalid_token"),
+        (bearer(token(drop=("exp",))), 401, "invalid_token"),
+        (bearer("a" * 10_000), 401, "token_too_large"),
+    ],
+    ids=[
+        "no-token",
+        "basic-scheme",
+        "empty-bearer",
+        "garbage",
+        "expired",
+        "not-yet-valid",
+        "wrong-audience",
+        "wrong-scope",
+        "forged",
+        "alg-none",
+        "missing-exp",
+        "oversized",
+    ],
+)
+def test_signal_auth_failures(
+    service: Service, headers: dict[str, str], status: int, code: str
+) -> None:
+    assert_error(service.get("/signal?symbol=SIMAAA", headers=headers), status, code)
+
+
+def test_rs256_token_is_rejected_by_the_hs256_service(service: Service) -> None:
+    key, _ = rsa_pem()
+    forged = token(algorithm="RS256", key=key)
+    assert_error(service.get("/signal?symbol=SIMAAA", headers=bearer(forged)), 401, "invalid_token")
+
+
+def test_signal_bad_symbols(service: Service) -> None:
+    assert_error(
+        service.get("/signal?symbol=NOPEUSDT", headers=bearer(token())), 404, "unknown_symbol"
+    )
+    assert_error(
+        service.get("/signal?symbol=btc-usdt", headers=bearer(token())), 422, "invalid_request"
+    )
+    assert_error(service.get("/signal", headers=bearer(token())), 422, "invalid_request")
+
+
+# -- /predict --------------------------------------------------------------------------------
+
+
+def test_predict_on_client_bars(service: Service) -> None:
+    response = service.client.post(
+        "/predict", json={"symbol": "SIMAAA", "bars": real_bars(300)}, headers=bearer(token())
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) >= SIGNAL_FIELDS and body["signal"] in {"BUY", "SELL", "NEUTRAL"}
+
+
+def test_predict_errors(service: Service) -> None:
+    headers = bearer(token())
+    bars = real_bars(300)
+    assert_error(
+        service.client.post(
+            "/predict", json={"symbol": "SIMAAA", "bars": bars[:20]}, headers=headers
+        ),
+        422,
+        "invalid_request",
+    )
+    broken = [dict(bar) for bar in bars]
+    broken[5]["high"] = broken[5]["low"] / 2
+    assert_error(
+        service.client.post("/predict", json={"symbol": "SIMAAA", "bars": broken}, headers=headers),
+        422,
+        "invalid_request",
+    )
+    gap = bars[:100] + bars[101:]
+    assert_error(
+        service.client.post("/predict", json={"symbol": "SIMAAA", "bars": gap}, headers=headers),
+        422,
+        "invalid_request",
+    )
+    assert_error(
+        service.client.post("/predict", content=b"{not json", headers=headers),
+        422,
+        "invalid_request",
+    )
+    assert_error(
+        service.client.post(
+            "/predict", json={"symbol": "SIMAAA", "bars": real_bars(1440) * 2}, headers=headers
+        ),
+        413,
+        "payload_too_large",
+    )
+    assert_error(
+        service.client.post(
+            "/predict",
+            json={"symbol": "SIMAAA", "bars": bars},
+            headers=bearer(token(scope="signals:read")),
+        ),
+        403,
+        "insufficient_scope",
+    )
+
+
+# -- history, models, metrics ----------------------------------------------------------------
+
+
+def test_history_fills_realised_outcomes(service: Service) -> None:
+    def filled() -> list[dict[str, Any]]:
+        rows = service.get(
+            "/signals/history?symbol=SIMAAA&limit=50", headers=bearer(token())
+        ).json()["signals"]
+        return [r for r in rows if r["realised_return"] is not None]
+
+    rows = service.wait_for(filled, timeout_s=60, what="a realised outcome")
+    row = rows[0]
+    assert row["symbol"] == "SIMAAA" and row["model_version"]
+    assert row["hit"] in (True, False, None)
+    assert_error(
+        service.get("/signals/history?symbol=NOPE1&limit=5", headers=bearer(token())),
+        404,
+        "unknown_symbol",
+    )
+    assert_error(
+        service.get("/signals/history?limit=0", headers=bearer(token())), 422, "invalid_request"
+    )
+
+
+def test_models_current(service: Service) -> None:
+    body = service.get("/models/current", headers=bearer(token())).json()
+    assert body["version"] and body["family"] == "gru"
+    assert body["training_data_range"]["start_ms"] > 0
+    assert_error(service.get("/models/current"), 401, "missing_token")
+
+
+def test_metrics_parse_and_name_every_metric(service: Service) -> None:
+    service.get("/signal?symbol=SIMAAA", headers={})  # one auth failure at least
+
+    def metrics_with_outcomes() -> str | None:
+        text = service.get("/metrics").text
+        return text if "quant_ai_realised_signals_total" in text else None
+
+    text = service.wait_for(metrics_with_outcomes, timeout_s=60, what="outcomes in /metrics")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    exported = set()
+    for family in families.values():
+        for sample in family.samples:
+            exported.add(sample.name)
+    for name in METRIC_NAMES:
+        stems = {name, name + "_total", name + "_bucket", name + "_info"}
+        assert stems & exported, f"{name} not exported"
+    failures = [s for s in families["quant_ai_auth_failures"].samples if s.name.endswith("_total")]
+    assert any(s.labels["reason"] == "missing_token" and s.value >= 1 for s in failures)
+    assert families["quant_ai_model_loaded"].samples[0].value == 1.0
+
+
+# -- hot swap and replica failure ------------------------------------------------------------
+
+
+def hammer(url: str, headers: dict[str, str], stop: threading.Event) -> tuple[int, int, set[str]]:
+    ok = failed = 0
+    versions: set[str] = set()
+    with httpx.Client(base_url=url, timeout=10.0) as client:
+        while not stop.is_set():
+            try:
+                response = client.get("/signal?symbol=SIMAAA", headers=headers)
+                if response.status_code == 200:
+                    ok += 1
+                    versions.add(response.json()["model_version"])
+                else:
+                    failed += 1
+            except httpx.HTTPError:
+                failed += 1
+    return ok, failed, versions
+
+
+def run_load(service: Service, seconds: float, action: Any) -> tuple[int, int, set[str]]:
+    stop = threading.Event()
+    headers = bearer(token(lifetime_s=600))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(hammer, service.url, headers, stop) for _ in range(4)]
+        time.sleep(1.0)
+        action()
+        time.sleep(seconds)
+        stop.set()
+        results = [f.result() for f in futures]
+    versions: set[str] = set()
+    for _, _, seen in results:
+        versions |= seen
+    return sum(r[0] for r in results), sum(r[1] for r in results), versions
+
+
+def test_hot_swap_under_load_fails_no_request(service: Service) -> None:
+    registry = ModelRegistry(str(service.registry))
+    before = registry.get_alias(MODEL_NAME, "production")
+    new_version = register_model(service.registry, seed=2, promote=False)
+
+    def promote() -> None:
+        registry.set_alias(MODEL_NAME, "production", new_version, reason="hot-swap test")
+
+    ok, failed, versions = run_load(service, 6.0, promote)
+    assert failed == 0, f"{failed} requests failed during the swap ({ok} succeeded)"
+    assert ok > 50
+    current = service.wait_for(
+        lambda: (
+            (v := service.get("/models/current", headers=bearer(token())).json()["version"])
+            == new_version
+            and v
+        ),
+        timeout_s=30,
+        what="the new version in /models/current",
+    )
+    assert current == new_version and before in versions | {before}
+    signal = service.get("/signal?symbol=SIMAAA", headers=bearer(token())).json()
+    assert signal["model_version"] == new_version
+
+    ok, failed, _ = run_load(
+        service,
+        4.0,
+        lambda: registry.rollback(MODEL_NAME, reason="rollback test"),
+    )
+    assert failed == 0
+    service.wait_for(
+        lambda: service.get("/models/current", headers=bearer(token())).json()["version"] == before,
+        timeout_s=30,
+        what="the rollback in /models/current",
+    )
+
+
+def test_killed_ingress_replica_is_restarted(service: Service) -> None:
+    import ray
+
+    replicas = [
+        actor
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if "SignalIngress" in actor["name"]
+    ]
+    assert len(replicas) == 2, replicas
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+    ok, failed, _ = run_load(service, 8.0, lambda: ray.kill(victim, no_restart=False))
+    # Requests in flight on the killed replica fail; Serve routes the rest to the survivor.
+    print(f"replica kill under load: {ok} ok, {failed} failed")
+    assert ok > 50
+    assert failed <= max(10, ok // 20)
+    service.wait_for(
+        lambda: (
+            len(
+                [
+                    a
+                    for a in ray.util.list_named_actors(all_namespaces=True)
+                    if "SignalIngress" in a["name"]
+                ]
+            )
+            == 2
+        ),
+        timeout_s=90,
+        what="Serve to restart the ingress replica",
+    )
+    service.wait_for(lambda: _ok(service, "/readyz"), timeout_s=60, what="readiness")
