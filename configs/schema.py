@@ -109,6 +109,13 @@ class PipelineConfig(StrictModel):
         description="tune YAML of the sweep stage (its `ray` section is ignored: the pipeline "
         "connects once); None stops after Silver",
     )
+    serve: str | None = Field(
+        default="configs/serve/local.yaml",
+        description="serve YAML of the deploy stage; None stops after the gate",
+    )
+    retrain_interval_minutes: float | None = Field(
+        default=None, gt=0, description="re-run ingest -> features -> tune -> gate this often"
+    )
     ray: RayConfig = RayConfig()
     spark: SparkConfig = SparkConfig()
     ingest: IngestConfig = IngestConfig()
