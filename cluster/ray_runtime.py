@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import ray
@@ -22,16 +23,43 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
         if target:
             ray.init(address=target, namespace=config.namespace, log_to_driver=True)
         else:
+            dashboard_port = _pin_state_api_address() if config.include_dashboard else None
             ray.init(
                 num_cpus=config.num_cpus,
                 namespace=config.namespace,
                 include_dashboard=config.include_dashboard,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
                 log_to_driver=True,
                 object_store_memory=config.object_store_memory_mb * 1024 * 1024
                 if config.object_store_memory_mb
                 else None,
             )
     return dict(ray.cluster_resources())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _pin_state_api_address() -> int | None:
+    """Choose the local dashboard's port and name it in RAY_API_SERVER_ADDRESS.
+
+    Ray's State API finds the dashboard by auto-detecting "the" local Ray instance, which fails
+    with "Found multiple active Ray instances" when another Ray runs on the same machine (a
+    deployed service beside a sweep, parallel test sessions). Ray Train's placement-group
+    cleaner uses that API to free the workers of trials ASHA stops; when it fails, the freed
+    CPUs leak and the next trial waits forever. The variable is set before `ray.init`, so the
+    raylet and every worker it starts inherit it. A value already set by the user wins.
+    """
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        return None
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return port
 
 
 def shutdown() -> None:
