@@ -30,6 +30,8 @@ def resolve_config(args: Any) -> ServeConfig:
         updates["registry"] = args.registry
     if args.port:
         updates["port"] = args.port
+    if args.host:
+        updates["host"] = args.host
     if args.lake and config.gold.url == "sqlite:///var/gold.sqlite":
         # Next to the lake's other zones, unless the config names a store of its own.
         gold = Path(args.lake).resolve() / "gold" / "signals.sqlite"
@@ -77,7 +79,9 @@ def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -
     serve.start(http_options={"host": config.host, "port": config.port})
     started = time.perf_counter()
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{config.host}:{config.port}"
+    # A wildcard bind is reached through loopback from here.
+    local_host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    url = f"http://{local_host}:{config.port}"
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", help="model registry directory or URI (overrides config)")
     parser.add_argument("--lake", help="lake directory: the Gold store goes to <lake>/gold/")
     parser.add_argument("--port", type=int, help="HTTP port (overrides the config)")
+    parser.add_argument(
+        "--host", help="address to bind, e.g. 0.0.0.0 in a container (overrides the config)"
+    )
     parser.add_argument(
         "--detach",
         action="store_true",

@@ -1,0 +1,260 @@
+"""cluster.ray_jobs without a cluster: settings, entry points checked against the real job CLIs,
+runtime env, submission ids, the summary line. Submitting to a real Ray Jobs server is in
+tests/integration/test_ray_jobs.py."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+from typing import Any
+
+import pytest
+
+from cluster.ray_jobs import (
+    DEFAULT_EXCLUDES,
+    DEFAULT_TIMEOUTS_S,
+    STAGES,
+    PipelineParams,
+    build_runtime_env,
+    job_summary,
+    safe_token,
+    stage_argv,
+    stage_entrypoints,
+    submission_id_for,
+)
+from tests.conftest import REPO
+
+BASE = {"lake": "s3://bucket/lake", "registry": "s3://bucket/registry"}
+
+
+class _CapturedError(Exception):
+    """Raised in place of parsing, to take the parser a job's main() has built."""
+
+
+def real_parser(module: str, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """The argparse parser that `jobs.<module>.main()` builds, taken just before it parses."""
+    captured: list[argparse.ArgumentParser] = []
+
+    def capture(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        captured.append(self)
+        raise _CapturedError
+
+    job = importlib.import_module(f"jobs.{module}")
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", capture)
+        with pytest.raises(_CapturedError):
+            job.main([])
+    return captured[0]
+
+
+def parse_with_real_cli(entrypoint: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Namespace:
+    """Parse an entrypoint's arguments with the job's own parser (exit 2 on any unknown flag)."""
+    argv = shlex.split(entrypoint)
+    assert argv[:2] == ["python", "-m"] and argv[2].startswith("jobs.")
+    parser = real_parser(argv[2].removeprefix("jobs."), monkeypatch)
+    return parser.parse_args(argv[3:])
+
+
+def test_default_entrypoints_are_the_documented_command_lines() -> None:
+    entrypoints = stage_entrypoints(BASE)
+    assert list(entrypoints) == list(STAGES)
+    assert entrypoints == {
+        "ingest": "python -m jobs.ingest --source sim --symbols SIMBTC,SIMETH "
+        "--lake s3://bucket/lake --config configs/pipeline/local.yaml",
+        "features": "python -m jobs.features --lake s3://bucket/lake "
+        "--config configs/pipeline/local.yaml",
+        "tune": "python -m jobs.tune --lake s3://bucket/lake --registry s3://bucket/registry "
+        "--config configs/tune/smoke.yaml",
+        "deploy": "python -m jobs.deploy --config configs/serve/local.yaml "
+        "--registry s3://bucket/registry --lake s3://bucket/lake",
+    }
+
+
+def test_every_flag_is_accepted_by_the_job_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = PipelineParams.from_layers(
+        {
+            "lake": "/shared/quant ai/lake",  # a space: the entrypoint must quote it
+            "registry": "/shared/registry",
+            "source": "dump",
+            "symbols": "btcusdt, ethusdt",
+            "path": "/data/BTCUSDT-1m-*.csv.gz",
+            "start": "2024-01-01",
+            "end": "2024-01-31T23:59",
+            "base_url": "http://binance.internal:8080",
+            "sim_days": "3",
+            "pipeline_config": "configs/pipeline/local.yaml",
+            "executors": 4,
+            "tune_config": "configs/tune/full.yaml",
+            "tune_out": "/shared/runs/tune-1",
+            "seed": "7",
+            "serve_config": "configs/serve/local.yaml",
+            "port": 8001,
+        }
+    )
+    entrypoints = stage_entrypoints(params)
+
+    ingest = parse_with_real_cli(entrypoints["ingest"], monkeypatch)
+    assert (ingest.source, ingest.symbols, ingest.path) == (
+        "dump",
+        "BTCUSDT,ETHUSDT",
+        "/data/BTCUSDT-1m-*.csv.gz",
+    )
+    assert (ingest.start, ingest.end, ingest.lake) == (
+        "2024-01-01",
+        "2024-01-31T23:59",
+        "/shared/quant ai/lake",
+    )
+    assert (ingest.config, ingest.base_url, ingest.sim_days, ingest.address) == (
+        "configs/pipeline/local.yaml",
+        "http://binance.internal:8080",
+        3,
+        None,
+    )
+
+    features = parse_with_real_cli(entrypoints["features"], monkeypatch)
+    assert (features.lake, features.config, features.executors) == (
+        "/shared/quant ai/lake",
+        "configs/pipeline/local.yaml",
+        4,
+    )
+
+    tune = parse_with_real_cli(entrypoints["tune"], monkeypatch)
+    assert (tune.lake, tune.registry, tune.config, tune.out, tune.seed) == (
+        "/shared/quant ai/lake",
+        "/shared/registry",
+        "configs/tune/full.yaml",
+        "/shared/runs/tune-1",
+        7,
+    )
+    assert tune.shuffle_labels is False
+
+    deploy = parse_with_real_cli(entrypoints["deploy"], monkeypatch)
+    assert (deploy.config, deploy.registry, deploy.lake, deploy.port, deploy.detach) == (
+        "configs/serve/local.yaml",
+        "/shared/registry",
+        "/shared/quant ai/lake",
+        8001,
+        False,
+    )
+
+
+def test_default_entrypoints_are_accepted_by_the_job_clis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for stage, entrypoint in stage_entrypoints(BASE).items():
+        args = parse_with_real_cli(entrypoint, monkeypatch)
+        assert args.lake == BASE["lake"], stage
+
+
+def test_config_files_named_by_default_exist() -> None:
+    params = PipelineParams.from_layers(BASE)
+    for path in (params.pipeline_config, params.tune_config, params.serve_config):
+        assert path is not None and (REPO / path).is_file(), path
+
+
+def test_entrypoints_quote_for_the_shell() -> None:
+    params = PipelineParams.from_layers(BASE, {"lake": "/data/it's a lake; rm -rf /"})
+    argv = stage_argv(params)
+    for stage, entrypoint in stage_entrypoints(params).items():
+        assert shlex.split(entrypoint) == argv[stage]
+    assert "/data/it's a lake; rm -rf /" in argv["features"]
+
+
+def test_later_layers_win_and_none_does_not_override() -> None:
+    params = PipelineParams.from_layers(
+        {"working_dir": "/repo", "address": "http://a:8265"},
+        {"address": "http://ray-head:8265", "symbols": ["btcusdt"], **BASE},
+        {"address": None, "symbols": None, "deploy": "true", "timeouts_s": {"tune": 60}},
+    )
+    assert params.address == "http://ray-head:8265"
+    assert params.working_dir == "/repo"
+    assert params.symbols == ("BTCUSDT",)
+    assert params.deploy is True
+    assert params.timeouts_s == {**DEFAULT_TIMEOUTS_S, "tune": 60.0}
+
+
+def test_strings_from_a_variable_store_are_coerced() -> None:
+    params = PipelineParams.from_layers(
+        BASE,
+        {
+            "deploy": "false",
+            "poll_s": "2.5",
+            "timeouts_s": '{"ingest": "120"}',
+            "env_vars": '{"QUANT_AI_JWT_SECRET_FILE": "/run/secret"}',
+        },
+    )
+    assert params.deploy is False and params.poll_s == 2.5
+    assert params.timeouts_s["ingest"] == 120.0
+    assert params.env_vars == {"QUANT_AI_JWT_SECRET_FILE": "/run/secret"}
+
+
+@pytest.mark.parametrize(
+    ("layer", "error"),
+    [
+        ({"lakes": "x"}, "unknown pipeline settings \\['lakes'\\]"),
+        ({"source": "kraken"}, "source must be one of"),
+        ({"source": "dump"}, "needs path"),
+        ({"symbols": "BTC-USDT"}, "invalid symbols"),
+        ({"symbols": " , "}, "symbols is empty"),
+        ({"deploy": "maybe"}, "invalid deploy"),
+        ({"sim_days": "three"}, "invalid sim_days"),
+        ({"timeouts_s": {"train": 10}}, "unknown stages \\['train'\\]"),
+        ({"timeouts_s": {"tune": 0}}, "must be positive"),
+        ({"poll_s": 0}, "poll_s must be positive"),
+        ({"env_vars": ["A=1"]}, "invalid env_vars"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_reason(layer: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        PipelineParams.from_layers(BASE, layer)
+
+
+def test_lake_and_registry_are_required() -> None:
+    with pytest.raises(ValueError, match="registry is required"):
+        PipelineParams.from_layers({"lake": "/shared/lake"})
+    with pytest.raises(ValueError, match="lake is required"):
+        stage_entrypoints({"registry": "/shared/registry"})
+
+
+def test_runtime_env_for_a_local_checkout_and_for_a_package_uri() -> None:
+    local = build_runtime_env("/srv/quant-ai", {"A": "1"})
+    assert local == {
+        "working_dir": "/srv/quant-ai",
+        "excludes": list(DEFAULT_EXCLUDES),
+        "env_vars": {"A": "1"},
+    }
+    for secret_or_bulky in ("/.secrets", "/.venv", "/.git", "/lake", "/registry"):
+        assert secret_or_bulky in local["excludes"]
+    assert build_runtime_env("s3://bucket/quant-ai.zip") == {
+        "working_dir": "s3://bucket/quant-ai.zip"
+    }
+
+
+def test_submission_ids_are_readable_safe_and_unique() -> None:
+    first = submission_id_for("tune", "scheduled__2024-01-01T00:00:00+00:00", 2)
+    second = submission_id_for("tune", "scheduled__2024-01-01T00:00:00+00:00", 2)
+    assert first != second
+    assert first.startswith("quant-ai-tune-scheduled__2024-01-01T00_00_00_00_00-try2-")
+    assert safe_token("manual__2024 01/01") == "manual__2024_01_01"
+
+
+def test_run_id_goes_into_the_tune_output_dir() -> None:
+    params = PipelineParams.from_layers(BASE, {"tune_out": "/shared/runs/{run_id}"})
+    assert params.for_run("manual__2024-05-01T10:00").tune_out == (
+        "/shared/runs/manual__2024-05-01T10_00"
+    )
+    plain = PipelineParams.from_layers(BASE)
+    assert plain.for_run("x") is plain
+
+
+def test_the_summary_is_the_last_json_object_line() -> None:
+    logs = (
+        "2024-01-01 INFO starting\n"
+        '{"job": "early", "rows": 1}\n'
+        "[tune] trial 3 done {not json}\n"
+        '{"job": "tune", "gate": {"promoted": true}}\n'
+        "ray: shutting down\n"
+    )
+    assert job_summary(logs) == {"job": "tune", "gate": {"promoted": True}}
+    assert job_summary("no summary here\n[1, 2]\n") is None
