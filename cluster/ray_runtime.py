@@ -38,6 +38,10 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
     return dict(ray.cluster_resources())
 
 
+# Environment variables `connect` set for the local Ray it started; `shutdown` removes them.
+_PINNED: list[str] = []
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -59,6 +63,7 @@ def _pin_state_api_address() -> int | None:
         return None
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    _PINNED.append("RAY_API_SERVER_ADDRESS")
     return port
 
 
@@ -66,3 +71,5 @@ def shutdown() -> None:
     """Disconnect from Ray (stops a local Ray this process started)."""
     if ray.is_initialized():
         ray.shutdown()
+    while _PINNED:
+        os.environ.pop(_PINNED.pop(), None)

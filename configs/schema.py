@@ -293,6 +293,12 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     ingress_replicas: int = Field(default=1, ge=1)
+    ingress_mode: Literal["haproxy", "proxy"] = Field(
+        default="haproxy",
+        description="haproxy: Serve's HAProxy ingress routes straight to the ingress replicas "
+        "(direct ingress, throughput-optimised); proxy: Serve's Python HTTP proxy",
+    )
+    max_ongoing_requests: int = Field(default=64, ge=1, description="per ingress replica")
     registry_poll_s: float = Field(default=5.0, gt=0, description="production alias checks")
     snapshot_poll_s: float = Field(
         default=0.25, gt=0, description="how often the ingress refreshes its signal snapshot"

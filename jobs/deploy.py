@@ -72,13 +72,25 @@ def absolute_paths(config: ServeConfig) -> ServeConfig:
 def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -> dict[str, Any]:
     """Start Serve's HTTP proxy on the configured host/port, run the app, wait for /healthz."""
     from ray import serve
+    from ray.serve.schema import LoggingConfig
 
     from serve.app import build_app
+    from serve.ingress_env import ingress_env
 
     connect(config.ray, address)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(
+        http_options={"host": config.host, "port": config.port},
+        controller_options={"runtime_env": {"env_vars": ingress_env(config.ingress_mode)}},
+    )
     started = time.perf_counter()
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(
+        build_app(config),
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
+        # Access logs cost CPU on every request; /metrics counts requests by route and status.
+        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
+    )
     # A wildcard bind is reached through loopback from here.
     local_host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     url = f"http://{local_host}:{config.port}"

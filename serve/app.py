@@ -137,7 +137,9 @@ def build_app(config: ServeConfig) -> Any:
     """The bound Serve application (engine + ingress) for `serve.run`."""
     data = config.model_dump(mode="json")
     engine = SignalEngineDeployment.bind(data)  # type: ignore[attr-defined]
-    ingress = SignalIngress.options(num_replicas=config.ingress_replicas)  # type: ignore[attr-defined]
+    ingress = SignalIngress.options(  # type: ignore[attr-defined]
+        num_replicas=config.ingress_replicas, max_ongoing_requests=config.max_ongoing_requests
+    )
     return ingress.bind(engine, data)
 
 

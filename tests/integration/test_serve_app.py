@@ -158,10 +158,10 @@ def serve_config(tmp: Path, port: int, **feed: Any) -> ServeConfig:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    import ray
     from ray import serve
 
-    from serve.app import build_app
+    from cluster.ray_runtime import shutdown
+    from jobs.deploy import deploy
 
     tmp = tmp_path_factory.mktemp("serve")
     register_model(tmp / "registry", seed=1)
@@ -172,16 +172,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     }
     port = free_port()
     config = serve_config(tmp, port)
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(config), name="quant-ai", route_prefix="/", blocking=False)
+        deploy(config, address=None)
         svc = Service(f"http://127.0.0.1:{port}", tmp / "registry", secrets)
         svc.wait_for(lambda: _ok(svc, "/readyz"), timeout_s=180, what="the service to become ready")
         yield svc
     finally:
         serve.shutdown()
-        ray.shutdown()
+        shutdown()
 
 
 def _ok(svc: Service, path: str) -> bool:
@@ -550,3 +548,44 @@ def test_killed_ingress_replica_is_restarted(service: Service) -> None:
         what="Serve to restart the ingress replica",
     )
     service.wait_for(lambda: _ok(service, "/readyz"), timeout_s=60, what="readiness")
+
+
+# -- monitoring assets against what really runs ----------------------------------------------
+
+# Ray exports these only when there is something to report (a pending or failed node, a GPU).
+RAY_CONDITIONAL_METRICS = {
+    "ray_cluster_pending_nodes",
+    "ray_cluster_failed_nodes",
+    "ray_node_gpus_utilization",
+}
+
+
+def exported_sample_names(text: str) -> set[str]:
+    return {
+        sample.name for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def test_every_metric_in_dashboards_and_rules_is_exported(service: Service) -> None:
+    from ray._private.worker import global_worker
+
+    from cluster.monitoring_assets import dashboard_metric_names, rule_metric_names
+
+    referenced = dashboard_metric_names() | rule_metric_names()
+    ours = {name for name in referenced if name.startswith("quant_ai_")}
+    ray_names = {name for name in referenced if name.startswith("ray_")} - RAY_CONDITIONAL_METRICS
+    assert ours and ray_names
+    api = exported_sample_names(service.get("/metrics").text)
+    assert ours <= api, f"referenced but not exported by the API: {sorted(ours - api)}"
+
+    port = global_worker.node.metrics_export_port
+
+    missing: set[str] | None = None
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        missing = ray_names - exported_sample_names(text)
+        if not missing:
+            break
+        time.sleep(2.0)
+    assert not missing, f"referenced but not exported by Ray: {sorted(missing or ())}"

@@ -1,0 +1,215 @@
+"""Benchmark: the same `/signal` handler behind (a) the Ray Serve application and (b) plain
+FastAPI on uvicorn, in one run.
+
+Both sides run `serve.api.make_api` with real JWT checks, rate limiting and metrics, over an
+engine holding a registered model and a simulator feed (slowed so that no new bar arrives while
+load runs: the handler is measured, not the feature engine). (a) is deployed exactly as
+`jobs.deploy` does it (HAProxy ingress, direct-ingress replicas); (b) serves
+`serve.local.make_local_api` with uvicorn in a child process. A closed-loop load generator
+(`bench.loadgen`: wrk when installed, else raw asyncio sockets, in its own process) runs at 1 and
+16 keep-alive connections for a fixed time. Last line: one JSON object.
+
+    .venv/bin/python -m bench.serve [--duration 8] [--mode haproxy|proxy]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.loadgen import LoadResult, run_load
+from configs.schema import (
+    AuthConfig,
+    FeedConfig,
+    GoldConfig,
+    JwtConfig,
+    RayConfig,
+    ServeConfig,
+    SimConfig,
+)
+
+SYMBOL = "SIMBENCH"
+SECRET = "bench-secret-" + "b" * 40
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bench_config(tmp: Path, port: int, mode: str) -> ServeConfig:
+    (tmp / "jwt_secret").write_text(SECRET)
+    (tmp / "jwt_secret").chmod(0o600)
+    return ServeConfig(
+        ray=RayConfig(num_cpus=2, include_dashboard=False),
+        registry=str(tmp / "registry"),
+        port=port,
+        ingress_mode=mode,  # type: ignore[arg-type]
+        auth=AuthConfig(
+            jwt=JwtConfig(secret_env="QUANT_AI_BENCH_UNSET", secret_file=str(tmp / "jwt_secret")),
+            clients_file=str(tmp / "clients.yaml"),
+            # The benchmark client must not be throttled: a limit far above what 2 cores serve.
+            rate_limit_per_minute=1e9,
+            rate_limit_burst=1_000_000,
+        ),
+        feed=FeedConfig(
+            source="sim",
+            symbols=[SYMBOL],
+            history_bars=400,
+            replay_bars_per_s=0.001,
+            stale_after_s=3600,
+            sim_days=1,
+            sim=SimConfig(seed=11, anchor_date=date(2024, 4, 1)),
+        ),
+        gold=GoldConfig(url=f"sqlite:///{tmp / 'gold.sqlite'}"),
+    )
+
+
+def token(config: ServeConfig) -> str:
+    from serve.auth import TokenService
+
+    value, _ = TokenService.from_config(config.auth.jwt).mint("bench", ["signals:read"], 3600)
+    return value
+
+
+def wait_ready(url: str, headers: dict[str, str], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 in {timeout_s:.0f} s")
+
+
+def measure(url: str, headers: dict[str, str], duration_s: float) -> dict[str, LoadResult]:
+    return {
+        f"c{c}": run_load(url, headers, concurrency=c, duration_s=duration_s, warmup_s=2.0)
+        for c in (1, 16)
+    }
+
+
+def run_serve_side(config: ServeConfig, duration_s: float) -> dict[str, LoadResult]:
+    from ray import serve
+
+    from cluster.ray_runtime import shutdown
+    from jobs.deploy import deploy
+
+    try:
+        deployed = deploy(config, address=None)
+        url = f"{deployed['url']}/signal?symbol={SYMBOL}"
+        headers = {"Authorization": f"Bearer {token(config)}"}
+        wait_ready(url, headers)
+        return measure(url, headers, duration_s)
+    finally:
+        serve.shutdown()
+        shutdown()
+
+
+def run_plain_side(config_path: Path, config: ServeConfig, duration_s: float) -> dict[str, Any]:
+    port = config.port
+    server = subprocess.Popen(
+        [sys.executable, "-m", "bench.serve", "--plain-server", str(config_path)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/signal?symbol={SYMBOL}"
+        headers = {"Authorization": f"Bearer {token(config)}"}
+        wait_ready(url, headers)
+        return measure(url, headers, duration_s)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def plain_server(config_path: str) -> None:
+    """Child process: the same API on uvicorn, one worker, the engine in a thread."""
+    import uvicorn
+
+    from serve.local import make_local_api
+
+    config = ServeConfig.model_validate_json(Path(config_path).read_text())
+    uvicorn.run(
+        make_local_api(config),
+        host="127.0.0.1",
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+def summary(serve_side: dict[str, LoadResult], plain: dict[str, LoadResult]) -> dict[str, Any]:
+    def ms(value: float) -> float:
+        return round(value, 3)
+
+    return {
+        "serve_rps_c1": round(serve_side["c1"].rps, 1),
+        "serve_rps_c16": round(serve_side["c16"].rps, 1),
+        "plain_rps_c1": round(plain["c1"].rps, 1),
+        "plain_rps_c16": round(plain["c16"].rps, 1),
+        "ratio_c1": round(serve_side["c1"].rps / plain["c1"].rps, 3),
+        "ratio_c16": round(serve_side["c16"].rps / plain["c16"].rps, 3),
+        "serve_p50_ms_c1": ms(serve_side["c1"].p50_ms),
+        "serve_p99_ms_c1": ms(serve_side["c1"].p99_ms),
+        "serve_p50_ms_c16": ms(serve_side["c16"].p50_ms),
+        "serve_p99_ms_c16": ms(serve_side["c16"].p99_ms),
+        "plain_p50_ms_c1": ms(plain["c1"].p50_ms),
+        "plain_p99_ms_c1": ms(plain["c1"].p99_ms),
+        "plain_p50_ms_c16": ms(plain["c16"].p50_ms),
+        "plain_p99_ms_c16": ms(plain["c16"].p99_ms),
+        "errors": sum(r.errors for r in (*serve_side.values(), *plain.values())),
+        "serve_errors": sum(r.errors for r in serve_side.values()),
+        "plain_errors": sum(r.errors for r in plain.values()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per load level")
+    parser.add_argument("--mode", choices=["haproxy", "proxy"], default="haproxy")
+    parser.add_argument("--plain-server", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plain_server:
+        plain_server(args.plain_server)
+        return 0
+
+    from models.untrained import register_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
+        tmp = Path(scratch)
+        register_model(tmp / "registry", seed=1)
+        serve_config = bench_config(tmp, free_port(), args.mode)
+        plain_config = serve_config.model_copy(
+            update={
+                "port": free_port(),
+                "gold": GoldConfig(url=f"sqlite:///{tmp / 'gold-plain.sqlite'}"),
+            }
+        )
+        config_path = tmp / "plain.json"
+        config_path.write_text(plain_config.model_dump_json())
+        plain = run_plain_side(config_path, plain_config, args.duration)
+        print(f"plain uvicorn: {plain}", file=sys.stderr, flush=True)
+        serve_side = run_serve_side(serve_config, args.duration)
+        print(f"Ray Serve ({args.mode}): {serve_side}", file=sys.stderr, flush=True)
+    print(
+        json.dumps({"mode": args.mode, "duration_s": args.duration, **summary(serve_side, plain)})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
