@@ -138,3 +138,36 @@ def test_stale_feed_turns_signals_neutral_and_readiness_off(tmp_path: Path) -> N
     staleness = families["quant_ai_feature_staleness_seconds"].samples[0]
     assert staleness.labels == {"symbol": "SIMAAA"} and staleness.value >= 60.0
     engine.close()
+
+
+def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
+    register_model(tmp_path / "registry", seed=1)
+    clock = FakeClock()
+    base = config_for(tmp_path)
+    config = base.model_copy(
+        update={
+            "auth": base.auth.model_copy(
+                update={"rate_limit_per_minute": 60.0, "rate_limit_burst": 3}
+            )
+        }
+    )
+    engine = SignalEngine(config, clock=clock)
+    backend = LocalBackend(engine)
+    backend.step()
+    tokens = TokenService.from_config(config.auth.jwt)
+    api = make_api(backend, config, tokens, ClientStore.load(config.auth.clients_file), clock=clock)
+    client = TestClient(api)
+    first, _ = tokens.mint("client-a", ["signals:read"])
+    second, _ = tokens.mint("client-b", ["signals:read"])
+    statuses = [
+        client.get("/signal?symbol=SIMAAA", headers={"Authorization": f"Bearer {first}"})
+        for _ in range(4)
+    ]
+    assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+    limited = statuses[-1]
+    assert limited.json()["error"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+    # The limit is per client: another subject is still served.
+    other = client.get("/signal?symbol=SIMAAA", headers={"Authorization": f"Bearer {second}"})
+    assert other.status_code == 200
+    engine.close()
