@@ -156,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--exit", action="store_true", help="stop the service and exit after the summary"
     )
+    parser.add_argument(
+        "--ray-jobs",
+        metavar="DASHBOARD_URL",
+        help="submit each stage as a Ray job to the cluster whose dashboard is at this URL "
+        "(e.g. http://ray-head:8265) instead of running the stages in this driver",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     config = load_config(args.config, PipelineConfig)
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     lake = args.lake or config.lake
     registry = args.registry or config.registry
+    if args.ray_jobs:
+        return submit_as_ray_jobs(args.ray_jobs, args.config, config, lake, registry)
     names = ["ingest", "features"] + (["tune"] if config.tune else [])
     names += ["serve"] if config.serve else []
     stages = Stages(names)
@@ -201,6 +209,50 @@ def main(argv: list[str] | None = None) -> int:
         print_guide(served, stages.seconds)
         if not args.exit:
             keep_serving(config, lake, registry, local=not args.address)
+    return 0
+
+
+def submit_as_ray_jobs(
+    dashboard_url: str, config_path: str, config: PipelineConfig, lake: str, registry: str
+) -> int:
+    """The same stages as Ray jobs (Ray Jobs SDK), one after the other; the working directory
+    is uploaded, so the job code needs nothing outside it. Storage must be shared (URIs)."""
+    from cluster.ray_jobs import PipelineParams, connect_client, run_stages
+
+    ingest = config.ingest
+    params = PipelineParams(
+        lake=lake,
+        registry=registry,
+        source=ingest.source,
+        symbols=tuple(ingest.symbols),
+        path=ingest.path,
+        start=ingest.start,
+        end=ingest.end,
+        pipeline_config=config_path,
+        tune_config=config.tune,
+        deploy=config.serve is not None,
+        serve_config=config.serve,
+        address=dashboard_url,
+    )
+    stages = ["ingest", "features"] + (["tune"] if config.tune else [])
+    stages += ["deploy"] if config.serve else []
+    started = time.perf_counter()
+    statuses = run_stages(
+        connect_client(dashboard_url),
+        params,
+        stages,
+        run_id=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+        log_sink=lambda line: say(f"  job: {line}"),
+    )
+    print_summary(
+        {
+            "job": "pipeline",
+            "mode": "ray-jobs",
+            "address": dashboard_url,
+            "stages": statuses,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    )
     return 0
 
 

@@ -265,3 +265,41 @@ def test_the_ingest_stage_runs_as_a_ray_job_from_the_repository(
     assert summary is not None, "\n".join(lines[-30:])
     assert summary["rows_written"] == 1440 and summary["symbols"] == ["SIMBTC"]
     assert any((tmp_path / "lake" / "bronze").rglob("*")), "nothing written to Bronze"
+
+
+def test_jobs_pipeline_submits_its_stages_as_ray_jobs(tmp_path: Path) -> None:
+    """`python -m jobs.pipeline --ray-jobs URL`: ingest and Silver run as Ray jobs on a cluster."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        "\n".join(
+            [
+                f"lake: {tmp_path / 'lake'}",
+                f"registry: {tmp_path / 'registry'}",
+                "spark: {executors: 1, executor_cores: 1, executor_memory: 1g}",
+                "ingest: {source: sim, symbols: [SIMJOB], sim_days: 1}",
+            ]
+        )
+    )
+    with ray_jobs_head() as head:
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jobs.pipeline",
+                "--config",
+                str(config),
+                "--skip-tune",
+                "--ray-jobs",
+                head.address,
+            ],
+            cwd=REPO,
+            env={**os.environ, "RAY_AUTH_TOKEN": head.token},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "ray-jobs"
+    assert summary["stages"] == {"ingest": "SUCCEEDED", "features": "SUCCEEDED"}
+    assert list((tmp_path / "lake" / "silver").rglob("*.parquet")), "no Silver written"
