@@ -13,38 +13,10 @@ import pytest
 from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.engine import make_url
 
-from serve.gold import GOLD_SIGNALS, GoldStore, SignalRecord
+from serve.gold import GOLD_SIGNALS, GoldStore
+from tests.unit.test_gold_store import MINUTE, NOW, T0, H, rec
 
 pytestmark = pytest.mark.integration
-
-T0 = 1_706_572_800_000  # 2024-01-30 00:00 UTC, epoch ms (beyond 32-bit: BIGINT matters here)
-MINUTE = 60_000
-H = 10  # horizon, minutes
-NOW = T0 + 3_600_000
-
-
-def rec(
-    t: int,
-    signal: str = "BUY",
-    close: float = 100.0,
-    symbol: str = "BTCUSDT",
-    model_version: str = "m1",
-) -> SignalRecord:
-    return SignalRecord(
-        symbol=symbol,
-        bar_open_time_ms=t,
-        signal=signal,
-        confidence=0.6,
-        p_up=0.6 if signal == "BUY" else 0.4,
-        predicted_return=0.001,
-        predicted_close=close * math.exp(0.001),
-        close=close,
-        horizon_minutes=H,
-        model_version=model_version,
-        feature_spec_hash="abcdef0123456789",
-        reason=None if signal != "NEUTRAL" else "below threshold",
-        served_at_ms=t + MINUTE + 150,
-    )
 
 
 def drop_table(url: str) -> None:
