@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+ARGS ?=
 
 .PHONY: run test lint typecheck check-java lock clean
 
@@ -26,7 +27,7 @@ check-java:
 	fi
 
 run: $(STAMP)
-	$(PY) -m jobs.pipeline --config configs/pipeline/local.yaml
+	$(PY) -m jobs.pipeline --config configs/pipeline/local.yaml $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check .

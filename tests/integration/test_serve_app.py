@@ -14,7 +14,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
@@ -282,21 +282,23 @@ def unsigned_token() -> str:
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part({**claims, 'scope': 'signals:read'})}."
 
 
+# Headers are built when the test runs (lambdas): a token made at collection time would expire,
+# or become valid, while earlier tests run.
 @pytest.mark.parametrize(
-    ("headers", "status", "code"),
+    ("make_headers", "status", "code"),
     [
-        ({}, 401, "missing_token"),
-        ({"Authorization": "Basic dGVzdDp0ZXN0"}, 401, "malformed_header"),
-        ({"Authorization": "Bearer"}, 401, "malformed_header"),
-        (bearer("not.a.jwt"), 401, "invalid_token"),
-        (bearer(token(lifetime_s=-120, issued_offset_s=-600)), 401, "token_expired"),
-        (bearer(token(issued_offset_s=600)), 401, "token_not_yet_valid"),
-        (bearer(token(audience="someone-else")), 401, "invalid_audience"),
-        (bearer(token(scope="profile")), 403, "insufficient_scope"),
-        (bearer(token(secret="forged-" + "y" * 40)), 401, "invalid_token"),
-        (bearer(unsigned_token()), 401, "invalid_token"),
-        (bearer(token(drop=("exp",))), 401, "invalid_token"),
-        (bearer("a" * 10_000), 401, "token_too_large"),
+        (lambda: {}, 401, "missing_token"),
+        (lambda: {"Authorization": "Basic dGVzdDp0ZXN0"}, 401, "malformed_header"),
+        (lambda: {"Authorization": "Bearer"}, 401, "malformed_header"),
+        (lambda: bearer("not.a.jwt"), 401, "invalid_token"),
+        (lambda: bearer(token(lifetime_s=-120, issued_offset_s=-600)), 401, "token_expired"),
+        (lambda: bearer(token(issued_offset_s=600)), 401, "token_not_yet_valid"),
+        (lambda: bearer(token(audience="someone-else")), 401, "invalid_audience"),
+        (lambda: bearer(token(scope="profile")), 403, "insufficient_scope"),
+        (lambda: bearer(token(secret="forged-" + "y" * 40)), 401, "invalid_token"),
+        (lambda: bearer(unsigned_token()), 401, "invalid_token"),
+        (lambda: bearer(token(drop=("exp",))), 401, "invalid_token"),
+        (lambda: bearer("a" * 10_000), 401, "token_too_large"),
     ],
     ids=[
         "no-token",
@@ -314,9 +316,9 @@ def unsigned_token() -> str:
     ],
 )
 def test_signal_auth_failures(
-    service: Service, headers: dict[str, str], status: int, code: str
+    service: Service, make_headers: Callable[[], dict[str, str]], status: int, code: str
 ) -> None:
-    assert_error(service.get("/signal?symbol=SIMAAA", headers=headers), status, code)
+    assert_error(service.get("/signal?symbol=SIMAAA", headers=make_headers()), status, code)
 
 
 def test_rs256_token_is_rejected_by_the_hs256_service(service: Service) -> None:
