@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.serve:
         with stages.stage("serve", f"Ray Serve application from {config.serve}"):
             served = serve_stage(config, registry, lake, args.address)
-        results["serve"] = {k: v for k, v in served.items() if k not in ("config",)}
+        # The dev client's secret is shown once, in the guide below, never in the JSON line.
+        results["serve"] = {
+            k: v for k, v in served.items() if k not in ("config", "dev_client_secret")
+        }
     print_summary(
         {
             "job": "pipeline",
