@@ -20,12 +20,18 @@ from configs.schema import TuneJobConfig
 from market.features.spec import HORIZON_BARS, SPEC_VERSION, spec_hash
 from models.artifact import read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays, load_silver
-from models.evaluation import Evaluation, OutOfSampleBars, baseline_predictions, evaluate
+from models.evaluation import (
+    Evaluation,
+    OutOfSampleBars,
+    baseline_predictions,
+    evaluate,
+    load_record,
+)
 from models.folds import Fold, make_folds
 from models.gate import GateDecision, apply_gate, candidate_dsr
 from models.registry import ModelRegistry, current_git_commit
 from models.report import write_html_report, write_leaderboard
-from models.sweep import COMPLETED, HYPERPARAMETERS, TrialOutcome, load_record, run_sweep
+from models.sweep import COMPLETED, HYPERPARAMETERS, TrialOutcome, run_sweep
 
 BUY_AND_HOLD = "buy_and_hold"
 PRODUCTION = "production"

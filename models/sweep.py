@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from configs.schema import SearchSpaceConfig, TuneJobConfig
 from models.artifact import LoadedModel, load_model_files, read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays
-from models.evaluation import Evaluation, OutOfSampleBars, evaluate, model_predictions
+from models.evaluation import (
+    OutOfSampleBars,
+    evaluate,
+    model_predictions,
+    save_record,
+)
 from models.folds import Fold
 from models.networks import ModelSpec
 from models.training import train_loop_per_worker
@@ -78,36 +81,6 @@ def spec_of(config: dict[str, Any]) -> ModelSpec:
 
 def load_fold_models(trial_dir: Path, folds: list[Fold]) -> list[LoadedModel]:
     return [load_model_files(read_model_dir(trial_dir / f"fold_{f.index}")) for f in folds]
-
-
-def save_record(trial_dir: Path, evaluation: Evaluation) -> None:
-    """Per-bar portfolio returns and metrics of a trial, for the report and the gate."""
-    np.savez(
-        trial_dir / "record.npz", open_time_ms=evaluation.open_time_ms, returns=evaluation.returns
-    )
-    (trial_dir / "evaluation.json").write_text(
-        json.dumps(
-            {
-                "metrics": evaluation.metrics,
-                "folds": evaluation.fold_metrics,
-                "regimes": evaluation.regimes,
-            },
-            default=float,
-        )
-    )
-
-
-def load_record(trial_dir: Path, name: str) -> Evaluation:
-    record = np.load(trial_dir / "record.npz")
-    data = json.loads((trial_dir / "evaluation.json").read_text())
-    return Evaluation(
-        name=name,
-        open_time_ms=record["open_time_ms"],
-        returns=record["returns"],
-        metrics=data["metrics"],
-        fold_metrics=data["folds"],
-        regimes=data["regimes"],
-    )
 
 
 def make_trial(

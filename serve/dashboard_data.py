@@ -25,7 +25,6 @@ of 1-minute bars.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from market.features.polars_engine import compute_features
 from market.features.spec import WARMUP_BARS
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from models.dataset import MarketArrays
-from models.evaluation import Evaluation, OutOfSampleBars, evaluate
+from models.evaluation import Evaluation, OutOfSampleBars, evaluate, load_record
 from models.folds import Fold
 from models.report import (
     LEADERBOARD_CSV,
@@ -593,25 +592,8 @@ def read_leaderboard(run_dir: Path) -> pd.DataFrame:
 
 
 def load_trial_record(trial_dir: Path, name: str) -> Evaluation:
-    """A trial's out-of-sample record as written by `models.sweep.save_record`.
-
-    `record.npz` holds `open_time_ms` (UTC epoch ms) and `returns` (portfolio net per-bar simple
-    returns); `evaluation.json` holds `metrics`, `folds` and `regimes`. Mirrors
-    `models.sweep.load_record` without importing the training stack (the unit tests hold the
-    two equal).
-    """
-    with np.load(trial_dir / "record.npz") as record:
-        open_time_ms = np.asarray(record["open_time_ms"], dtype=np.int64)
-        returns = np.asarray(record["returns"], dtype=np.float64)
-    data = json.loads((trial_dir / "evaluation.json").read_text())
-    return Evaluation(
-        name=name,
-        open_time_ms=open_time_ms,
-        returns=returns,
-        metrics=data["metrics"],
-        fold_metrics=data["folds"],
-        regimes=data["regimes"],
-    )
+    """A trial's out-of-sample record as the sweep saved it (`models.evaluation.save_record`)."""
+    return load_record(trial_dir, name)
 
 
 def load_run(run_dir: str | Path) -> RunData:

@@ -3,7 +3,7 @@ Chromium.
 
 Session set-up: a simulated Silver lake, a registry with a production model, a tune run
 directory made by the real code paths (`models.evaluation.evaluate` on simulated Silver with
-synthetic predictions, `models.sweep.save_record`, `models.report.write_leaderboard` and
+synthetic predictions, `models.evaluation.save_record`, `models.report.write_leaderboard` and
 `write_html_report`), the signal API (`serve.local.make_local_api` on uvicorn, a subprocess on
 a free loopback port) replaying the same simulated bars, and `streamlit run serve/dashboard.py`
 (a subprocess, credentials in its environment). Chromium (Debian's `chromium`, installed with
@@ -113,11 +113,11 @@ def write_run_dir(run_dir: Path) -> dict[str, Any]:
 
     from market.sim_silver import silver_frame, simulated_bars
     from models.dataset import arrays_from_table
-    from models.evaluation import OutOfSampleBars, evaluate
+    from models.evaluation import OutOfSampleBars, evaluate, save_record
     from models.folds import make_folds
     from models.report import write_html_report, write_leaderboard
     from models.selection import BUY_AND_HOLD, leaderboard_frame
-    from models.sweep import COMPLETED, EARLY_STOPPED, TrialOutcome, save_record
+    from models.sweep import COMPLETED, EARLY_STOPPED, TrialOutcome
 
     arrays = arrays_from_table(silver_frame(simulated_bars(SIM, [SYMBOL], SIM_DAYS)).to_arrow())
     folds = make_folds(

@@ -389,7 +389,7 @@ def scored(lake: Path) -> dict[str, Any]:
 
 
 def write_run(run_dir: Path, scored: dict[str, Any]) -> None:
-    from models.sweep import save_record
+    from models.evaluation import save_record
 
     board = pd.DataFrame(
         {
@@ -415,7 +415,7 @@ def test_trial_status_matches_the_sweep() -> None:
 def test_load_run_finds_the_best_trial_with_a_record(
     tmp_path: Path, scored: dict[str, Any]
 ) -> None:
-    from models.sweep import load_record
+    from models.evaluation import load_record
 
     run_dir = tmp_path / "tune-20240301T000000Z"
     write_run(run_dir, scored)
