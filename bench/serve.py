@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 import httpx
 
 from bench.loadgen import LoadResult, run_load
+from cluster.ray_runtime import free_port
 from configs.schema import (
     AuthConfig,
     FeedConfig,
@@ -40,13 +40,6 @@ from configs.schema import (
 
 SYMBOL = "SIMBENCH"
 SECRET = "bench-secret-" + "b" * 40
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def bench_config(tmp: Path, port: int, mode: str) -> ServeConfig:

@@ -42,7 +42,8 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
 _PINNED: list[str] = []
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for local services started next)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -61,7 +62,7 @@ def _pin_state_api_address() -> int | None:
     """
     if os.environ.get("RAY_API_SERVER_ADDRESS"):
         return None
-    port = _free_port()
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     _PINNED.append("RAY_API_SERVER_ADDRESS")
     return port

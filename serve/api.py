@@ -279,9 +279,8 @@ def make_api(
         current = snap["signals"].get(symbol)
         if current is None:
             raise ApiError(503, "not_ready", f"no signal for {symbol} yet: waiting for bars")
-        age = clock() - float(snap["taken_at"])
-        staleness = float(snap["staleness_s"].get(symbol, 0.0)) + max(0.0, age)
-        if snap["stale"].get(symbol) or staleness > float(snap["stale_after_s"]):
+        staleness, stale = staleness_of(snap, symbol, clock())
+        if stale:
             return {
                 **current,
                 "signal": "NEUTRAL",
@@ -346,10 +345,9 @@ def make_api(
         else:
             if not snap["model"]:
                 problems.append(snap.get("load_error") or "no production model loaded")
-            age = clock() - float(snap["taken_at"])
             for symbol in snap["symbols"]:
-                staleness = float(snap["staleness_s"].get(symbol, 0.0)) + max(0.0, age)
-                if snap["stale"].get(symbol) or staleness > float(snap["stale_after_s"]):
+                staleness, stale = staleness_of(snap, symbol, clock())
+                if stale:
                     problems.append(f"{symbol}: stale features ({staleness:.0f} s)")
         if problems:
             return error_response(503, "not_ready", "; ".join(problems))
@@ -361,6 +359,14 @@ def make_api(
 
     api.add_middleware(MetricsMiddleware, metrics=metrics)
     return api
+
+
+def staleness_of(snap: dict[str, Any], symbol: str, now: float) -> tuple[float, bool]:
+    """Seconds since `symbol`'s newest bar as of `now` (the snapshot's figure plus the
+    snapshot's own age, so a stalled engine reads as stale too) and whether that is stale."""
+    staleness = float(snap["staleness_s"].get(symbol, 0.0)) + max(0.0, now - snap["taken_at"])
+    stale = bool(snap["stale"].get(symbol)) or staleness > float(snap["stale_after_s"])
+    return staleness, stale
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -15,18 +15,12 @@ deployment, so two deployments on one machine do not collide.
 
 from __future__ import annotations
 
-import socket
 import tempfile
 from typing import Literal
 
+from cluster.ray_runtime import free_port
+
 IngressMode = Literal["haproxy", "proxy"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def ingress_env(mode: IngressMode, state_dir: str | None = None) -> dict[str, str]:
@@ -49,8 +43,8 @@ def ingress_env(mode: IngressMode, state_dir: str | None = None) -> dict[str, st
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": directory,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{directory}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{directory}/metrics.sock",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
         # Direct-ingress replicas drain >= 30 s on shutdown by default; a signal request takes
         # milliseconds.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
