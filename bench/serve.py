@@ -1,7 +1,7 @@
 """Benchmark: the same `/signal` handler behind (a) the Ray Serve application and (b) plain
 FastAPI on uvicorn, in one run.
 
-Both sides run `serve.api.make_api` with real JWT checks, rate limiting and metrics, over an
+Both sides run `serve.api.routes.make_api` with real JWT checks, rate limiting and metrics, over an
 engine holding a registered model and a simulator feed (slowed so that no new bar arrives while
 load runs: the handler is measured, not the feature engine). (a) is deployed exactly as
 `jobs.deploy` does it (HAProxy ingress, direct-ingress replicas); (b) serves
@@ -71,7 +71,7 @@ def bench_config(tmp: Path, port: int, mode: str) -> ServeConfig:
 
 
 def token(config: ServeConfig) -> str:
-    from serve.auth import TokenService
+    from serve.api.auth import TokenService
 
     value, _ = TokenService.from_config(config.auth.jwt).mint("bench", ["signals:read"], 3600)
     return value

@@ -9,7 +9,7 @@
 
 `dashboard_metric_names()` and `rule_metric_names()` read every PromQL expression of the
 dashboards and the alert rules and return the metric names they reference, so tests can hold
-them against what the signal API (`serve.metrics.METRIC_NAMES`) and Ray actually export.
+them against what the signal API (`serve.api.metrics.METRIC_NAMES`) and Ray actually export.
 `metric_names(expr)` is the small PromQL scanner behind both: it skips label matchers, grouping
 clauses, ranges and durations, strings, numbers, Grafana variables, functions, aggregations and
 keywords; a name given as `{__name__="..."}` counts, a `__name__=~` regex cannot and is ignored.

@@ -248,7 +248,7 @@ class JwtConfig(StrictModel):
 
 class AuthConfig(StrictModel):
     """API clients and their limits. `clients_file` is YAML of client ids, scrypt-hashed
-    secrets and scopes (written by `python -m serve.tokens add-client`)."""
+    secrets and scopes (written by `python -m serve.api.tokens add-client`)."""
 
     jwt: JwtConfig = JwtConfig()
     clients_file: str = ".secrets/clients.yaml"

@@ -18,6 +18,7 @@ import httpx
 from cluster.ray_runtime import connect
 from configs.schema import ServeConfig, load_config
 from jobs._cli import base_parser, print_summary, setup_logging
+from market.lake import Lake
 
 DEFAULT_CONFIG = "configs/serve/local.yaml"
 APP_NAME = "quant-ai"
@@ -34,8 +35,8 @@ def resolve_config(args: Any) -> ServeConfig:
         updates["host"] = args.host
     if args.lake and config.gold.url == "sqlite:///var/gold.sqlite":
         # Next to the lake's other zones, unless the config names a store of its own.
-        gold = Path(args.lake).resolve() / "gold" / "signals.sqlite"
-        updates["gold"] = config.gold.model_copy(update={"url": f"sqlite:///{gold}"})
+        gold_url = Lake.at(args.lake).gold_sqlite_url
+        updates["gold"] = config.gold.model_copy(update={"url": gold_url})
     return absolute_paths(config.model_copy(update=updates))
 
 

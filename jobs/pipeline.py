@@ -30,6 +30,7 @@ from configs.schema import (
 )
 from jobs._cli import base_parser, print_summary, setup_logging
 from market.ingest import run_ingest
+from market.lake import Lake
 
 DEFAULT_CONFIG = "configs/pipeline/local.yaml"
 
@@ -59,7 +60,7 @@ def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages
     results: dict[str, Any] = {}
     with stages.stage("ingest", f"{ingest_cfg.source} {','.join(ingest_cfg.symbols)}"):
         results["ingest"] = run_ingest(ingest_cfg, lake)
-    with stages.stage("features", f"Spark on Ray -> {Path(lake) / 'silver'}"):
+    with stages.stage("features", f"Spark on Ray -> {Lake.at(lake).silver_location}"):
         features = run_feature_etl(config.spark, lake)
     results["features"] = features
     say(
@@ -104,8 +105,8 @@ def serve_stage(
 ) -> dict[str, Any]:
     """Deploy the API, mint an operator token, call /signal for each symbol."""
     from jobs.deploy import absolute_paths, deploy
-    from serve.auth import TokenService
-    from serve.tokens import ensure_dev_secrets
+    from serve.api.auth import TokenService
+    from serve.api.tokens import ensure_dev_secrets
 
     assert config.serve is not None
     serve_config = load_config(config.serve, ServeConfig)
@@ -114,9 +115,7 @@ def serve_stage(
             update={
                 "registry": registry,
                 "feed": feed_for(config.ingest, serve_config.feed),
-                "gold": serve_config.gold.model_copy(
-                    update={"url": f"sqlite:///{Path(lake).resolve() / 'gold' / 'signals.sqlite'}"}
-                ),
+                "gold": serve_config.gold.model_copy(update={"url": Lake.at(lake).gold_sqlite_url}),
             }
         )
     )
@@ -269,7 +268,7 @@ def print_guide(served: dict[str, Any], seconds: dict[str, float]) -> None:
         f"  metrics:         {url}/metrics",
         f"  Ray dashboard:   {dashboard_url()}",
         "  stages (s):      " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
-        "  a token:         TOKEN=$(.venv/bin/python -m serve.tokens mint --sub me "
+        "  a token:         TOKEN=$(.venv/bin/python -m serve.api.tokens mint --sub me "
         "--config configs/serve/local.yaml)",
         f'  try:             curl -H "Authorization: Bearer $TOKEN" '
         f"'{url}/signal?symbol={serve_config.feed.symbols[0]}'",

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from market.lake import Lake
+
 _PART = re.compile(r"^part-(?P<first>\d+)-(?P<last>\d+)-(?P<tag>[A-Za-z0-9_.-]+)\.jsonl$")
 _TMP_PREFIX = ".tmp-"
 
@@ -71,7 +73,7 @@ class BronzeStore:
     """Reads and writes the Bronze zone under `<lake>/bronze`."""
 
     def __init__(self, lake: str | Path) -> None:
-        self.root = Path(lake) / "bronze"
+        self.root = Lake.at(lake).bronze
 
     def partition(self, source: str, symbol: str, day: date | str) -> Path:
         return self.root / f"source={source}" / f"symbol={symbol}" / f"date={day}"

@@ -30,11 +30,12 @@ from market.features.spark_engine import (
     compute_features_spark,
 )
 from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS, RAW_FIELDS
+from market.lake import SILVER_STATE_FILE, Lake
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
-STATE_FILE = "_state.json"
+
 SPEC_FILE = "_spec.json"
 SPEC_METADATA_KEY = "quant_ai_feature_spec"
 
@@ -60,12 +61,12 @@ class SilverSummary:
 
 
 def lake_paths(lake: str | Path) -> tuple[Path, Path, Path]:
-    root = Path(lake)
-    return root / "bronze", root / "silver", root / "quarantine"
+    zones = Lake.at(lake)
+    return zones.bronze, zones.silver, zones.quarantine
 
 
 def _state(silver: Path) -> dict[str, Any]:
-    path = silver / STATE_FILE
+    path = silver / SILVER_STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -305,7 +306,7 @@ def build_silver(spark: SparkSession, lake: str | Path) -> SilverSummary:
         dict(previous.get("symbols", {})) if previous.get("spec_hash") == spec.spec_hash() else {}
     )
     done.update({s: keys[s] for s in symbols})
-    _write_json_atomic(silver / STATE_FILE, {"spec_hash": spec.spec_hash(), "symbols": done})
+    _write_json_atomic(silver / SILVER_STATE_FILE, {"spec_hash": spec.spec_hash(), "symbols": done})
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -15,6 +15,7 @@ import polars as pl
 
 from configs.schema import SimConfig
 from market.features.polars_engine import compute_features
+from market.lake import Lake
 from market.sources.sim import MarketSimulator
 
 
@@ -57,4 +58,4 @@ def write_sim_silver(lake: Path, config: SimConfig, symbols: list[str], days: in
     silver = silver_frame(simulated_bars(config, symbols, days)).with_columns(
         pl.col("open_time").dt.strftime("%Y-%m").alias("month")
     )
-    silver.write_parquet(lake / "silver", partition_by=["symbol", "month"])
+    silver.write_parquet(Lake.at(lake).silver, partition_by=["symbol", "month"])

@@ -1,1 +1,1 @@
-"""Sequence models, walk-forward evaluation, backtest and registry (see issue 3)."""
+"""Sequence models, walk-forward evaluation, backtest and registry."""

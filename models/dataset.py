@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from market.features.spec import FEATURE_COLUMNS, HORIZON_BARS
 from market.klines import ONE_MINUTE_MS
+from market.lake import Lake
 
 # Price-level features (SMA, EMA) are not stationary across a year of prices: they are left out
 # of the model inputs, and the MACD family (in price units) is divided by the close.
@@ -133,7 +134,7 @@ def load_silver(lake: str, symbols: Sequence[str] | None = None) -> MarketArrays
     """
     import ray.data
 
-    silver = f"{lake.rstrip('/')}/silver"
+    silver = Lake.at(lake).silver_location
     try:
         dataset = ray.data.read_parquet(
             silver, columns=list(SILVER_COLUMNS), file_extensions=["parquet"]

@@ -1,1 +1,8 @@
-"""The Ray Serve signal application (see issue 4)."""
+"""The Ray Serve signal application.
+
+Sub-rooms: `serve.api` (HTTP routes, auth, clients, rate limits, metrics, the token CLI),
+`serve.engine` (bar feed, online features, signals, Gold store, the typed snapshot) and
+`serve.dashboard` (the Streamlit client). The Serve runtime sits at this level: `app`
+(deployments), `deploy` (start and wait), `local` (in-process API for tests and benchmarks) and
+`ingress_env` (HAProxy ingress settings).
+"""

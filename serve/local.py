@@ -13,11 +13,11 @@ import time
 from typing import Any
 
 from configs.schema import ServeConfig
-from serve.api import make_api
-from serve.auth import TokenService
-from serve.clients import ClientStore
-from serve.engine import SignalEngine
-from serve.signals import bars_frame
+from serve.api.auth import TokenService
+from serve.api.clients import ClientStore
+from serve.api.routes import make_api
+from serve.engine.engine import SignalEngine
+from serve.engine.signals import bars_frame
 
 log = logging.getLogger(__name__)
 

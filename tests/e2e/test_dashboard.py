@@ -5,7 +5,7 @@ Session set-up: a simulated Silver lake, a registry with a production model, a t
 directory made by the real code paths (`models.evaluation.evaluate` on simulated Silver with
 synthetic predictions, `models.evaluation.save_record`, `models.report.write_leaderboard` and
 `write_html_report`), the signal API (`serve.local.make_local_api` on uvicorn, a subprocess on
-a free loopback port) replaying the same simulated bars, and `streamlit run serve/dashboard.py`
+a free loopback port) replaying the same simulated bars, and `streamlit run serve/dashboard/app.py`
 (a subprocess, credentials in its environment). Chromium (Debian's `chromium`, installed with
 apt when missing) then takes a screenshot and dumps the rendered DOM. Everything listens on
 127.0.0.1 only; every subprocess is killed at teardown; every wait is bounded.
@@ -48,7 +48,7 @@ from configs.schema import (
     ServeConfig,
     SimConfig,
 )
-from serve.clients import ClientStore
+from serve.api.clients import ClientStore
 from tests.conftest import REPO
 from tests.serve_support import register_model
 
@@ -239,13 +239,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def start_dashboard(
     tmp: Path, lake: Path, runs: Path, env: dict[str, str], name: str
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`streamlit run serve/dashboard.py` on a free loopback port; waits for its health check."""
+    """`streamlit run serve/dashboard/app.py` on a free loopback port; waits for its health."""
     port = free_port()
     proc = start(
         [
             str(BIN / "streamlit"),
             "run",
-            "serve/dashboard.py",
+            "serve/dashboard/app.py",
             "--server.headless=true",
             "--server.address=127.0.0.1",
             f"--server.port={port}",

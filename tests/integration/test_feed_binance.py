@@ -19,7 +19,7 @@ import pytest
 from configs.schema import BinanceConfig, FeedConfig
 from market import validation as v
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
-from serve.feed import BarFeed
+from serve.engine.feed import BarFeed
 from tests.conftest import REAL_1M, read_real_minutes, require
 from tests.fake_binance import FakeBinance, Fault, Kline, load_dump_lines
 
@@ -246,7 +246,7 @@ def test_errors_are_recorded_without_raising_and_recovered_on_the_next_poll(
     server = make_server(faults=[Fault.rate_limited(7)])
     feed, sleep = make_feed(server.url, max_retries=0)  # every failure reaches the feed
 
-    with caplog.at_level(logging.WARNING, logger="serve.feed"):
+    with caplog.at_level(logging.WARNING, logger="serve.engine.feed"):
         assert feed.poll() == {SYMBOL: 0}
     error = feed.last_error(SYMBOL)
     assert error is not None and "HTTP 429" in error

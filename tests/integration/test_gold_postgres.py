@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.engine import make_url
 
-from serve.gold import GOLD_SIGNALS, GoldStore
+from serve.engine.gold import GOLD_SIGNALS, GoldStore
 from tests.unit.test_gold_store import MINUTE, NOW, T0, H, rec
 
 pytestmark = pytest.mark.integration

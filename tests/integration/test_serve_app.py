@@ -38,8 +38,8 @@ from configs.schema import (
 )
 from market.sim_silver import simulated_bars
 from models.registry import ModelRegistry
-from serve.clients import ClientStore
-from serve.metrics import METRIC_NAMES
+from serve.api.clients import ClientStore
+from serve.api.metrics import METRIC_NAMES
 from tests.serve_support import MODEL_NAME, register_model
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from configs.schema import AuthConfig, JwtConfig
-from serve import tokens
-from serve.auth import (
+from serve.api import tokens
+from serve.api.auth import (
     ALL_SCOPES,
     AUTH_ERROR_CODES,
     SCOPE_PREDICT,
@@ -31,8 +31,8 @@ from serve.auth import (
     KeyConfigError,
     TokenService,
 )
-from serve.clients import ClientEntry, ClientStore, hash_secret, verify_secret
-from serve.ratelimit import RateLimiter
+from serve.api.clients import ClientEntry, ClientStore, hash_secret, verify_secret
+from serve.api.ratelimit import RateLimiter
 
 NOW = 1_700_000_000
 SECRET = "test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
@@ -603,7 +603,7 @@ def test_client_store_rejects_wrong_secret_and_unknown_client(
         calls.append(encoded)
         return real_verify(presented, encoded)
 
-    monkeypatch.setattr("serve.clients.verify_secret", counting_verify)
+    monkeypatch.setattr("serve.api.clients.verify_secret", counting_verify)
     errors = []
     for client_id, presented in [
         ("svc", secret + "x"),
@@ -640,7 +640,7 @@ def test_client_store_duplicates_and_invalid_input(tmp_path: Path) -> None:
 
 
 def test_client_store_missing_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="serve.clients"):
+    with caplog.at_level(logging.WARNING, logger="serve.api.clients"):
         store = ClientStore.load(tmp_path / "absent.yaml")
     assert len(store) == 0
     assert "absent.yaml" in caplog.text and "add-client" in caplog.text

@@ -1,4 +1,4 @@
-"""The dashboard's data layer (serve/dashboard_data.py): settings, the API client against a mock
+"""The dashboard's data layer (serve/dashboard/data.py): settings, the API client against a mock
 transport, Silver windows, tune run directories, buy-and-hold and the Plotly figures."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from models.dataset import arrays_from_table
 from models.evaluation import Evaluation, OutOfSampleBars, evaluate
 from models.folds import make_folds
 from models.report import write_leaderboard
-from serve import dashboard_data as dd
+from serve.dashboard import data as dd
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 SIM = SimConfig(seed=4, anchor_date=date(2024, 3, 1))

@@ -18,7 +18,7 @@ from market import validation as v
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from market.sim_silver import simulated_bars
 from market.sources.sim import MarketSimulator, format_dump_line
-from serve.feed import BarFeed, check_lines
+from serve.engine.feed import BarFeed, check_lines
 
 T0 = 1_900_000_000.0  # epoch seconds where every fake clock starts
 SIM = SimConfig(seed=11, anchor_date=date(2024, 2, 1))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from serve.gold import GoldStore, SignalRecord
+from serve.engine.gold import GoldStore, SignalRecord
 
 T0 = 1_706_572_800_000  # 2024-01-30 00:00 UTC, epoch ms
 MINUTE = 60_000

@@ -1,5 +1,5 @@
 """The monitoring assets (cluster/monitoring/) parse, hang together, and reference only metrics
-that exist: `quant_ai_*` names the signal API exports (serve.metrics.METRIC_NAMES, by metric
+that exist: `quant_ai_*` names the signal API exports (serve.api.metrics.METRIC_NAMES, by metric
 type) and `ray_*` names Ray 2.60 defines. Also the PromQL scanner behind the name checks.
 
 `promtool` checks of the rules and config: tests/integration/test_promtool.py.
@@ -31,12 +31,12 @@ from cluster.monitoring_assets import (
     rule_metric_names,
     rule_paths,
 )
-from serve.metrics import METRIC_NAMES, ApiMetrics
+from serve.api.metrics import METRIC_NAMES, ApiMetrics
 
 GRAFANA = monitoring_dir() / "grafana"
 SEVERITIES = {"critical", "warning"}
 
-# The type of every metric the API exports, as the collectors in serve/metrics.py declare it.
+# The type of every metric the API exports, as the collectors in serve/api/metrics.py declare it.
 # A Prometheus metric of each type is scraped under these sample names:
 #   counter: NAME (already ending in _total) | gauge: NAME | info: NAME (already ending in _info)
 #   histogram: NAME_bucket, NAME_sum, NAME_count

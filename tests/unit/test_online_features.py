@@ -13,8 +13,8 @@ from configs.schema import FeedConfig
 from market.features import spec
 from market.features.polars_engine import compute_features
 from market.sim_silver import simulated_bars
-from serve.feed import BarFeed
-from serve.online_features import (
+from serve.engine.feed import BarFeed
+from serve.engine.online_features import (
     CONVERGENCE_BARS,
     ONLINE_RELATIVE_TOLERANCE,
     latest_features,

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from configs.schema import AuthConfig, FeedConfig, GoldConfig, JwtConfig, ServeConfig, SimConfig
-from serve.api import make_api
-from serve.auth import TokenService
-from serve.clients import ClientStore
-from serve.engine import NoModelError, SignalEngine, UnknownSymbolError
+from serve.api.auth import TokenService
+from serve.api.clients import ClientStore
+from serve.api.routes import make_api
+from serve.engine.engine import NoModelError, SignalEngine, UnknownSymbolError
 from serve.local import LocalBackend
 from tests.serve_support import register_model
 

@@ -1,4 +1,4 @@
-"""`python -m serve.tokens`: operator tools for the signal API's credentials.
+"""`python -m serve.api.tokens`: operator tools for the signal API's credentials.
 
     mint --sub NAME [--scope S ...] [--ttl SECONDS]   print a signed JWT (and nothing else)
     add-client --id NAME [--scope S ...]              register a client, print its secret once
@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from configs.schema import AuthConfig, ServeConfig, load_config
-from serve.auth import ALL_SCOPES, SCOPE_READ, KeyConfigError, TokenService
-from serve.clients import ClientStore
+from serve.api.auth import ALL_SCOPES, SCOPE_READ, KeyConfigError, TokenService
+from serve.api.clients import ClientStore
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="serve YAML (ServeConfig) whose `auth` section applies")
     parser = argparse.ArgumentParser(
-        prog="python -m serve.tokens", description="Signal API credentials (tokens, clients)."
+        prog="python -m serve.api.tokens", description="Signal API credentials (tokens, clients)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -143,7 +143,7 @@ class TokenService:
             if len(raw) < MIN_HMAC_SECRET_BYTES:
                 raise KeyConfigError(
                     f"the HS256 secret is {len(raw)} bytes; at least {MIN_HMAC_SECRET_BYTES} "
-                    "are required (generate one with `python -m serve.tokens init-dev`)"
+                    "are required (generate one with `python -m serve.api.tokens init-dev`)"
                 )
             self._verify_key = raw
             self._sign_key = raw
@@ -183,7 +183,7 @@ class TokenService:
             if not path.is_file():
                 raise KeyConfigError(
                     f"no HS256 secret: env var {config.secret_env} is unset and {path} does "
-                    "not exist (create it with `python -m serve.tokens init-dev`)"
+                    "not exist (create it with `python -m serve.api.tokens init-dev`)"
                 )
             _warn_if_readable_by_others(path)
             log.info("JWT HS256 secret read from %s", path)

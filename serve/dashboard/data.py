@@ -1,4 +1,4 @@
-"""Data and figures of the operators' dashboard (`serve/dashboard.py`), as small pure functions.
+"""Data and figures of the operators' dashboard (`serve/dashboard/app.py`), as small pure functions.
 
 Nothing here runs at import time and nothing here imports Streamlit, so every piece is unit-
 testable and reusable from a notebook:
@@ -43,6 +43,7 @@ from configs.schema import BacktestConfig
 from market.features.polars_engine import compute_features
 from market.features.spec import WARMUP_BARS
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
+from market.lake import Lake
 from models.dataset import MarketArrays
 from models.evaluation import Evaluation, OutOfSampleBars, evaluate, load_record
 from models.folds import Fold
@@ -152,7 +153,7 @@ class DashboardSettings:
 
 
 def parse_settings(argv: Sequence[str], env: Mapping[str, str]) -> DashboardSettings:
-    """Settings from `argv` (the arguments after `streamlit run serve/dashboard.py --`) and
+    """Settings from `argv` (the arguments after `streamlit run serve/dashboard/app.py --`) and
     `env` (QUANT_AI_API_URL, QUANT_AI_CLIENT_ID, QUANT_AI_CLIENT_SECRET, QUANT_AI_TOKEN,
     QUANT_AI_LAKE, QUANT_AI_RUNS). Secrets are read from the environment only, never from the
     command line (where `ps` would show them). Unknown arguments are ignored.
@@ -394,7 +395,7 @@ def _float_or_none(value: object) -> float | None:
 
 
 def _silver_root(lake: str | Path) -> str:
-    return f"{str(lake).rstrip('/')}/silver"
+    return Lake.at(lake).silver_location
 
 
 def _silver_scan(lake: str | Path) -> pl.LazyFrame:

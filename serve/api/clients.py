@@ -1,6 +1,6 @@
 """API clients of POST /token: ids, scrypt-hashed secrets and scopes, kept in a YAML file.
 
-File format (written by `python -m serve.tokens add-client`, mode 0600)::
+File format (written by `python -m serve.api.tokens add-client`, mode 0600)::
 
     clients:
       - client_id: dev
@@ -29,7 +29,7 @@ from typing import Final
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve.auth import AuthError
+from serve.api.auth import AuthError
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class ClientStore:
         if not file.exists():
             log.warning(
                 "clients file %s not found: no API clients (add one with "
-                "`python -m serve.tokens add-client`)",
+                "`python -m serve.api.tokens add-client`)",
                 file,
             )
             return cls(path=file)

@@ -21,7 +21,7 @@ from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from models.artifact import LoadedModel
 from models.backtest import decide_signals
 from models.dataset import INPUT_COLUMNS, model_inputs
-from serve.online_features import latest_features
+from serve.engine.online_features import latest_features
 
 SIGNAL_NAMES = {1: "BUY", -1: "SELL", 0: "NEUTRAL"}
 

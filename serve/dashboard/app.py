@@ -1,9 +1,9 @@
-"""The operators' and quants' dashboard: a thin Streamlit layout over `serve.dashboard_data`.
+"""The operators' and quants' dashboard: a thin Streamlit layout over `serve.dashboard.data`.
 
 Run it next to a signal service (DESIGN.md §5)::
 
     QUANT_AI_CLIENT_ID=dev QUANT_AI_CLIENT_SECRET=... \\
-        streamlit run serve/dashboard.py -- --api http://127.0.0.1:8000 --lake lake --runs runs
+        streamlit run serve/dashboard/app.py -- --api http://127.0.0.1:8000 --lake lake --runs runs
 
 Settings: `--api` (or QUANT_AI_API_URL), `--lake` (QUANT_AI_LAKE), `--runs` (QUANT_AI_RUNS),
 `--symbol`, `--hours`; credentials from QUANT_AI_CLIENT_ID / QUANT_AI_CLIENT_SECRET (exchanged at
@@ -30,7 +30,7 @@ import pandas as pd
 import polars as pl
 import streamlit as st
 
-from serve import dashboard_data as dd
+from serve.dashboard import data as dd
 
 log = logging.getLogger("quant_ai.dashboard")
 T = TypeVar("T")

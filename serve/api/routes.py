@@ -29,10 +29,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configs.schema import ServeConfig
 from market.klines import ONE_MINUTE_MS
-from serve.auth import AuthError, Claims, TokenService
-from serve.clients import ClientStore
-from serve.metrics import ApiMetrics
-from serve.ratelimit import RateLimiter
+from serve.api.auth import AuthError, Claims, TokenService
+from serve.api.clients import ClientStore
+from serve.api.metrics import ApiMetrics
+from serve.api.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

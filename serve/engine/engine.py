@@ -28,10 +28,10 @@ from configs.schema import BacktestConfig, ServeConfig
 from market.features.spec import spec_hash
 from models.artifact import LoadedModel, load_registered
 from models.registry import ModelRegistry
-from serve.feed import BarFeed
-from serve.gold import GoldStore, SignalRecord
-from serve.online_features import min_history_bars
-from serve.signals import Signal, compute_signal
+from serve.engine.feed import BarFeed
+from serve.engine.gold import GoldStore, SignalRecord
+from serve.engine.online_features import min_history_bars
+from serve.engine.signals import Signal, compute_signal
 
 log = logging.getLogger(__name__)
 
