@@ -2,7 +2,8 @@
 
 Silver lives at `<lake>/silver`, Parquet partitioned by `symbol` and `month` (YYYY-MM), with the
 feature-spec version and hash in each file's metadata and in `_spec.json`. Rejected rows go to
-`<lake>/quarantine`, partitioned by symbol, with their raw payload and a reason.
+`<lake>/quarantine`, partitioned by symbol, with their raw payload and a reason (the rules of
+`market.validation`, in Spark form from `market.validation.spark_rules`).
 
 Incremental runs: `_state.json` records, per symbol, the Bronze parts that built it and the spec
 hash. A rerun recomputes only symbols whose Bronze parts changed, and rewrites only the months
@@ -21,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from market import validation as v
 from market.bronze import BronzeStore, PartInfo
 from market.features import spec
 from market.features.spark_engine import (
@@ -29,8 +29,9 @@ from market.features.spark_engine import (
     add_segments_and_targets,
     compute_features_spark,
 )
-from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS, RAW_FIELDS
+from market.klines import ONE_MINUTE_MS
 from market.lake import SILVER_STATE_FILE, Lake
+from market.validation.spark_rules import parse_and_validate
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -135,72 +136,6 @@ def _read_bronze(spark: SparkSession, bronze: Path, symbols: list[str]) -> DataF
         .option("mode", "PERMISSIVE")
         .json(paths)
         .withColumn("file", F.input_file_name())
-    )
-
-
-def _to_ms(text_value: Column) -> Column:
-    from pyspark.sql import functions as F
-
-    value = text_value.cast("long")
-    return (
-        F.when(value > MICROSECOND_THRESHOLD, F.floor(value / 1000)).otherwise(value).cast("long")
-    )
-
-
-def parse_and_validate(raw: DataFrame) -> DataFrame:
-    """Typed bar columns plus `reason` (null for an accepted row) for every Bronze line."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    fields = F.split(F.regexp_replace(F.col("raw"), r'[\[\]"\s]', ""), ",")
-    index = {name: i for i, name in enumerate(RAW_FIELDS)}
-    typed = raw.withColumn("_fields", fields).withColumn("_n", F.size("_fields"))
-    typed = typed.withColumn("open_time_ms", _to_ms(F.col("_fields")[index["open_time"]]))
-    typed = typed.withColumn("_close_time_ms", _to_ms(F.col("_fields")[index["close_time"]]))
-    for name, kind in BAR_TYPES.items():
-        typed = typed.withColumn(name, F.col("_fields")[index[name]].cast(kind))
-
-    numeric = ["open_time_ms", "_close_time_ms", *BAR_TYPES]
-    unparseable = F.lit(False)
-    for name in numeric:
-        check = F.col(name).isNull()
-        if BAR_TYPES.get(name) == "double":
-            check = check | F.isnan(name) | (F.abs(F.col(name)) == float("inf"))
-        unparseable = unparseable | check
-    prices = ["open", "high", "low", "close"]
-    volumes = ["volume", "quote_volume", "trades", "taker_buy_base", "taker_buy_quote"]
-    reason = (
-        F.when(F.col("_n") != len(RAW_FIELDS), F.lit(v.WRONG_FIELD_COUNT))
-        .when(unparseable, F.lit(v.UNPARSEABLE_VALUE))
-        .when(
-            (F.col("open_time_ms") % ONE_MINUTE_MS != 0)
-            | (F.col("_close_time_ms") != F.col("open_time_ms") + ONE_MINUTE_MS - 1),
-            F.lit(v.BAD_TIMESTAMP),
-        )
-        .when(F.least(*[F.col(p) for p in prices]) <= 0, F.lit(v.NON_POSITIVE_PRICE))
-        .when(F.least(*[F.col(c) for c in volumes]) < 0, F.lit(v.NEGATIVE_VOLUME))
-        .when(
-            (F.col("high") < F.greatest("open", "close", "low"))
-            | (F.col("low") > F.least("open", "close")),
-            F.lit(v.OHLC_INCONSISTENT),
-        )
-        .when(F.col("taker_buy_base") > F.col("volume"), F.lit(v.TAKER_BUY_EXCEEDS_VOLUME))
-    )
-    precedence: Column = F.lit(99)
-    for source, order in v.SOURCE_PRECEDENCE.items():
-        precedence = F.when(F.col("source") == source, F.lit(order)).otherwise(precedence)
-    checked = (
-        typed.withColumn("reason", reason)
-        .withColumn("_precedence", precedence)
-        .withColumn("_valid", F.col("reason").isNull())
-    )
-    # Rank within the rows that passed the other checks: a rejected row must not shadow a good one.
-    first_of_minute = Window.partitionBy("symbol", "open_time_ms", "_valid").orderBy(
-        "_precedence", "fetched_at", "batch", "seq"
-    )
-    duplicate = F.col("_valid") & (F.row_number().over(first_of_minute) > 1)
-    return checked.withColumn(
-        "reason", F.when(duplicate, F.lit(v.DUPLICATE_OPEN_TIME)).otherwise(F.col("reason"))
     )
 
 

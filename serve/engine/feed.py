@@ -17,8 +17,8 @@ bars, and every later poll releases each bar whose accelerated time has come,
 `bars_due = history_bars + floor((now - start) * replay_bars_per_s)` (`now`, `start` in seconds).
 When the replay runs out of bars it stops producing any, and so goes stale: that is by design.
 
-Every row passes the Silver ETL's checks (`market.validation`, the same rules and order as
-`market.silver.parse_and_validate`): a malformed row is dropped and counted per reason, never
+Every row passes the Silver ETL's checks (`market.validation`, in polars form from
+`market.validation.polars_rules`): a malformed row is dropped and counted per reason, never
 raised. Duplicated or out-of-order bars are deduplicated by open time, the first seen wins (a
 later copy counts as `duplicate_open_time`). Source failures (network errors, HTTP errors) are
 recorded per symbol (`last_error`) and logged; the next poll retries.
@@ -37,7 +37,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,30 +47,19 @@ import polars as pl
 
 from configs.schema import FeedConfig
 from market import validation as v
-from market.klines import BAR_COLUMNS, MICROSECOND_THRESHOLD, ONE_MINUTE_MS, RAW_FIELDS
+from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from market.sim_silver import simulated_bars
 from market.sources.binance import BinanceAPIError, BinanceClient
 from market.sources.dump import DumpSource, read_lines
+from market.validation.polars_rules import (
+    BAR_SCHEMA,
+    check_bars,
+    check_lines,
+    first_of_each_minute,
+)
 
 log = logging.getLogger(__name__)
 
-# The validated-bar frame the feature engine reads (market.klines.BAR_COLUMNS, open_time in
-# epoch ms as Int64).
-BAR_SCHEMA: dict[str, pl.DataType] = {
-    "symbol": pl.String(),
-    "open_time": pl.Int64(),
-    "open": pl.Float64(),
-    "high": pl.Float64(),
-    "low": pl.Float64(),
-    "close": pl.Float64(),
-    "volume": pl.Float64(),
-    "quote_volume": pl.Float64(),
-    "trades": pl.Int64(),
-    "taker_buy_base": pl.Float64(),
-    "taker_buy_quote": pl.Float64(),
-}
-_PRICES = ("open", "high", "low", "close")
-_AMOUNTS = ("volume", "quote_volume", "trades", "taker_buy_base", "taker_buy_quote")
 # First fields of a dump header line (as market.sources.dump recognises them).
 _HEADER_FIRST_FIELDS = frozenset({"open_time", "open time", "opentime"})
 # What a failing Binance poll can raise once the client has spent its retries: the client's own
@@ -81,84 +70,6 @@ _SOURCE_ERRORS: tuple[type[BaseException], ...] = (BinanceAPIError, httpx.HTTPEr
 def empty_bars() -> pl.DataFrame:
     """A frame with the validated-bar columns and no rows."""
     return pl.DataFrame(schema=BAR_SCHEMA)
-
-
-def _to_ms(value: pl.Expr) -> pl.Expr:
-    # Binance dumps from 2025 on use microseconds; any timestamp above 1e14 is one.
-    return pl.when(value > MICROSECOND_THRESHOLD).then(value // 1000).otherwise(value)
-
-
-def _reason() -> pl.Expr:
-    """The first quarantine reason that applies to a typed row, null when the row is valid.
-
-    The same checks in the same order as the Spark ETL (market.silver.parse_and_validate), so a
-    row the feed drops is one Silver would quarantine, for the same reason.
-    """
-    unparseable = pl.lit(False)
-    for name in ("open_time", "_close_time", *_PRICES, *_AMOUNTS):
-        check = pl.col(name).is_null()
-        if BAR_SCHEMA.get(name) == pl.Float64():
-            check = check | pl.col(name).is_nan() | pl.col(name).is_infinite()
-        unparseable = unparseable | check
-    chain = pl.when(pl.col("_n") != len(RAW_FIELDS)).then(pl.lit(v.WRONG_FIELD_COUNT))
-    return (
-        chain.when(unparseable)
-        .then(pl.lit(v.UNPARSEABLE_VALUE))
-        .when(
-            (pl.col("open_time") % ONE_MINUTE_MS != 0)
-            | (pl.col("_close_time") != pl.col("open_time") + ONE_MINUTE_MS - 1)
-        )
-        .then(pl.lit(v.BAD_TIMESTAMP))
-        .when(pl.min_horizontal(*_PRICES) <= 0)
-        .then(pl.lit(v.NON_POSITIVE_PRICE))
-        .when(pl.min_horizontal(*_AMOUNTS) < 0)
-        .then(pl.lit(v.NEGATIVE_VOLUME))
-        .when(
-            (pl.col("high") < pl.max_horizontal("open", "close", "low"))
-            | (pl.col("low") > pl.min_horizontal("open", "close"))
-        )
-        .then(pl.lit(v.OHLC_INCONSISTENT))
-        .when(pl.col("taker_buy_base") > pl.col("volume"))
-        .then(pl.lit(v.TAKER_BUY_EXCEEDS_VOLUME))
-        .otherwise(pl.lit(None, dtype=pl.String))
-    )
-
-
-def check_lines(lines: Sequence[str], symbol: str) -> pl.DataFrame:
-    """Raw kline lines (CSV dump lines or REST arrays as text) as typed bars with a `reason`.
-
-    Returns the BAR_SCHEMA columns (open_time in epoch ms, microseconds converted), `reason`
-    (null for a valid row, else a market.validation reason) in input order. Fields are split
-    like the Spark ETL does it: brackets, quotes and whitespace removed, then split on commas.
-    """
-    raw = pl.DataFrame({"raw": list(lines)}, schema={"raw": pl.String})
-    fields = pl.col("raw").str.replace_all(r'[\[\]"\s]', "").str.split(",")
-    index = {name: i for i, name in enumerate(RAW_FIELDS)}
-
-    def field_as(name: str, dtype: pl.DataType) -> pl.Expr:
-        return pl.col("_f").list.get(index[name], null_on_oob=True).cast(dtype, strict=False)
-
-    typed = raw.with_columns(fields.alias("_f")).with_columns(
-        pl.col("_f").list.len().alias("_n"),
-        pl.lit(symbol, dtype=pl.String).alias("symbol"),
-        _to_ms(field_as("open_time", pl.Int64())).alias("open_time"),
-        _to_ms(field_as("close_time", pl.Int64())).alias("_close_time"),
-        *[field_as(name, BAR_SCHEMA[name]).alias(name) for name in _PRICES + _AMOUNTS],
-    )
-    return typed.with_columns(_reason().alias("reason")).select(*BAR_COLUMNS, "reason")
-
-
-def check_bars(bars: pl.DataFrame) -> pl.DataFrame:
-    """Typed bars (BAR_SCHEMA columns) with the `reason` column of `check_lines` added."""
-    typed = bars.select(BAR_COLUMNS).cast(BAR_SCHEMA)  # type: ignore[arg-type]
-    return (
-        typed.with_columns(
-            pl.lit(len(RAW_FIELDS)).alias("_n"),
-            (pl.col("open_time") + ONE_MINUTE_MS - 1).alias("_close_time"),
-        )
-        .with_columns(_reason().alias("reason"))
-        .select(*BAR_COLUMNS, "reason")
-    )
 
 
 def _rest_line(row: object) -> str:
@@ -248,7 +159,7 @@ class BarFeed:
         """
         state.rejected.update(checked["reason"].drop_nulls().to_list())
         valid = checked.filter(pl.col("reason").is_null()).drop("reason")
-        first = valid.filter(pl.col("open_time").is_first_distinct())
+        first = first_of_each_minute(valid)
         if valid.height > first.height:
             state.rejected[v.DUPLICATE_OPEN_TIME] += valid.height - first.height
         return first.sort("open_time")
@@ -344,7 +255,7 @@ class BarFeed:
             return 0
         held = state.bars
         combined = pl.concat([held, new.select(BAR_COLUMNS).cast(BAR_SCHEMA)])  # type: ignore[arg-type]
-        unique = combined.filter(pl.col("open_time").is_first_distinct())
+        unique = first_of_each_minute(combined)
         if combined.height > unique.height:
             state.rejected[v.DUPLICATE_OPEN_TIME] += combined.height - unique.height
         window = unique.sort("open_time").tail(self.config.history_bars)

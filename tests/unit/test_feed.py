@@ -18,7 +18,8 @@ from market import validation as v
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from market.sim_silver import simulated_bars
 from market.sources.sim import MarketSimulator, format_dump_line
-from serve.engine.feed import BarFeed, check_lines
+from market.validation.polars_rules import check_lines
+from serve.engine.feed import BarFeed
 
 T0 = 1_900_000_000.0  # epoch seconds where every fake clock starts
 SIM = SimConfig(seed=11, anchor_date=date(2024, 2, 1))
