@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -223,6 +223,14 @@ class TuneJobConfig(StrictModel):
     backtest: BacktestConfig = BacktestConfig()
     gate: GateConfig = GateConfig()
     model_name: str = "signal"
+
+
+# The scopes a signal-API token may carry (clients are granted them in the clients file).
+SCOPE_READ: Final = "signals:read"
+"""GET /signal, GET /signals/history, GET /models/current."""
+SCOPE_PREDICT: Final = "signals:predict"
+"""POST /predict."""
+ALL_SCOPES: Final = (SCOPE_READ, SCOPE_PREDICT)
 
 
 class JwtConfig(StrictModel):

@@ -26,6 +26,7 @@ from serve.api.clients import ClientStore
 from serve.api.routes import make_api
 from serve.engine.engine import SignalEngine
 from serve.engine.signals import bars_frame
+from serve.engine.snapshot import EngineSnapshot, Signal
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,12 @@ class SignalEngineDeployment:
                 log.exception("engine tick failed")
             await asyncio.sleep(ENGINE_TICK_S)
 
-    async def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> EngineSnapshot:
         self._ensure_loop()
         return self.engine.snapshot()
 
-    def predict(self, symbol: str, bars: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.engine.predict(symbol, bars_frame(symbol, bars)).as_dict()
+    def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+        return self.engine.predict(symbol, bars_frame(symbol, bars))
 
     def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         return self.engine.history(symbol, limit)
@@ -86,10 +87,10 @@ class HandleBackend:
     def __init__(self, engine: DeploymentHandle, poll_s: float) -> None:
         self.engine = engine
         self.poll_s = poll_s
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot: EngineSnapshot | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> EngineSnapshot | None:
         return self._snapshot
 
     async def _refresh(self) -> None:
@@ -109,8 +110,8 @@ class HandleBackend:
         if self._task is not None:
             self._task.cancel()
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = await self.engine.predict.remote(symbol, bars)
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+        result: Signal = await self.engine.predict.remote(symbol, bars)
         return result
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from serve.api.clients import ClientStore
 from serve.api.routes import make_api
 from serve.engine.engine import SignalEngine
 from serve.engine.signals import bars_frame
+from serve.engine.snapshot import EngineSnapshot, Signal
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,11 @@ class LocalBackend:
     def __init__(self, engine: SignalEngine, tick_s: float = 0.5) -> None:
         self.engine = engine
         self.tick_s = tick_s
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot: EngineSnapshot | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> EngineSnapshot | None:
         return self._snapshot
 
     def step(self, check_registry: bool = True) -> None:
@@ -65,10 +66,9 @@ class LocalBackend:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> dict[str, Any]:
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
         frame = bars_frame(symbol, bars)
-        signal = await asyncio.to_thread(self.engine.predict, symbol, frame)
-        return signal.as_dict()
+        return await asyncio.to_thread(self.engine.predict, symbol, frame)
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.engine.history, symbol, limit)

@@ -28,12 +28,6 @@ from configs.schema import JwtConfig
 
 log = logging.getLogger(__name__)
 
-SCOPE_READ: Final = "signals:read"
-"""GET /signal, GET /signals/history, GET /models/current."""
-SCOPE_PREDICT: Final = "signals:predict"
-"""POST /predict."""
-ALL_SCOPES: Final = (SCOPE_READ, SCOPE_PREDICT)
-
 AuthErrorCode = Literal[
     "missing_token",
     "malformed_header",

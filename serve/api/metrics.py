@@ -9,7 +9,6 @@ figures survive an ingress restart and are the engine's own counts, not a replic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -21,7 +20,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from serve.engine.snapshot import EngineSnapshot
+
 PREFIX = "quant_ai"
+# The text exposition format 0.0.4, which every Prometheus scrapes.
+MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # Every metric name the service exports; the monitoring assets are checked against this list.
@@ -45,7 +48,9 @@ METRIC_NAMES = (
 class SnapshotCollector(Collector):
     """Renders the engine snapshot held by the ingress as Prometheus metric families."""
 
-    def __init__(self, snapshot: Callable[[], dict[str, Any] | None], clock: Callable[[], float]):
+    def __init__(
+        self, snapshot: Callable[[], EngineSnapshot | None], clock: Callable[[], float]
+    ) -> None:
         self._snapshot = snapshot
         self._clock = clock
 
@@ -58,7 +63,7 @@ class SnapshotCollector(Collector):
             loaded.add_metric([], 0.0)
             yield loaded
             return
-        model = snap.get("model")
+        model = snap.model
         loaded.add_metric([], 1.0 if model else 0.0)
         yield loaded
 
@@ -66,14 +71,7 @@ class SnapshotCollector(Collector):
             f"{PREFIX}_model", "the serving model", labels=["version", "family", "spec_hash"]
         )
         if model:
-            info.add_metric(
-                [
-                    str(model["version"]),
-                    str(model["family"]),
-                    str(model.get("feature_spec_hash") or ""),
-                ],
-                {},
-            )
+            info.add_metric([model.version, model.family, model.feature_spec_hash or ""], {})
         yield info
 
         signals = CounterMetricFamily(
@@ -81,13 +79,13 @@ class SnapshotCollector(Collector):
             "signals computed, by symbol and class",
             labels=["symbol", "signal"],
         )
-        for symbol, signal, count in snap["signal_counts"]:
-            signals.add_metric([symbol, signal], float(count))
+        for counted in snap.signal_counts:
+            signals.add_metric([counted.symbol, counted.signal], float(counted.count))
         yield signals
 
-        confidence = snap["confidence"]
+        confidence = snap.confidence
         cumulative, buckets = 0, []
-        for bound, count in zip(confidence["buckets"], confidence["counts"], strict=True):
+        for bound, count in zip(confidence.buckets, confidence.counts, strict=True):
             cumulative += count
             buckets.append((repr(float(bound)), float(cumulative)))
         buckets.append(("+Inf", float(cumulative)))
@@ -95,7 +93,7 @@ class SnapshotCollector(Collector):
             f"{PREFIX}_signal_confidence_ratio",
             "confidence of computed signals: max(p_up, 1 - p_up)",
         )
-        histogram.add_metric([], buckets, sum_value=float(confidence["sum"]))
+        histogram.add_metric([], buckets, sum_value=confidence.sum)
         yield histogram
 
         staleness = GaugeMetricFamily(
@@ -103,8 +101,8 @@ class SnapshotCollector(Collector):
             "seconds since the newest bar of the symbol arrived (replays) or closed (live)",
             labels=["symbol"],
         )
-        for symbol, seconds in snap["staleness_s"].items():
-            staleness.add_metric([symbol], float(seconds))
+        for state in snap.symbols:
+            staleness.add_metric([state.symbol], state.staleness_s)
         yield staleness
 
         hit = GaugeMetricFamily(
@@ -122,11 +120,11 @@ class SnapshotCollector(Collector):
             "cumulative gross P&L of served signals, a sum of simple returns (0.01 = 1%)",
             labels=["symbol"],
         )
-        for symbol, summary in snap["outcomes"].items():
-            if summary.get("hit_rate") is not None:
-                hit.add_metric([symbol], float(summary["hit_rate"]))
-            realised.add_metric([symbol], float(summary.get("directional") or 0))
-            pnl.add_metric([symbol], float(summary.get("pnl_bps") or 0.0) / 1e4)
+        for outcome in snap.outcomes:
+            if outcome.hit_rate is not None:
+                hit.add_metric([outcome.symbol], outcome.hit_rate)
+            realised.add_metric([outcome.symbol], float(outcome.directional))
+            pnl.add_metric([outcome.symbol], outcome.pnl_bps / 1e4)
         yield hit
         yield realised
         yield pnl
@@ -134,13 +132,13 @@ class SnapshotCollector(Collector):
         reloads = CounterMetricFamily(
             f"{PREFIX}_registry_reloads", "production models loaded from the registry"
         )
-        reloads.add_metric([], float(snap["reloads"]))
+        reloads.add_metric([], float(snap.reloads))
         yield reloads
 
         age = GaugeMetricFamily(
             f"{PREFIX}_snapshot_age_seconds", "age of the engine snapshot the ingress serves"
         )
-        age.add_metric([], max(0.0, self._clock() - float(snap["taken_at"])))
+        age.add_metric([], max(0.0, self._clock() - snap.taken_at))
         yield age
 
 
@@ -148,7 +146,7 @@ class ApiMetrics:
     """The ingress' registry: its own request metrics plus the snapshot collector."""
 
     def __init__(
-        self, snapshot: Callable[[], dict[str, Any] | None], clock: Callable[[], float]
+        self, snapshot: Callable[[], EngineSnapshot | None], clock: Callable[[], float]
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(

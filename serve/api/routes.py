@@ -5,8 +5,9 @@ snapshot refreshed in the background) and on plain uvicorn (backend: an engine i
 the benchmark compares one handler behind two servers. `/signal` is answered from the snapshot in
 memory: no remote call, no model forward per request.
 
-Every error is JSON `{"error": CODE, "detail": "..."}` with the status of DESIGN.md §5; nothing
-reaches a client as a stack trace.
+Every error is JSON `{"error": CODE, "detail": "..."}` (`schemas.ErrorBody`) with the status of
+DESIGN.md §5; nothing reaches a client as a stack trace. Every answer has a response model in
+`serve.api.schemas`, so the OpenAPI document states it and FastAPI checks it.
 """
 
 from __future__ import annotations
@@ -27,18 +28,35 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from configs.schema import ServeConfig
+from configs.schema import SCOPE_PREDICT, SCOPE_READ, ServeConfig
 from market.klines import ONE_MINUTE_MS
 from serve.api.auth import AuthError, Claims, TokenService
 from serve.api.clients import ClientStore
-from serve.api.metrics import ApiMetrics
+from serve.api.metrics import MEDIA_TYPE, ApiMetrics
 from serve.api.ratelimit import RateLimiter
+from serve.api.schemas import (
+    CurrentModel,
+    ErrorBody,
+    Health,
+    HistoryOut,
+    Ready,
+    SignalOut,
+    TokenOut,
+    error_responses,
+)
+from serve.engine.snapshot import (
+    EngineSnapshot,
+    ModelInfo,
+    NoModelError,
+    Signal,
+    SignalPendingError,
+    UnknownSymbolError,
+)
 
 log = logging.getLogger(__name__)
 
-READ_SCOPE = "signals:read"
-PREDICT_SCOPE = "signals:predict"
 SYMBOL_PATTERN = r"^[A-Z0-9]{2,20}$"
+NOT_REPORTED = "the signal engine has not reported yet"
 ROUTES = (
     "/token",
     "/signal",
@@ -54,10 +72,10 @@ ROUTES = (
 class Backend(Protocol):
     """What the API needs from the engine, wherever it runs."""
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> EngineSnapshot | None:
         """The latest engine snapshot held in memory (None before the first one)."""
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> dict[str, Any]:
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
         """A signal for client-supplied bars; raises ValueError for unusable bars."""
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
@@ -82,7 +100,13 @@ class ApiError(Exception):
 def error_response(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+    body = ErrorBody(error=code, detail=detail)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def no_model(error: NoModelError) -> ApiError:
+    """The engine has no model to serve: 503, with why the last load failed if it did."""
+    return ApiError(503, "no_model", str(error))
 
 
 class BarIn(BaseModel):
@@ -225,14 +249,20 @@ def make_api(
             )
         return claims
 
-    def snapshot_or_503() -> dict[str, Any]:
+    def snapshot_or_503() -> EngineSnapshot:
         snap = backend.snapshot()
         if snap is None:
-            raise ApiError(503, "not_ready", "the signal engine has not reported yet")
+            raise ApiError(503, "not_ready", NOT_REPORTED)
         return snap
 
-    @api.post("/token")
-    async def token(request: Request) -> JSONResponse:
+    def model_or_503(snap: EngineSnapshot) -> ModelInfo:
+        try:
+            return snap.require_model()
+        except NoModelError as error:
+            raise no_model(error) from None
+
+    @api.post("/token", response_model=TokenOut, responses=error_responses(401, 403, 413, 422, 429))
+    async def token(request: Request, response: Response) -> TokenOut:
         body = await _read_body(request, 8192)
         form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
         fields = {key: values[0] for key, values in form.items() if values}
@@ -256,43 +286,39 @@ def make_api(
         if requested and len(granted) != len(requested):
             raise AuthError(403, "insufficient_scope", "a requested scope is not granted")
         access_token, expires_in = tokens.mint(client.client_id, granted)
-        return JSONResponse(
-            {
-                "access_token": access_token,
-                "token_type": "bearer",
-                "expires_in": expires_in,
-                "scope": " ".join(granted),
-            },
-            headers={"Cache-Control": "no-store"},
+        response.headers["Cache-Control"] = "no-store"
+        return TokenOut(
+            access_token=access_token,
+            token_type="bearer",
+            expires_in=expires_in,
+            scope=" ".join(granted),
         )
 
-    @api.get("/signal")
-    async def signal(
-        request: Request, symbol: str = Query(pattern=SYMBOL_PATTERN)
-    ) -> dict[str, Any]:
-        authorise(request, READ_SCOPE)
-        snap = snapshot_or_503()
-        if symbol not in snap["symbols"]:
-            raise ApiError(404, "unknown_symbol", f"{symbol} is not served; see /models/current")
-        if not snap["model"]:
-            raise ApiError(503, "no_model", snap.get("load_error") or "no production model")
-        current = snap["signals"].get(symbol)
-        if current is None:
-            raise ApiError(503, "not_ready", f"no signal for {symbol} yet: waiting for bars")
-        staleness, stale = staleness_of(snap, symbol, clock())
-        if stale:
-            return {
-                **current,
-                "signal": "NEUTRAL",
-                "confidence": 0.0,
-                "reason": f"stale features: no new bar for {staleness:.0f} s",
-            }
-        answer: dict[str, Any] = current
-        return answer
+    @api.get(
+        "/signal",
+        response_model=SignalOut,
+        responses=error_responses(401, 403, 404, 422, 429, 503),
+    )
+    async def signal(request: Request, symbol: str = Query(pattern=SYMBOL_PATTERN)) -> Signal:
+        authorise(request, SCOPE_READ)
+        try:
+            return snapshot_or_503().signal(symbol, clock())
+        except UnknownSymbolError:
+            raise ApiError(
+                404, "unknown_symbol", f"{symbol} is not served; see /models/current"
+            ) from None
+        except NoModelError as error:
+            raise no_model(error) from None
+        except SignalPendingError as error:
+            raise ApiError(503, "not_ready", str(error)) from None
 
-    @api.post("/predict")
-    async def predict(request: Request) -> dict[str, Any]:
-        authorise(request, PREDICT_SCOPE)
+    @api.post(
+        "/predict",
+        response_model=SignalOut,
+        responses=error_responses(401, 403, 413, 422, 429, 503),
+    )
+    async def predict(request: Request) -> Signal:
+        authorise(request, SCOPE_PREDICT)
         body = await _read_body(request, config.max_body_bytes)
         try:
             payload = PredictIn.model_validate_json(body)
@@ -304,69 +330,92 @@ def make_api(
                 "too_many_bars",
                 f"{len(payload.bars)} bars supplied; at most {config.max_predict_bars}",
             )
-        snap = snapshot_or_503()
-        if not snap["model"]:
-            raise ApiError(503, "no_model", snap.get("load_error") or "no production model")
+        model_or_503(snapshot_or_503())
         try:
             return await backend.predict(payload.symbol, [bar.model_dump() for bar in payload.bars])
         except ValueError as error:
             raise ApiError(422, "invalid_request", str(error)) from None
 
-    @api.get("/signals/history")
+    @api.get(
+        "/signals/history",
+        response_model=HistoryOut,
+        responses=error_responses(401, 403, 404, 422, 429, 503),
+    )
     async def history(
         request: Request,
         symbol: str | None = Query(default=None, pattern=SYMBOL_PATTERN),
         limit: int = Query(default=100, ge=1, le=1000),
-    ) -> dict[str, Any]:
-        authorise(request, READ_SCOPE)
+    ) -> HistoryOut:
+        authorise(request, SCOPE_READ)
         snap = snapshot_or_503()
-        if symbol is not None and symbol not in snap["symbols"]:
+        if symbol is not None and symbol not in snap.symbol_names:
             raise ApiError(404, "unknown_symbol", f"{symbol} is not served")
-        return {"symbol": symbol, "signals": await backend.history(symbol, limit)}
+        rows = await backend.history(symbol, limit)
+        return HistoryOut.model_validate({"symbol": symbol, "signals": rows})
 
-    @api.get("/models/current")
-    async def current_model(request: Request) -> dict[str, Any]:
-        authorise(request, READ_SCOPE)
+    @api.get(
+        "/models/current",
+        response_model=CurrentModel,
+        responses=error_responses(401, 403, 429, 503),
+    )
+    async def current_model(request: Request) -> CurrentModel:
+        authorise(request, SCOPE_READ)
         snap = snapshot_or_503()
-        if not snap["model"]:
-            raise ApiError(503, "no_model", snap.get("load_error") or "no production model")
-        return {**snap["model"], "symbols": snap["symbols"], "reloads": snap["reloads"]}
+        model = model_or_503(snap)
+        return CurrentModel(
+            version=model.version,
+            family=model.family,
+            window_bars=model.window_bars,
+            feature_spec_hash=model.feature_spec_hash,
+            metrics=model.metrics,
+            training_data_range=model.training_data_range,
+            evaluated_range=model.evaluated_range,
+            gate=model.gate,
+            thresholds=model.thresholds,
+            loaded_at_ms=model.loaded_at_ms,
+            symbols=list(snap.symbol_names),
+            reloads=snap.reloads,
+        )
 
-    @api.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @api.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        return Health(status="ok")
 
-    @api.get("/readyz")
-    async def readyz() -> JSONResponse:
+    @api.get("/readyz", response_model=Ready, responses=error_responses(503))
+    async def readyz() -> Ready:
         snap = backend.snapshot()
-        problems = []
         if snap is None:
-            problems.append("the signal engine has not reported yet")
-        else:
-            if not snap["model"]:
-                problems.append(snap.get("load_error") or "no production model loaded")
-            for symbol in snap["symbols"]:
-                staleness, stale = staleness_of(snap, symbol, clock())
-                if stale:
-                    problems.append(f"{symbol}: stale features ({staleness:.0f} s)")
-        if problems:
-            return error_response(503, "not_ready", "; ".join(problems))
-        return JSONResponse({"status": "ready", "model_version": snap["model"]["version"]})  # type: ignore[index]
+            raise ApiError(503, "not_ready", NOT_REPORTED)
+        problems = []
+        model = None
+        try:
+            model = snap.require_model()
+        except NoModelError as error:
+            problems.append(error.load_error or "no production model loaded")
+        now = clock()
+        for symbol in snap.symbol_names:
+            staleness, stale = snap.staleness(symbol, now)
+            if stale:
+                problems.append(f"{symbol}: stale features ({staleness:.0f} s)")
+        if model is None or problems:
+            raise ApiError(503, "not_ready", "; ".join(problems))
+        return Ready(status="ready", model_version=model.version)
 
-    @api.get("/metrics")
+    @api.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition",
+                "content": {MEDIA_TYPE: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(), media_type=MEDIA_TYPE)
 
     api.add_middleware(MetricsMiddleware, metrics=metrics)
     return api
-
-
-def staleness_of(snap: dict[str, Any], symbol: str, now: float) -> tuple[float, bool]:
-    """Seconds since `symbol`'s newest bar as of `now` (the snapshot's figure plus the
-    snapshot's own age, so a stalled engine reads as stale too) and whether that is stale."""
-    staleness = float(snap["staleness_s"].get(symbol, 0.0)) + max(0.0, now - snap["taken_at"])
-    stale = bool(snap["stale"].get(symbol)) or staleness > float(snap["stale_after_s"])
-    return staleness, stale
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

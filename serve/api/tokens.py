@@ -18,8 +18,8 @@ import secrets
 import sys
 from pathlib import Path
 
-from configs.schema import AuthConfig, ServeConfig, load_config
-from serve.api.auth import ALL_SCOPES, SCOPE_READ, KeyConfigError, TokenService
+from configs.schema import ALL_SCOPES, SCOPE_READ, AuthConfig, ServeConfig, load_config
+from serve.api.auth import KeyConfigError, TokenService
 from serve.api.clients import ClientStore
 
 log = logging.getLogger(__name__)

@@ -27,15 +27,25 @@ import polars as pl
 from configs.schema import BacktestConfig, ServeConfig
 from market.features.spec import spec_hash
 from models.artifact import LoadedModel, load_registered
-from models.registry import ModelRegistry
+from models.registry import PRODUCTION, ModelRegistry
 from serve.engine.feed import BarFeed
 from serve.engine.gold import GoldStore, SignalRecord
 from serve.engine.online_features import min_history_bars
-from serve.engine.signals import Signal, compute_signal
+from serve.engine.signals import compute_signal
+from serve.engine.snapshot import (
+    ConfidenceHistogram,
+    EngineSnapshot,
+    ModelInfo,
+    OutcomeSummary,
+    Signal,
+    SignalCount,
+    SymbolState,
+    UnknownSymbolError,
+    require_loaded,
+)
 
 log = logging.getLogger(__name__)
 
-PRODUCTION = "production"
 # Upper bounds of the served-confidence histogram (confidence lies in [0.5, 1]).
 CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
@@ -50,28 +60,20 @@ class ServingModel:
     thresholds: BacktestConfig
     loaded_at_ms: int
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ModelInfo:
         meta = self.metadata
-        return {
-            "version": self.version,
-            "family": self.model.spec.family,
-            "window_bars": self.model.spec.window_bars,
-            "feature_spec_hash": meta.get("feature_spec_hash"),
-            "metrics": meta.get("metrics", {}),
-            "training_data_range": meta.get("training_data_range"),
-            "evaluated_range": meta.get("evaluated_range"),
-            "gate": meta.get("gate"),
-            "thresholds": self.thresholds.model_dump(mode="json"),
-            "loaded_at_ms": self.loaded_at_ms,
-        }
-
-
-class UnknownSymbolError(KeyError):
-    """A symbol the feed does not serve."""
-
-
-class NoModelError(RuntimeError):
-    """No production model is loaded (nothing promoted yet, or the load failed)."""
+        return ModelInfo(
+            version=self.version,
+            family=self.model.spec.family,
+            window_bars=self.model.spec.window_bars,
+            feature_spec_hash=meta.get("feature_spec_hash"),
+            metrics=meta.get("metrics", {}),
+            training_data_range=meta.get("training_data_range"),
+            evaluated_range=meta.get("evaluated_range"),
+            gate=meta.get("gate"),
+            thresholds=self.thresholds,
+            loaded_at_ms=self.loaded_at_ms,
+        )
 
 
 class SignalEngine:
@@ -97,7 +99,7 @@ class SignalEngine:
         self.signal_counts: Counter[tuple[str, str]] = Counter(self.gold.counts_by_signal())
         self.confidence_counts = [0] * len(CONFIDENCE_BUCKETS)
         self.confidence_sum = 0.0
-        self.outcomes: dict[str, dict[str, Any]] = self.gold.outcome_summary()
+        self.outcomes: tuple[OutcomeSummary, ...] = self.gold.outcome_summary()
         self.sequence = 0
         self._lock = threading.RLock()
 
@@ -207,61 +209,45 @@ class SignalEngine:
     # -- reads ---------------------------------------------------------------------------
 
     def signal(self, symbol: str) -> Signal:
-        """The current signal of `symbol`, NEUTRAL with a reason when its bars are stale."""
-        if symbol not in self.feed.symbols:
-            raise UnknownSymbolError(symbol)
-        serving = self.serving
-        if serving is None:
-            raise NoModelError(self.load_error or "no production model in the registry yet")
-        current = self.signals.get(symbol)
-        if current is None:
-            raise NoModelError(f"no signal for {symbol} yet: waiting for bars")
-        if self.feed.is_stale(symbol):
-            staleness = self.feed.staleness_s(symbol)
-            return current.with_reason(
-                "NEUTRAL", 0.0, f"stale features: no new bar for {staleness:.0f} s"
-            )
-        return current
+        """The current signal of `symbol`, exactly as `/signal` serves it (NEUTRAL with a reason
+        when its bars are stale); the errors of `EngineSnapshot.signal`."""
+        return self.snapshot().signal(symbol, self.clock())
 
-    def snapshot(self) -> dict[str, Any]:
-        """Everything the ingress serves from memory, as plain (picklable) data."""
+    def snapshot(self) -> EngineSnapshot:
+        """Everything the ingress serves from memory, frozen (it crosses a Serve handle)."""
         with self._lock:
-            signals: dict[str, Any] = {}
-            staleness: dict[str, float] = {}
-            stale: dict[str, bool] = {}
-            for symbol in self.feed.symbols:
-                staleness[symbol] = self.feed.staleness_s(symbol)
-                stale[symbol] = self.feed.is_stale(symbol)
-                if symbol in self.signals:
-                    signals[symbol] = self.signals[symbol].as_dict()
-            return {
-                "sequence": self.sequence,
-                "taken_at": self.clock(),
-                "symbols": list(self.feed.symbols),
-                "signals": signals,
-                "staleness_s": staleness,
-                "stale": stale,
-                "stale_after_s": self.config.feed.stale_after_s,
-                "model": self.serving.info() if self.serving else None,
-                "load_error": self.load_error,
-                "reloads": self.reloads,
-                "signal_counts": [[s, k, n] for (s, k), n in sorted(self.signal_counts.items())],
-                "confidence": {
-                    "buckets": list(CONFIDENCE_BUCKETS),
-                    "counts": list(self.confidence_counts),
-                    "sum": self.confidence_sum,
-                },
-                "outcomes": self.outcomes,
-                "feed_errors": {
-                    s: e for s in self.feed.symbols if (e := self.feed.last_error(s)) is not None
-                },
-            }
+            serving = self.serving
+            return EngineSnapshot(
+                sequence=self.sequence,
+                taken_at=self.clock(),
+                stale_after_s=self.feed.config.stale_after_s,
+                symbols=tuple(
+                    SymbolState(
+                        symbol=symbol,
+                        staleness_s=self.feed.staleness_s(symbol),
+                        signal=self.signals.get(symbol),
+                        feed_error=self.feed.last_error(symbol),
+                    )
+                    for symbol in self.feed.symbols
+                ),
+                model=serving.info() if serving else None,
+                load_error=self.load_error,
+                reloads=self.reloads,
+                signal_counts=tuple(
+                    SignalCount(symbol, signal, count)
+                    for (symbol, signal), count in sorted(self.signal_counts.items())
+                ),
+                confidence=ConfidenceHistogram(
+                    buckets=CONFIDENCE_BUCKETS,
+                    counts=tuple(self.confidence_counts),
+                    sum=self.confidence_sum,
+                ),
+                outcomes=self.outcomes,
+            )
 
     def predict(self, symbol: str, bars: pl.DataFrame) -> Signal:
         """The signal the serving model gives a window of bars supplied by a client."""
-        serving = self.serving
-        if serving is None:
-            raise NoModelError(self.load_error or "no production model in the registry yet")
+        serving = require_loaded(self.serving, self.load_error)
         needed = min_history_bars(serving.model.spec.window_bars)
         if bars.height < needed:
             raise ValueError(

@@ -57,6 +57,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
 
 from market.klines import ONE_MINUTE_MS
+from serve.engine.snapshot import OutcomeSummary
 
 SIGNALS: Final = ("BUY", "SELL", "NEUTRAL")
 POSITION: Final[Mapping[str, int]] = {"BUY": 1, "SELL": -1, "NEUTRAL": 0}
@@ -380,11 +381,8 @@ class GoldStore:
             rows = conn.execute(stmt).mappings().all()
         return [_history_item(row) for row in rows]
 
-    def outcome_summary(self) -> dict[str, dict[str, float | None]]:
-        """Per symbol: ``signals`` served, ``filled``, ``directional`` (filled BUY/SELL), ``hits``,
-        ``hit_rate`` (hits / directional; None when there is none), ``pnl_bps`` (cumulative sum
-        of per-signal P&L in basis points, gross of fees; 0.0 when nothing is filled).
-        """
+    def outcome_summary(self) -> tuple[OutcomeSummary, ...]:
+        """The realised outcomes of each symbol's served signals, in symbol order."""
         t = GOLD_SIGNALS.c
         filled = t.filled_at_ms.is_not(None)
         directional = filled & t.signal.in_(("BUY", "SELL"))
@@ -402,19 +400,21 @@ class GoldStore:
         )
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).all()
-        summary: dict[str, dict[str, float | None]] = {}
+        summary = []
         for row in rows:
-            n_directional = int(row.directional)
-            hits = int(row.hits)
-            summary[row.symbol] = {
-                "signals": int(row.signals),
-                "filled": int(row.filled),
-                "directional": n_directional,
-                "hits": hits,
-                "hit_rate": hits / n_directional if n_directional else None,
-                "pnl_bps": float(row.pnl_bps),
-            }
-        return summary
+            n_directional, hits = int(row.directional), int(row.hits)
+            summary.append(
+                OutcomeSummary(
+                    symbol=row.symbol,
+                    signals=int(row.signals),
+                    filled=int(row.filled),
+                    directional=n_directional,
+                    hits=hits,
+                    hit_rate=hits / n_directional if n_directional else None,
+                    pnl_bps=float(row.pnl_bps),
+                )
+            )
+        return tuple(summary)
 
     def counts_by_signal(self) -> dict[tuple[str, str], int]:
         """(symbol, signal) -> number of served signals, to restore counters after a restart."""

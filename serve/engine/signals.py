@@ -8,7 +8,7 @@ evaluation that justified promoting the model.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,41 +22,9 @@ from models.artifact import LoadedModel
 from models.backtest import decide_signals
 from models.dataset import INPUT_COLUMNS, model_inputs
 from serve.engine.online_features import latest_features
+from serve.engine.snapshot import Signal
 
 SIGNAL_NAMES = {1: "BUY", -1: "SELL", 0: "NEUTRAL"}
-
-
-@dataclass(frozen=True)
-class Signal:
-    """A served signal for the bar that closed at `as_of` (its open time + 1 minute).
-
-    `predicted_return` is the model's 10-minute log return; `predicted_close` applies it to the
-    decision bar's close. `confidence` is the probability the model gives its more likely
-    direction, max(p_up, 1 - p_up), in [0.5, 1]; 0 when there is no opinion (stale data, gaps).
-    """
-
-    symbol: str
-    signal: str
-    confidence: float
-    p_up: float | None
-    predicted_return: float | None
-    predicted_close: float | None
-    horizon_minutes: int
-    as_of: str
-    bar_open_time_ms: int
-    close: float
-    model_version: str
-    feature_spec_hash: str
-    reason: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def with_reason(self, signal: str, confidence: float, reason: str) -> Signal:
-        """The same bar with an overriding decision (for example NEUTRAL on stale data)."""
-        data = self.as_dict()
-        data.update(signal=signal, confidence=confidence, reason=reason)
-        return Signal(**data)
 
 
 def bar_close_iso(open_time_ms: int) -> str:
@@ -123,8 +91,8 @@ def compute_signal(
     decision = int(decide_signals(p_up, predicted, thresholds)[0])
     probability = float(p_up[0])
     ret = float(predicted[0])
-    data = base.as_dict()
-    data.update(
+    return replace(
+        base,
         signal=SIGNAL_NAMES[decision],
         confidence=max(probability, 1.0 - probability),
         p_up=probability,
@@ -132,7 +100,6 @@ def compute_signal(
         predicted_close=_finite(close * math.exp(ret)),
         reason=None if decision else "edge below the cost threshold",
     )
-    return Signal(**data)
 
 
 def bars_frame(symbol: str, bars: list[dict[str, Any]]) -> pl.DataFrame:

@@ -19,13 +19,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from configs.schema import AuthConfig, JwtConfig
+from configs.schema import ALL_SCOPES, SCOPE_PREDICT, SCOPE_READ, AuthConfig, JwtConfig
 from serve.api import tokens
 from serve.api.auth import (
-    ALL_SCOPES,
     AUTH_ERROR_CODES,
-    SCOPE_PREDICT,
-    SCOPE_READ,
     AuthError,
     Claims,
     KeyConfigError,

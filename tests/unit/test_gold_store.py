@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from serve.engine.gold import GoldStore, SignalRecord
+from serve.engine.snapshot import OutcomeSummary
 
 T0 = 1_706_572_800_000  # 2024-01-30 00:00 UTC, epoch ms
 MINUTE = 60_000
@@ -202,23 +203,19 @@ def test_outcome_summary_and_counts(store: GoldStore) -> None:
     assert store.fill_outcomes("ETHUSDT", {T0 + H * MINUTE: 90.0}, NOW) == 1
 
     summary = store.outcome_summary()
-    btc = summary["BTCUSDT"]
-    assert btc["signals"] == 5
-    assert btc["filled"] == 4
-    assert btc["directional"] == 3  # BUY, SELL, BUY filled; the NEUTRAL does not count
-    assert btc["hits"] == 2
-    assert btc["hit_rate"] == pytest.approx(2 / 3)
-    assert btc["pnl_bps"] == pytest.approx(200.0 - 200.0 + 200.0, rel=1e-9)
-    assert summary["ETHUSDT"] == {
-        "signals": 1,
-        "filled": 1,
-        "directional": 0,
-        "hits": 0,
-        "hit_rate": None,
-        "pnl_bps": 0.0,
-    }
-    assert summary["SOLUSDT"]["hit_rate"] is None
-    assert summary["SOLUSDT"]["pnl_bps"] == 0.0
+    assert [s.symbol for s in summary] == ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+    btc, eth, sol = summary
+    assert btc.signals == 5
+    assert btc.filled == 4
+    assert btc.directional == 3  # BUY, SELL, BUY filled; the NEUTRAL does not count
+    assert btc.hits == 2
+    assert btc.hit_rate == pytest.approx(2 / 3)
+    assert btc.pnl_bps == pytest.approx(200.0 - 200.0 + 200.0, rel=1e-9)
+    assert eth == OutcomeSummary(
+        symbol="ETHUSDT", signals=1, filled=1, directional=0, hits=0, hit_rate=None, pnl_bps=0.0
+    )
+    assert sol.hit_rate is None
+    assert sol.pnl_bps == 0.0
     assert store.counts_by_signal() == {
         ("BTCUSDT", "BUY"): 2,
         ("BTCUSDT", "SELL"): 2,
@@ -244,7 +241,7 @@ def test_signal_without_model_outputs(store: GoldStore) -> None:
 
 
 def test_empty_store(store: GoldStore) -> None:
-    assert store.outcome_summary() == {}
+    assert store.outcome_summary() == ()
     assert store.counts_by_signal() == {}
     assert store.history(None, 10) == []
 

@@ -31,7 +31,16 @@ from cluster.monitoring_assets import (
     rule_metric_names,
     rule_paths,
 )
+from configs.schema import BacktestConfig
 from serve.api.metrics import METRIC_NAMES, ApiMetrics
+from serve.engine.snapshot import (
+    ConfidenceHistogram,
+    EngineSnapshot,
+    ModelInfo,
+    OutcomeSummary,
+    SignalCount,
+    SymbolState,
+)
 
 GRAFANA = monitoring_dir() / "grafana"
 SEVERITIES = {"critical", "warning"}
@@ -359,15 +368,29 @@ def test_metric_types_cover_metric_names() -> None:
 
 def test_metric_types_match_what_the_api_renders() -> None:
     """The type mapping agrees with an actual exposition of ApiMetrics over a full snapshot."""
-    snapshot = {
-        "model": {"version": "v3", "family": "lstm", "feature_spec_hash": "abc"},
-        "signal_counts": [("BTCUSDT", "BUY", 3)],
-        "confidence": {"buckets": [0.6, 0.8, 1.0], "counts": [1, 1, 1], "sum": 2.1},
-        "staleness_s": {"BTCUSDT": 12.0},
-        "outcomes": {"BTCUSDT": {"hit_rate": 0.6, "directional": 5, "pnl_bps": 12.0}},
-        "reloads": 1,
-        "taken_at": 100.0,
-    }
+    snapshot = EngineSnapshot(
+        sequence=7,
+        taken_at=100.0,
+        stale_after_s=150.0,
+        symbols=(SymbolState("BTCUSDT", staleness_s=12.0, signal=None, feed_error=None),),
+        model=ModelInfo(
+            version="v3",
+            family="lstm",
+            window_bars=64,
+            feature_spec_hash="abc",
+            metrics={},
+            training_data_range=None,
+            evaluated_range=None,
+            gate=None,
+            thresholds=BacktestConfig(),
+            loaded_at_ms=0,
+        ),
+        load_error=None,
+        reloads=1,
+        signal_counts=(SignalCount("BTCUSDT", "BUY", 3),),
+        confidence=ConfidenceHistogram(buckets=(0.6, 0.8, 1.0), counts=(1, 1, 1), sum=2.1),
+        outcomes=(OutcomeSummary("BTCUSDT", 8, 6, 5, 3, hit_rate=0.6, pnl_bps=12.0),),
+    )
     metrics = ApiMetrics(lambda: snapshot, lambda: 101.0)
     metrics.observe("/signal", "GET", 200, 0.003)
     metrics.auth_failures.labels("invalid_token").inc()

@@ -4,6 +4,8 @@ stale data, no model, and the metrics the engine feeds. Time is a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import pickle
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from configs.schema import AuthConfig, FeedConfig, GoldConfig, JwtConfig, ServeC
 from serve.api.auth import TokenService
 from serve.api.clients import ClientStore
 from serve.api.routes import make_api
-from serve.engine.engine import NoModelError, SignalEngine, UnknownSymbolError
+from serve.engine.engine import SignalEngine
+from serve.engine.snapshot import NoModelError, UnknownSymbolError
 from serve.local import LocalBackend
 from tests.serve_support import register_model
 
@@ -89,7 +92,7 @@ def test_engine_without_a_production_model(tmp_path: Path) -> None:
     engine.tick()
     with pytest.raises(NoModelError):
         engine.signal("SIMAAA")
-    assert engine.snapshot()["model"] is None
+    assert engine.snapshot().model is None
     engine.close()
 
 
@@ -170,4 +173,46 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
     # The limit is per client: another subject is still served.
     other = client.get("/signal?symbol=SIMAAA", headers={"Authorization": f"Bearer {second}"})
     assert other.status_code == 200
+    engine.close()
+
+
+def test_engine_and_api_apply_one_staleness_rule(tmp_path: Path) -> None:
+    """`engine.signal` and GET /signal give the same answer, fresh and stale, also while the API's
+    snapshot ages without a new engine round; /readyz turns on the same threshold."""
+    register_model(tmp_path / "registry", seed=1)
+    clock = FakeClock()
+    config = config_for(tmp_path, stale_after_s=30.0)
+    engine = SignalEngine(config, clock=clock)
+    backend = LocalBackend(engine)
+    backend.step()
+    tokens = TokenService.from_config(config.auth.jwt)
+    api = make_api(backend, config, tokens, ClientStore.load(config.auth.clients_file), clock=clock)
+    token, _ = tokens.mint("tester", ["signals:read"])
+    client = TestClient(api)
+    clock.now += 1140.0 + 5  # past the replay's last bar: no new bar from here on
+    backend.step(check_registry=False)
+    answers = []
+    for _ in range(4):  # the snapshot ages by 10 s a step; it crosses 30 s of staleness
+        clock.now += 10.0
+        served = client.get("/signal?symbol=SIMAAA", headers={"Authorization": f"Bearer {token}"})
+        assert served.status_code == 200
+        assert served.json() == dataclasses.asdict(engine.signal("SIMAAA"))
+        staleness, stale = engine.snapshot().staleness("SIMAAA", clock())
+        held = backend.snapshot()  # the API's snapshot, one engine round old
+        assert held is not None and held.staleness("SIMAAA", clock()) == (staleness, stale)
+        assert client.get("/readyz").status_code == (503 if stale else 200)
+        answers.append(served.json()["signal"] == "NEUTRAL")
+    assert answers[0] is False and answers[-1] is True
+    engine.close()
+
+
+def test_engine_snapshot_survives_pickling(tmp_path: Path) -> None:
+    """The snapshot crosses a Serve handle: a real one, with model facts and signals, pickles."""
+    register_model(tmp_path / "registry", seed=1)
+    engine = SignalEngine(config_for(tmp_path), clock=FakeClock())
+    engine.refresh_model()
+    engine.tick()
+    snap = engine.snapshot()
+    assert snap.model is not None and snap.state("SIMAAA").signal is not None
+    assert pickle.loads(pickle.dumps(snap)) == snap
     engine.close()

@@ -1,0 +1,135 @@
+"""The API's OpenAPI document states every route's answer and its error bodies, and the response
+models carry exactly the fields the engine and the Gold store produce, in wire order."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from configs.schema import AuthConfig, GoldConfig, JwtConfig, ServeConfig
+from serve.api.auth import TokenService
+from serve.api.clients import ClientStore
+from serve.api.metrics import MEDIA_TYPE
+from serve.api.routes import ROUTES, make_api
+from serve.api.schemas import CurrentModel, ErrorBody, HistoryItem, SignalOut
+from serve.engine.gold import GoldStore, SignalRecord
+from serve.engine.snapshot import EngineSnapshot, ModelInfo, Signal
+
+# route -> (method, 200 schema, the error statuses it can answer)
+EXPECTED = {
+    "/token": ("post", "TokenOut", {401, 403, 413, 422, 429}),
+    "/signal": ("get", "SignalOut", {401, 403, 404, 422, 429, 503}),
+    "/predict": ("post", "SignalOut", {401, 403, 413, 422, 429, 503}),
+    "/signals/history": ("get", "HistoryOut", {401, 403, 404, 422, 429, 503}),
+    "/models/current": ("get", "CurrentModel", {401, 403, 429, 503}),
+    "/healthz": ("get", "Health", set()),
+    "/readyz": ("get", "Ready", {503}),
+}
+
+
+class NoEngine:
+    """A backend that never reports: enough to build the app and its document."""
+
+    def snapshot(self) -> EngineSnapshot | None:
+        return None
+
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+        raise AssertionError("not called")
+
+    async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        raise AssertionError("not called")
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+@pytest.fixture
+def api_config(tmp_path: Path) -> ServeConfig:
+    return ServeConfig(
+        registry=str(tmp_path / "registry"),
+        auth=AuthConfig(
+            jwt=JwtConfig(secret_env="QUANT_AI_UNSET_FOR_TESTS"),
+            clients_file=str(tmp_path / "clients.yaml"),
+        ),
+        gold=GoldConfig(url=f"sqlite:///{tmp_path / 'gold.sqlite'}"),
+    )
+
+
+def openapi(config: ServeConfig) -> dict[str, Any]:
+    tokens = TokenService(config.auth.jwt, secret="openapi-secret-" + "x" * 40)
+    api = make_api(NoEngine(), config, tokens, ClientStore.load(config.auth.clients_file))
+    document: dict[str, Any] = api.openapi()
+    return document
+
+
+def test_every_route_documents_its_answer_and_errors(api_config: ServeConfig) -> None:
+    document = openapi(api_config)
+    assert set(document["paths"]) == set(ROUTES)
+    for route, (method, schema, errors) in EXPECTED.items():
+        responses = document["paths"][route][method]["responses"]
+        ok = responses["200"]["content"]["application/json"]["schema"]
+        assert ok == {"$ref": f"#/components/schemas/{schema}"}, route
+        assert {int(status) for status in responses} - {200} == errors, route
+        for status in errors:
+            body = responses[str(status)]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/ErrorBody"}, (route, status)
+    metrics = document["paths"]["/metrics"]["get"]["responses"]
+    assert set(metrics) == {"200"}
+    assert list(metrics["200"]["content"]) == [MEDIA_TYPE]
+    error = document["components"]["schemas"]["ErrorBody"]
+    assert set(error["properties"]) == {"error", "detail"}
+    assert set(error["required"]) == {"error", "detail"}
+
+
+def test_error_bodies_have_the_documented_shape(api_config: ServeConfig) -> None:
+    tokens = TokenService(api_config.auth.jwt, secret="openapi-secret-" + "x" * 40)
+    api = make_api(NoEngine(), api_config, tokens, ClientStore.load(api_config.auth.clients_file))
+    client = TestClient(api)
+    for response in (
+        client.get("/readyz"),
+        client.get("/signal?symbol=SIMAAA"),
+        client.get("/nowhere"),
+    ):
+        assert list(response.json()) == list(ErrorBody.model_fields), response.text
+        ErrorBody.model_validate(response.json())
+
+
+def test_signal_answer_has_the_signal_fields_in_order() -> None:
+    assert list(SignalOut.model_fields) == [f.name for f in dataclasses.fields(Signal)]
+
+
+def test_current_model_answer_is_the_model_info_plus_symbols_and_reloads() -> None:
+    fields = [f.name for f in dataclasses.fields(ModelInfo)]
+    assert list(CurrentModel.model_fields) == [*fields, "symbols", "reloads"]
+
+
+def test_history_item_has_the_gold_store_fields_in_order(tmp_path: Path) -> None:
+    store = GoldStore(f"sqlite:///{tmp_path / 'gold.sqlite'}")
+    store.record(
+        SignalRecord(
+            symbol="SIMAAA",
+            bar_open_time_ms=1_709_269_860_000,
+            signal="BUY",
+            confidence=0.6,
+            p_up=0.6,
+            predicted_return=0.001,
+            predicted_close=101.0,
+            close=100.9,
+            horizon_minutes=10,
+            model_version="v0001",
+            feature_spec_hash="abc",
+            reason=None,
+            served_at_ms=1_709_269_920_000,
+        )
+    )
+    (row,) = store.history("SIMAAA", 10)
+    store.close()
+    assert list(HistoryItem.model_fields) == list(row)
+    assert HistoryItem.model_validate(row).model_dump() == row
