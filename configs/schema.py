@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -244,6 +244,11 @@ class JwtConfig(StrictModel):
     token_ttl_s: int = Field(default=900, ge=1)
     leeway_s: int = Field(default=10, ge=0, le=300)
     max_token_bytes: int = Field(default=4096, ge=128)
+
+
+SCOPE_READ: Final = "signals:read"
+SCOPE_PREDICT: Final = "signals:predict"
+ALL_SCOPES: Final = (SCOPE_READ, SCOPE_PREDICT)
 
 
 class AuthConfig(StrictModel):
