@@ -21,6 +21,7 @@ from typing import Any
 from cluster.ray_runtime import connect
 from configs.schema import SimConfig, TuneJobConfig, load_config
 from market.sim_silver import write_sim_silver
+from models.runs import COMPLETED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,7 @@ def main() -> int:
             figures[label] = {
                 "seconds": round(seconds, 1),
                 "trial_epochs": epochs,
-                "completed": int((board["status"] == "completed").sum()),
+                "completed": int((board["status"] == COMPLETED).sum()),
                 "best_score": result.summary["best_score"],
             }
             print(f"{label}: {figures[label]}", file=sys.stderr)

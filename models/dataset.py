@@ -91,38 +91,74 @@ def _valid_run(segment: np.ndarray, inputs_ok: np.ndarray) -> np.ndarray:
     return np.where(inputs_ok, index - last_block, 0)
 
 
+@dataclass(frozen=True)
+class _OrderedRows:
+    """A table's rows in (symbol, open_time) order: symbol codes, open times, segment ids and
+    `column(name)`, any float column in that order."""
+
+    table: pa.Table
+    symbols: tuple[str, ...]
+    order: np.ndarray
+    code: np.ndarray
+    open_time: np.ndarray
+    segment: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _OrderedRows:
+        symbol_col = table.column("symbol").to_numpy(zero_copy_only=False).astype(str)
+        open_time = (
+            table.column("open_time").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
+        )
+        symbols = tuple(sorted(set(symbol_col.tolist())))
+        code = np.searchsorted(np.array(symbols), symbol_col).astype(np.int32)
+        order = np.lexsort((open_time, code))
+        code, open_time = code[order], open_time[order]
+        # A segment breaks at a missing minute or a new symbol.
+        step = np.diff(open_time, prepend=open_time[:1] - 2 * ONE_MINUTE_MS)
+        new_segment = (step != ONE_MINUTE_MS) | (np.diff(code, prepend=-1) != 0)
+        segment = np.cumsum(new_segment).astype(np.int64) - 1
+        return cls(table, symbols, order, code, open_time, segment)
+
+    def column(self, name: str) -> np.ndarray:
+        values = self.table.column(name).to_numpy(zero_copy_only=False)
+        return np.asarray(values, dtype=np.float64)[self.order]
+
+
 def arrays_from_table(table: pa.Table) -> MarketArrays:
     """Build MarketArrays from a table with the SILVER_COLUMNS (any row order)."""
-    symbol_col = table.column("symbol").to_numpy(zero_copy_only=False).astype(str)
-    open_time = (
-        table.column("open_time").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()).to_numpy()
-    )
-    symbols = tuple(sorted(set(symbol_col.tolist())))
-    code = np.searchsorted(np.array(symbols), symbol_col).astype(np.int32)
-    order = np.lexsort((open_time, code))
-
-    def col(name: str) -> np.ndarray:
-        values = table.column(name).to_numpy(zero_copy_only=False)
-        return np.asarray(values, dtype=np.float64)[order]
-
-    code = code[order]
-    open_time = open_time[order]
-    close = col("close")
-    inputs = model_inputs({name: col(name) for name in INPUT_COLUMNS}, close)
-    step = np.diff(open_time, prepend=open_time[:1] - 2 * ONE_MINUTE_MS)
-    new_segment = (step != ONE_MINUTE_MS) | (np.diff(code, prepend=-1) != 0)
-    segment = np.cumsum(new_segment).astype(np.int64) - 1
+    rows = _OrderedRows.of(table)
+    close = rows.column("close")
+    inputs = model_inputs({name: rows.column(name) for name in INPUT_COLUMNS}, close)
     return MarketArrays(
-        symbols=symbols,
-        symbol_index=code,
-        open_time_ms=open_time,
-        open=col("open"),
+        symbols=rows.symbols,
+        symbol_index=rows.code,
+        open_time_ms=rows.open_time,
+        open=rows.column("open"),
         close=close,
         inputs=inputs,
-        target_ret=col("target_ret_10").astype(np.float32),
-        target_up=col("target_up_10").astype(np.float32),
-        segment=segment,
-        valid_run=_valid_run(segment, np.isfinite(inputs).all(axis=1)),
+        target_ret=rows.column("target_ret_10").astype(np.float32),
+        target_up=rows.column("target_up_10").astype(np.float32),
+        segment=rows.segment,
+        valid_run=_valid_run(rows.segment, np.isfinite(inputs).all(axis=1)),
+    )
+
+
+def price_arrays(table: pa.Table) -> MarketArrays:
+    """MarketArrays with prices only, from a table of symbol, open_time, open and close (any
+    row order): enough to score buy-and-hold, with no model inputs and NaN targets."""
+    rows = _OrderedRows.of(table)
+    bars = len(rows.order)
+    return MarketArrays(
+        symbols=rows.symbols,
+        symbol_index=rows.code,
+        open_time_ms=rows.open_time,
+        open=rows.column("open"),
+        close=rows.column("close"),
+        inputs=np.empty((bars, 0), dtype=np.float32),
+        target_ret=np.full(bars, np.nan, dtype=np.float32),
+        target_up=np.full(bars, np.nan, dtype=np.float32),
+        segment=rows.segment,
+        valid_run=np.zeros(bars, dtype=np.int64),
     )
 
 

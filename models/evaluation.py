@@ -9,13 +9,12 @@ data gap, a fold boundary or a symbol: positions are flat at every break.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from configs.schema import BacktestConfig
 from models.backtest import (
@@ -72,6 +71,17 @@ class Evaluation:
     @property
     def score(self) -> float:
         return self.metrics["score"]
+
+
+def equity_curve(evaluation: Evaluation) -> pd.Series:
+    """Equity of a record as a multiple of the starting capital, cumprod(1 + per-bar net
+    returns), indexed by UTC bar open time and named after the record."""
+    index = pd.to_datetime(evaluation.open_time_ms, unit="ms", utc=True)
+    return pd.Series(
+        np.cumprod(1.0 + np.asarray(evaluation.returns, dtype=np.float64)),
+        index=index,
+        name=evaluation.name,
+    )
 
 
 def _portfolio_timeline(
@@ -255,38 +265,3 @@ def baseline_predictions(
                 predicted[mask] = forecast.predicted_return
                 p_up[mask] = forecast.p_up
     return out
-
-
-def save_record(trial_dir: Path, evaluation: Evaluation) -> None:
-    """A trial's out-of-sample record: `record.npz` (`open_time_ms`, UTC epoch ms, and
-    `returns`, portfolio net per-bar simple returns) and `evaluation.json` (`metrics`,
-    `folds`, `regimes`). Read by the gate, the report and the dashboard."""
-    np.savez(
-        trial_dir / "record.npz", open_time_ms=evaluation.open_time_ms, returns=evaluation.returns
-    )
-    (trial_dir / "evaluation.json").write_text(
-        json.dumps(
-            {
-                "metrics": evaluation.metrics,
-                "folds": evaluation.fold_metrics,
-                "regimes": evaluation.regimes,
-            },
-            default=float,
-        )
-    )
-
-
-def load_record(trial_dir: Path, name: str) -> Evaluation:
-    """The record `save_record` wrote, as an Evaluation named `name`."""
-    with np.load(trial_dir / "record.npz") as record:
-        open_time_ms = np.asarray(record["open_time_ms"], dtype=np.int64)
-        returns = np.asarray(record["returns"], dtype=np.float64)
-    data = json.loads((trial_dir / "evaluation.json").read_text())
-    return Evaluation(
-        name=name,
-        open_time_ms=open_time_ms,
-        returns=returns,
-        metrics=data["metrics"],
-        fold_metrics=data["folds"],
-        regimes=data["regimes"],
-    )

@@ -1,11 +1,11 @@
 """Sweep outputs: the leaderboard files and a self-contained HTML robustness report.
 
-`write_leaderboard` writes every trial of a sweep to `leaderboard.parquet` and
-`leaderboard.csv`, sorted by score (mean fold net Sharpe, annualised from 1-minute bars)
-descending with NaN last. `write_html_report` renders one offline-viewable HTML page: the
-promotion decision and its reasons, the leaderboard, per-trial metric charts, equity and
-drawdown curves of the best candidates against the baselines and buy-and-hold, the
-fold-by-fold table and the regime breakdown.
+`write_leaderboard` writes every trial of a sweep to the run directory's leaderboard files
+(Parquet and CSV, named by `models.runs`), sorted by score (mean fold net Sharpe, annualised
+from 1-minute bars) descending with NaN last. `write_html_report` renders one
+offline-viewable HTML page: the promotion decision and its reasons, the leaderboard, per-trial
+metric charts, equity and drawdown curves of the best candidates against the baselines and
+buy-and-hold, the fold-by-fold table and the regime breakdown.
 
 Units: Sharpe ratios are those the backtest computed (annualised from 1-minute bars unless
 the caller states otherwise); returns, drawdowns, hit rates and turnover are fractions as
@@ -45,11 +45,27 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
 
+from models.runs import BUY_AND_HOLD, COMPLETED, EARLY_STOPPED, ERRORED, RunDir
+
 DEFAULT_MAX_POINTS = 5_000
 """Most points a plotted curve keeps (first, last, and a min and a max per bucket)."""
 
-LEADERBOARD_PARQUET = "leaderboard.parquet"
-LEADERBOARD_CSV = "leaderboard.csv"
+LEADERBOARD_METRICS: tuple[str, ...] = (
+    "score",
+    "worst_fold_sharpe",
+    "sharpe",
+    "total_return",
+    "max_drawdown",
+    "signal_hit_rate",
+    "directional_accuracy",
+    "trades",
+    "turnover",
+    "exposure",
+    "val_loss",
+)
+"""A trial's metrics in a leaderboard, in column order: Sharpe ratios annualised from 1-minute
+bars (`score` is their mean over folds), returns and drawdowns as fractions, `val_loss` the
+last validation loss; NaN where the trial did not complete."""
 
 SECTION_HEADINGS: tuple[str, ...] = (
     "Promotion decision",
@@ -68,12 +84,11 @@ REGIME_ORDER: tuple[str, ...] = ("high_vol", "low_vol", "up_trend", "down_trend"
 # Columns that may name the model a fold or regime row belongs to, most specific first.
 _MODEL_COLUMNS: tuple[str, ...] = ("model", "name", "candidate", "trial_id")
 _TMP_PREFIX = ".tmp-"
-_BUY_AND_HOLD = "buy_and_hold"
 _BASELINE_PREFIX = "baseline:"
 _STATUS_SYMBOLS: Mapping[str, str] = {
-    "completed": "circle",
-    "early_stopped": "x",
-    "error": "diamond-open",
+    COMPLETED: "circle",
+    EARLY_STOPPED: "x",
+    ERRORED: "diamond-open",
 }
 _PALETTE: tuple[str, ...] = (
     "#1f77b4",
@@ -136,7 +151,7 @@ def sort_leaderboard(leaderboard: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_leaderboard(leaderboard: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write the sweep leaderboard as `leaderboard.parquet` and `leaderboard.csv` in `out_dir`.
+    """Write the sweep leaderboard as Parquet and CSV in the run directory `out_dir`.
 
     Both files hold the same rows and columns: every trial the caller passes (completed,
     early-stopped and failed), sorted by `score` (mean fold net Sharpe, annualised from
@@ -145,11 +160,11 @@ def write_leaderboard(leaderboard: pd.DataFrame, out_dir: str | Path) -> tuple[P
     hyperparameters) are stored as JSON text in both files. `out_dir` is created if missing;
     each file is written atomically. Returns (parquet path, csv path).
     """
-    directory = Path(out_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    run = RunDir(Path(out_dir))
+    run.root.mkdir(parents=True, exist_ok=True)
     table = _storable(sort_leaderboard(leaderboard))
-    parquet_path = directory / LEADERBOARD_PARQUET
-    csv_path = directory / LEADERBOARD_CSV
+    parquet_path = run.leaderboard_parquet
+    csv_path = run.leaderboard_csv
     _write_atomically(parquet_path, lambda tmp: table.to_parquet(tmp, index=False))
     _write_atomically(csv_path, lambda tmp: table.to_csv(tmp, index=False))
     return parquet_path, csv_path
@@ -249,6 +264,19 @@ def drawdown(equity: pd.Series) -> pd.Series:
     """
     values = pd.to_numeric(equity, errors="coerce")
     return 1.0 - values / values.cummax()
+
+
+def curve_summary(curve: pd.Series) -> dict[str, float]:
+    """`final_equity` (x starting capital), `total_return` (fraction) and `max_drawdown`
+    (fraction of the running peak) of an equity curve, on every bar; NaN for an empty curve."""
+    if len(curve) == 0:
+        return {"final_equity": math.nan, "total_return": math.nan, "max_drawdown": math.nan}
+    values = curve.to_numpy(np.float64)
+    return {
+        "final_equity": float(values[-1]),
+        "total_return": float(values[-1] / values[0] - 1.0) if values[0] else math.nan,
+        "max_drawdown": float(drawdown(curve).max()),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +424,7 @@ def _section_leaderboard(board: pd.DataFrame) -> str:
         counts = statuses.value_counts()
         summary = ", ".join(f"{count} {status}" for status, count in counts.items())
         parts.append(f"<p>{len(board)} trials: {_esc(summary)}.</p>")
-        if not (statuses == "completed").any():
+        if not (statuses == COMPLETED).any():
             parts.append(_empty("No trial completed; the trials below stopped early or failed."))
     parts.append(
         "<p>Sorted by score (mean fold net Sharpe after fees, annualised from 1-minute bars), "
@@ -491,21 +519,28 @@ def _section_trial_metrics(leaderboard: pd.DataFrame) -> str:
     return _section(heading, caption + _figure_html(figure, "fig-trials"))
 
 
-def _line_figure(curves: Mapping[str, pd.Series]) -> go.Figure:
-    """One line per curve, candidates, baselines and buy-and-hold styled apart."""
-    figure = go.Figure()
-    for name in _curve_order(curves):
-        curve = curves[name]
-        figure.add_trace(
-            go.Scatter(
-                x=_plot_x(curve.index),
-                y=curve.to_numpy(np.float64),
-                mode="lines",
-                name=name,
-                line=_curve_style(name),
-            )
+def curve_traces(
+    curves: Mapping[str, pd.Series], *, suffix: str = "", showlegend: bool = True
+) -> list[go.Scatter]:
+    """One line per curve: candidates first, then `baseline:` curves dashed, then buy-and-hold
+    dotted black; a candidate's colour is fixed by its name, so it matches across charts.
+
+    x is epoch milliseconds (UTC) for a time index, so a figure showing these traces needs a
+    "date" x axis. Each trace is named after its curve plus `suffix` and grouped in the legend
+    by the curve's name (so an equity and a drawdown trace of one curve toggle together).
+    """
+    return [
+        go.Scatter(
+            x=_plot_x(curves[name].index),
+            y=curves[name].to_numpy(np.float64),
+            mode="lines",
+            name=f"{name}{suffix}",
+            legendgroup=name,
+            showlegend=showlegend,
+            line=_curve_style(name),
         )
-    return figure
+        for name in _curve_order(curves)
+    ]
 
 
 def _section_equity(
@@ -514,7 +549,7 @@ def _section_equity(
     heading = "Equity curves"
     if not curves:
         return _section(heading, _empty("No equity curves were provided."))
-    figure = _line_figure(plotted)
+    figure = go.Figure(curve_traces(plotted))
     every_positive = all(bool((curve > 0).all()) for curve in curves.values())
     axis_type = "log" if log_y and every_positive else "linear"
     figure.update_layout(
@@ -531,9 +566,7 @@ def _section_equity(
                 "bars": len(curve),
                 "start": curve.index[0],
                 "end": curve.index[-1],
-                "final_equity": float(curve.iloc[-1]),
-                "total_return": float(curve.iloc[-1] / curve.iloc[0] - 1.0),
-                "max_drawdown": float(drawdown(curve).max()),
+                **curve_summary(curve),
             }
             for name in _curve_order(curves)
             for curve in [curves[name]]
@@ -554,7 +587,7 @@ def _section_drawdowns(drawdowns: Mapping[str, pd.Series]) -> str:
     heading = "Drawdowns"
     if not drawdowns:
         return _section(heading, _empty("No equity curves were provided."))
-    figure = _line_figure(drawdowns)
+    figure = go.Figure(curve_traces(drawdowns))
     figure.update_layout(
         height=380,
         xaxis={"title": {"text": "bar open time (UTC)"}, "type": _x_type(drawdowns)},
@@ -770,7 +803,7 @@ def _clean_curves(equity_curves: Mapping[str, pd.Series]) -> dict[str, pd.Series
 
 
 def _curve_kind(name: str) -> str:
-    if name == _BUY_AND_HOLD:
+    if name == BUY_AND_HOLD:
         return "buy and hold"
     if name.startswith(_BASELINE_PREFIX):
         return "baseline"

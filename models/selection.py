@@ -24,17 +24,15 @@ from models.evaluation import (
     Evaluation,
     OutOfSampleBars,
     baseline_predictions,
+    equity_curve,
     evaluate,
-    load_record,
 )
 from models.folds import Fold, make_folds
 from models.gate import GateDecision, apply_gate, candidate_dsr
-from models.registry import ModelRegistry, current_git_commit
-from models.report import write_html_report, write_leaderboard
-from models.sweep import COMPLETED, HYPERPARAMETERS, TrialOutcome, run_sweep
-
-BUY_AND_HOLD = "buy_and_hold"
-PRODUCTION = "production"
+from models.registry import PRODUCTION, ModelRegistry, current_git_commit
+from models.report import LEADERBOARD_METRICS, write_html_report, write_leaderboard
+from models.runs import BUY_AND_HOLD, COMPLETED, RunDir
+from models.sweep import HYPERPARAMETERS, TrialOutcome, run_sweep
 
 
 @dataclass
@@ -58,19 +56,6 @@ def reference_evaluations(
 
 
 def leaderboard_frame(outcomes: list[TrialOutcome], dsr: dict[str, float]) -> pd.DataFrame:
-    keys = (
-        "score",
-        "worst_fold_sharpe",
-        "sharpe",
-        "total_return",
-        "max_drawdown",
-        "signal_hit_rate",
-        "directional_accuracy",
-        "trades",
-        "turnover",
-        "exposure",
-        "val_loss",
-    )
     rows = []
     for outcome in outcomes:
         row: dict[str, Any] = {
@@ -81,7 +66,7 @@ def leaderboard_frame(outcomes: list[TrialOutcome], dsr: dict[str, float]) -> pd
             "error": outcome.error or "",
         }
         completed = outcome.status == COMPLETED
-        for key in keys:
+        for key in LEADERBOARD_METRICS:
             value = outcome.metrics.get(key) if completed or key == "val_loss" else None
             row[key] = float(value) if value is not None else float("nan")
         for key in HYPERPARAMETERS:
@@ -119,9 +104,8 @@ def run_selection(
     data_ref = ray.put(arrays)
     outcomes = run_sweep(job, folds, data_ref, out_dir, shuffle_labels=shuffle_labels)
     completed = [o for o in outcomes if o.status == COMPLETED]
-    records = {
-        o.trial_id: load_record(out_dir / "trials" / o.trial_id, o.trial_id) for o in completed
-    }
+    run = RunDir(out_dir)
+    records = {o.trial_id: run.trial(o.trial_id).load().evaluation for o in completed}
     trial_srs = [r.metrics["sharpe_per_bar"] for r in records.values()]
     dsr = {tid: candidate_dsr(r, trial_srs, len(outcomes)) for tid, r in records.items()}
     best = max(records.values(), key=lambda r: r.score, default=None)
@@ -133,7 +117,7 @@ def run_selection(
     if best is not None:
         best_outcome = next(o for o in completed if o.trial_id == best.name)
         decision.version = _register(
-            registry, job, arrays, folds, best, best_outcome, decision, references, out_dir
+            registry, job, arrays, folds, best, best_outcome, decision, references, run
         )
         if decision.promoted:
             registry.set_alias(
@@ -145,7 +129,7 @@ def run_selection(
             decision.production_after = decision.version
     board = leaderboard_frame(outcomes, dsr)
     leaderboard_paths = write_leaderboard(board, out_dir)
-    report_path = _report(out_dir, board, records, best, references, decision)
+    report_path = _report(run, board, records, best, references, decision)
     status_counts = {s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}}
     summary = {
         "trials": len(outcomes),
@@ -174,11 +158,11 @@ def _register(
     outcome: TrialOutcome,
     decision: GateDecision,
     references: dict[str, Evaluation],
-    out_dir: Path,
+    run: RunDir,
 ) -> str:
     """Register the best trial's model of the most recent fold (the newest training data)."""
     last = folds[-1]
-    files = read_model_dir(out_dir / "trials" / best.name / f"fold_{last.index}")
+    files = read_model_dir(run.trial(best.name).fold(last.index))
     metadata = {
         "trial_id": best.name,
         "hyperparameters": {k: outcome.config.get(k) for k in HYPERPARAMETERS},
@@ -213,13 +197,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _equity(evaluation: Evaluation) -> pd.Series:
-    index = pd.to_datetime(evaluation.open_time_ms, unit="ms", utc=True)
-    return pd.Series(np.cumprod(1.0 + evaluation.returns), index=index, name=evaluation.name)
-
-
 def _report(
-    out_dir: Path,
+    run: RunDir,
     board: pd.DataFrame,
     records: dict[str, Evaluation],
     best: Evaluation | None,
@@ -228,11 +207,11 @@ def _report(
 ) -> Path:
     top = sorted(records.values(), key=lambda r: r.score, reverse=True)[:3]
     shown = [*top, *references.values()]
-    curves = {e.name: _equity(e) for e in shown}
+    curves = {e.name: equity_curve(e) for e in shown}
     fold_table = pd.DataFrame([row for e in shown for row in e.fold_metrics])
     regime_table = pd.DataFrame([row for e in shown for row in e.regimes])
     return write_html_report(
-        out_dir / "report.html",
+        run.report,
         title="Quant-AI sweep: walk-forward after costs",
         leaderboard=board,
         equity_curves=curves,

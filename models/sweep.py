@@ -5,7 +5,7 @@ from the config) whose per-epoch validation losses reach Tune through `TuneRepor
 ASHA can stop weak candidates early. When training finishes, the trial loads each fold's model
 with the shared load function, predicts that fold's test block, backtests the track record after
 costs and reports the walk-forward score (mean fold net Sharpe, annualised). Every trial leaves
-its fold models and per-bar returns under `<out>/trials/<trial_id>/`.
+its fold models, per-bar returns and folds in its trial directory (`models.runs`).
 """
 
 from __future__ import annotations
@@ -20,19 +20,12 @@ from typing import Any
 from configs.schema import SearchSpaceConfig, TuneJobConfig
 from models.artifact import LoadedModel, load_model_files, read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays
-from models.evaluation import (
-    OutOfSampleBars,
-    evaluate,
-    model_predictions,
-    save_record,
-)
+from models.evaluation import OutOfSampleBars, evaluate, model_predictions
 from models.folds import Fold
 from models.networks import ModelSpec
+from models.runs import COMPLETED, EARLY_STOPPED, ERRORED, RunDir, TrialDir
 from models.training import train_loop_per_worker
 
-COMPLETED = "completed"
-EARLY_STOPPED = "early_stopped"
-ERRORED = "error"
 HYPERPARAMETERS = (
     "family",
     "hidden_size",
@@ -79,8 +72,8 @@ def spec_of(config: dict[str, Any]) -> ModelSpec:
     )
 
 
-def load_fold_models(trial_dir: Path, folds: list[Fold]) -> list[LoadedModel]:
-    return [load_model_files(read_model_dir(trial_dir / f"fold_{f.index}")) for f in folds]
+def load_fold_models(trial_dir: TrialDir, folds: list[Fold]) -> list[LoadedModel]:
+    return [load_model_files(read_model_dir(trial_dir.fold(f.index))) for f in folds]
 
 
 def make_trial(
@@ -92,6 +85,7 @@ def make_trial(
 ) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable of this sweep (closes over picklable values only)."""
     folds_json = [f.as_dict() for f in folds]
+    run = RunDir(out_dir)
 
     def trial(config: dict[str, Any]) -> None:
         import ray
@@ -122,23 +116,23 @@ def make_trial(
             ),
             run_config=RunConfig(
                 name=f"train-{trial_id}",
-                storage_path=str(out_dir / "train"),
+                storage_path=str(run.train_storage),
                 callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             ),
         )
         result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"trial {trial_id}: training returned no checkpoint")
-        trial_dir = out_dir / "trials" / trial_id
+        trial_dir = run.trial(trial_id)
         with result.checkpoint.as_directory() as checkpoint_dir:
-            shutil.copytree(checkpoint_dir, trial_dir, dirs_exist_ok=True)
-        (trial_dir / "config.json").write_text(json.dumps(config, default=str))
+            shutil.copytree(checkpoint_dir, trial_dir.path, dirs_exist_ok=True)
+        trial_dir.config.write_text(json.dumps(config, default=str))
         arrays: MarketArrays = ray.get(data_ref)
         test = OutOfSampleBars.of(arrays, folds)
         models = load_fold_models(trial_dir, folds)
         predicted, p_up = model_predictions(arrays, folds, test, models)
         evaluation = evaluate(trial_id, arrays, folds, test, job.backtest, predicted, p_up)
-        save_record(trial_dir, evaluation)
+        trial_dir.save(evaluation, folds)
         tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
 
     return trial
@@ -204,7 +198,7 @@ def run_sweep(
         ),
         run_config=tune.RunConfig(
             name="sweep",
-            storage_path=str(out_dir / "tune"),
+            storage_path=str(RunDir(out_dir).tune_storage),
             verbose=1,
         ),
     )

@@ -24,6 +24,7 @@ from models.dataset import MarketArrays, Scaler, window_ends
 from models.folds import Fold
 from models.lightning_module import SignalModule, WindowBatches
 from models.networks import ModelSpec
+from models.runs import TrialDir
 
 
 class EpochReporter(pl.Callback):
@@ -178,7 +179,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     folds = [Fold(**f) for f in config["folds"]]
     context = ray.train.get_context()
     with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch)
+        # Laid out as a trial directory, into which the sweep copies the checkpoint whole.
+        out = TrialDir(Path(scratch))
         last_val_loss = float("nan")
         for fold in folds:
             files, last_val_loss = train_fold(
@@ -192,10 +194,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epochs_before=fold.index * int(config["max_epochs"]),
                 distributed=True,
             )
-            write_model_dir(out / f"fold_{fold.index}", files)
+            write_model_dir(out.fold(fold.index), files)
         checkpoint = None
         if context.get_world_rank() == 0:
-            checkpoint = ray.train.Checkpoint.from_directory(str(out))
+            checkpoint = ray.train.Checkpoint.from_directory(str(out.path))
         # The last report repeats the last validation loss: schedulers expect their metric in
         # every result.
         ray.train.report(

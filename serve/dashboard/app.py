@@ -1,4 +1,5 @@
-"""The operators' and quants' dashboard: a thin Streamlit layout over `serve.dashboard.data`.
+"""The operators' and quants' dashboard: a thin Streamlit page over the `serve.dashboard` modules
+(`client` for the signal API, `silver` for bars, `runs` for tune runs, `figures` for charts).
 
 Run it next to a signal service (DESIGN.md §5)::
 
@@ -10,7 +11,8 @@ Settings: `--api` (or QUANT_AI_API_URL), `--lake` (QUANT_AI_LAKE), `--runs` (QUA
 POST /token for a `signals:read` token) or a ready token in QUANT_AI_TOKEN, or typed into the
 sidebar. Shows the latest signal and serving model, the chosen symbol's last N hours of Silver
 bars with SMA/EMA/Bollinger, RSI and MACD and the served BUY/SELL signals coloured by realised
-outcome, the newest (or chosen) tune run's best trial against buy-and-hold, and its leaderboard.
+outcome, the newest (or chosen) tune run's best trial against buy-and-hold with its walk-forward
+folds, and its leaderboard.
 Every failure is shown as a readable message, never a traceback.
 """
 
@@ -30,7 +32,14 @@ import pandas as pd
 import polars as pl
 import streamlit as st
 
-from serve.dashboard import data as dd
+from models.evaluation import equity_curve
+from models.report import curve_summary
+from models.runs import BUY_AND_HOLD, RunDir, TrialRecord
+from serve.dashboard import figures
+from serve.dashboard import runs as dr
+from serve.dashboard import silver as ds
+from serve.dashboard.client import SignalApiClient, SignalApiError, outcome_counts, signals_frame
+from serve.dashboard.settings import DashboardSettings, parse_settings
 
 log = logging.getLogger("quant_ai.dashboard")
 T = TypeVar("T")
@@ -40,7 +49,7 @@ MAX_HISTORY = 1000  # the API's cap on /signals/history?limit=
 
 def show_error(where: str, error: BaseException) -> None:
     """A readable message in the page for a failed section; details go to the server log."""
-    if isinstance(error, dd.ApiError):
+    if isinstance(error, SignalApiError):
         st.error(f"{where}: {error.message}")
     elif isinstance(error, FileNotFoundError | ValueError | OSError | KeyError):
         st.error(f"{where}: {error}")
@@ -51,26 +60,26 @@ def show_error(where: str, error: BaseException) -> None:
 
 @st.cache_data(ttl=30, show_spinner=False)
 def cached_silver_window(lake: str, symbol: str, start: datetime, end: datetime) -> pl.DataFrame:
-    return dd.load_silver_window(lake, symbol, start, end)
+    return ds.load_silver_window(lake, symbol, start, end)
 
 
 @st.cache_data(ttl=30, show_spinner=False)
 def cached_latest_bar(lake: str, symbol: str) -> datetime | None:
-    return dd.latest_silver_time(lake, symbol)
+    return ds.latest_silver_time(lake, symbol)
 
 
 @st.cache_data(ttl=60, show_spinner=False)
-def cached_run(path: str, mtime: float) -> dd.RunData:
+def cached_run(path: str, mtime: float) -> dr.RunData:
     del mtime  # part of the cache key only: a rewritten leaderboard reloads the run
-    return dd.load_run(path)
+    return dr.load_run(path)
 
 
 @st.cache_data(ttl=600, show_spinner=False)
 def cached_buy_and_hold(lake: str, path: str, mtime: float) -> pd.Series:
     run = cached_run(path, mtime)
-    if run.best is None:
-        raise ValueError("the run has no out-of-sample record to compare with")
-    return dd.buy_and_hold_curve(lake, run.best)
+    if run.best is None or run.best.folds is None:
+        raise ValueError("the run has no out-of-sample record with folds to compare with")
+    return dr.buy_and_hold_curve(lake, run.best.folds)
 
 
 class Session:
@@ -83,13 +92,13 @@ class Session:
         if st.session_state.get("auth_key") != key:
             st.session_state["auth_key"] = key
             st.session_state["token"] = manual_token or None
-        self.client = dd.SignalApiClient(api_url, token=st.session_state.get("token"))
+        self.client = SignalApiClient(api_url, token=st.session_state.get("token"))
 
     def ensure_login(self, force: bool = False) -> None:
         if self.client.token and not force:
             return
         if not (self.client_id and self.secret):
-            raise dd.ApiError(
+            raise SignalApiError(
                 None,
                 "not_logged_in",
                 "enter a client id and secret (or a token) in the sidebar, or set "
@@ -97,12 +106,12 @@ class Session:
             )
         st.session_state["token"] = self.client.login(self.client_id, self.secret)
 
-    def call(self, fetch: Callable[[dd.SignalApiClient], T]) -> T:
+    def call(self, fetch: Callable[[SignalApiClient], T]) -> T:
         """`fetch(client)`, logging in first; on a 401 with credentials at hand, once more."""
         self.ensure_login()
         try:
             return fetch(self.client)
-        except dd.ApiError as error:
+        except SignalApiError as error:
             if error.status != 401 or not (self.client_id and self.secret):
                 raise
         self.ensure_login(force=True)
@@ -122,7 +131,7 @@ class Inputs:
     runs: str
 
 
-def sidebar(settings: dd.DashboardSettings) -> Inputs:
+def sidebar(settings: DashboardSettings) -> Inputs:
     bar = st.sidebar
     bar.header("Signal API")
     api_url = bar.text_input("API URL", settings.api_url).strip().rstrip("/")
@@ -178,7 +187,7 @@ def model_section(model: dict[str, Any]) -> None:
 
 
 def market_section(
-    session: Session | None, lake: str, symbol: str, hours: float, end_mode: dd.WindowEnd
+    session: Session | None, lake: str, symbol: str, hours: float, end_mode: ds.WindowEnd
 ) -> None:
     history: list[dict[str, Any]] = []
     if session is not None:
@@ -187,14 +196,14 @@ def market_section(
             history = session.call(lambda c: c.history(symbol, limit))
         except Exception as error:
             show_error("Signal history", error)
-    signals = dd.signals_frame(history)
+    signals = signals_frame(history)
     latest_signal = signals["time"].max() if signals.height else None
     latest_bar: datetime | None = None
     try:
         latest_bar = cached_latest_bar(lake, symbol)
     except Exception as error:
         show_error("Silver", error)
-    start, end = dd.chart_window(
+    start, end = ds.chart_window(
         hours,
         end_mode,
         latest_bar,
@@ -208,7 +217,7 @@ def market_section(
             show_error("Silver bars", error)
     shown = signals.filter(pl.col("time").is_between(start, end)) if signals.height else signals
     st.subheader(f"{symbol} · {hours:g} h to {end:%Y-%m-%d %H:%M} UTC")
-    counts = dd.outcome_counts(shown)
+    counts = outcome_counts(shown)
     scored = counts["hit"] + counts["miss"]
     rate = f"{counts['hit'] / scored:.1%}" if scored else "n/a"
     neutral = shown.height - sum(counts.values())
@@ -218,12 +227,12 @@ def market_section(
         f"(hit rate {rate}), {neutral} NEUTRAL. "
         "Markers at the decision bar's close: ▲ BUY, ▼ SELL; green hit, red miss, grey pending."
     )
-    st.plotly_chart(dd.market_figure(bars, shown, symbol), width="stretch")
+    st.plotly_chart(figures.market_figure(bars, shown, symbol), width="stretch")
 
 
 def backtest_section(lake: str, runs: str) -> None:
     st.subheader("Backtest: best trial vs buy-and-hold")
-    run_dirs = dd.find_run_dirs(runs)
+    run_dirs = dr.find_run_dirs(runs)
     if not run_dirs:
         st.info(f"No tune runs with a leaderboard under {runs!r} (run `python -m jobs.tune`).")
         return
@@ -231,7 +240,7 @@ def backtest_section(lake: str, runs: str) -> None:
         "Tune run (newest first)", run_dirs, format_func=lambda p: Path(p).name
     )
     path = Path(chosen or run_dirs[0])
-    mtime = dd.run_mtime(path)
+    mtime = RunDir(path).leaderboard_mtime()
     try:
         run = cached_run(str(path), mtime)
     except Exception as error:
@@ -240,30 +249,43 @@ def backtest_section(lake: str, runs: str) -> None:
     for note in run.notes:
         st.caption(note)
     if run.best is not None:
-        curves = {run.best.name: dd.equity_curve(run.best)}
-        try:
-            curves[dd.BUY_AND_HOLD] = cached_buy_and_hold(lake, str(path), mtime)
-        except Exception as error:
-            show_error("Buy-and-hold from Silver", error)
-        best = dd.curve_summary(curves[run.best.name])
-        columns = st.columns(5)
-        columns[0].metric("Best trial", run.best.name)
-        columns[1].metric("Score (mean fold Sharpe)", _fmt(run.best.metrics.get("score"), "{:.3f}"))
-        columns[2].metric("Total return", _fmt(best["total_return"], "{:+.2%}"))
-        columns[3].metric("Max drawdown", _fmt(best["max_drawdown"], "{:.2%}"))
-        if dd.BUY_AND_HOLD in curves:
-            hold = dd.curve_summary(curves[dd.BUY_AND_HOLD])
-            columns[4].metric("Buy-and-hold return", _fmt(hold["total_return"], "{:+.2%}"))
-        st.plotly_chart(dd.backtest_figure(curves), width="stretch")
-        st.caption(
-            "Out-of-sample walk-forward record after fees; score = mean fold net Sharpe, "
-            "annualised from 1-minute bars. Buy-and-hold is scored over the same test minutes "
-            "from Silver (every symbol there, equal weight)."
-        )
+        best_section(run.best, lake, str(path), mtime)
     st.subheader(f"Leaderboard · {path.name}")
-    st.dataframe(dd.leaderboard_view(run.leaderboard), hide_index=True)
+    st.dataframe(dr.leaderboard_view(run.leaderboard), hide_index=True)
     if run.report is not None:
         st.caption(f"Full robustness report: {run.report}")
+
+
+def best_section(record: TrialRecord, lake: str, path: str, mtime: float) -> None:
+    """The best trial's equity against buy-and-hold, and its walk-forward folds."""
+    best = record.evaluation
+    curves = {best.name: equity_curve(best)}
+    missing_folds = dr.missing_folds_message(record)
+    if missing_folds is not None:
+        st.warning(missing_folds)
+    else:
+        try:
+            curves[BUY_AND_HOLD] = cached_buy_and_hold(lake, path, mtime)
+        except Exception as error:
+            show_error("Buy-and-hold from Silver", error)
+    summary = curve_summary(curves[best.name])
+    columns = st.columns(5)
+    columns[0].metric("Best trial", best.name)
+    columns[1].metric("Score (mean fold Sharpe)", _fmt(best.metrics.get("score"), "{:.3f}"))
+    columns[2].metric("Total return", _fmt(summary["total_return"], "{:+.2%}"))
+    columns[3].metric("Max drawdown", _fmt(summary["max_drawdown"], "{:.2%}"))
+    if BUY_AND_HOLD in curves:
+        hold = curve_summary(curves[BUY_AND_HOLD])
+        columns[4].metric("Buy-and-hold return", _fmt(hold["total_return"], "{:+.2%}"))
+    st.plotly_chart(figures.backtest_figure(curves), width="stretch")
+    st.caption(
+        "Out-of-sample walk-forward record after fees; score = mean fold net Sharpe, "
+        "annualised from 1-minute bars. Buy-and-hold is scored over the same test minutes "
+        "from Silver (every symbol there, equal weight)."
+    )
+    if record.folds is not None:
+        st.markdown("**Walk-forward folds** (UTC; each range is [start, end) of bar open times)")
+        st.dataframe(dr.folds_view(record.folds, best.fold_metrics), hide_index=True)
 
 
 def connect(session: Session, relogin: bool) -> tuple[bool, dict[str, Any]]:
@@ -274,7 +296,7 @@ def connect(session: Session, relogin: bool) -> tuple[bool, dict[str, Any]]:
         if relogin:
             session.ensure_login(force=True)
         return True, session.call(lambda c: c.current_model())
-    except dd.ApiError as error:
+    except SignalApiError as error:
         show_error("Connecting", error)
         return error.status is not None and error.status not in (401, 403), {}
     except Exception as error:
@@ -284,7 +306,7 @@ def connect(session: Session, relogin: bool) -> tuple[bool, dict[str, Any]]:
 
 def main() -> None:
     st.set_page_config(page_title="Quant-AI dashboard", page_icon="📈", layout="wide")
-    settings = dd.parse_settings(sys.argv[1:], os.environ)
+    settings = parse_settings(sys.argv[1:], os.environ)
     inputs = sidebar(settings)
     st.title("Quant-AI signal dashboard")
     st.caption(f"API {inputs.api_url} · Silver {inputs.lake}/silver · runs {inputs.runs}")
@@ -297,14 +319,14 @@ def main() -> None:
 
 
 def page(
-    settings: dd.DashboardSettings,
+    settings: DashboardSettings,
     inputs: Inputs,
     session: Session | None,
     model: dict[str, Any],
 ) -> None:
     """Everything below the title: symbol and window choice, then the sections."""
     served = [str(s) for s in model.get("symbols") or []]
-    symbols = list(dict.fromkeys(served + dd.silver_symbols(inputs.lake)))
+    symbols = list(dict.fromkeys(served + ds.silver_symbols(inputs.lake)))
     st.sidebar.header("Chart")
     if not symbols:
         st.warning("No symbols: the API serves none and Silver has none.")
@@ -314,7 +336,7 @@ def page(
     symbol = str(st.sidebar.selectbox("Symbol", symbols, index=default))
     hours = float(st.sidebar.slider("Hours shown", 1.0, 48.0, min(48.0, settings.hours), step=1.0))
     ends = st.sidebar.radio("Window ends at", ["latest signal", "latest Silver bar"])
-    end_mode: dd.WindowEnd = "latest Silver bar" if ends == "latest Silver bar" else "latest signal"
+    end_mode: ds.WindowEnd = "latest Silver bar" if ends == "latest Silver bar" else "latest signal"
     if st.sidebar.button("Refresh"):
         st.cache_data.clear()
 

@@ -3,7 +3,7 @@ Chromium.
 
 Session set-up: a simulated Silver lake, a registry with a production model, a tune run
 directory made by the real code paths (`models.evaluation.evaluate` on simulated Silver with
-synthetic predictions, `models.evaluation.save_record`, `models.report.write_leaderboard` and
+synthetic predictions, `models.runs.TrialDir.save`, `models.report.write_leaderboard` and
 `write_html_report`), the signal API (`serve.local.make_local_api` on uvicorn, a subprocess on
 a free loopback port) replaying the same simulated bars, and `streamlit run serve/dashboard/app.py`
 (a subprocess, credentials in its environment). Chromium (Debian's `chromium`, installed with
@@ -107,17 +107,18 @@ def chromium_binary() -> str:
 
 def write_run_dir(run_dir: Path) -> dict[str, Any]:
     """A tune run directory through the real code paths: three synthetic trials scored by
-    `evaluate` on simulated Silver, records saved by `save_record`, leaderboard and report
-    written by `models.report`. Returns the best trial's id and its score."""
+    `evaluate` on simulated Silver, records and folds saved by `TrialDir.save`, leaderboard and
+    report written by `models.report`. Returns the best trial's id and its score."""
     import pandas as pd
 
     from market.sim_silver import silver_frame, simulated_bars
     from models.dataset import arrays_from_table
-    from models.evaluation import OutOfSampleBars, evaluate, save_record
+    from models.evaluation import OutOfSampleBars, equity_curve, evaluate
     from models.folds import make_folds
     from models.report import write_html_report, write_leaderboard
-    from models.selection import BUY_AND_HOLD, leaderboard_frame
-    from models.sweep import COMPLETED, EARLY_STOPPED, TrialOutcome
+    from models.runs import BUY_AND_HOLD, COMPLETED, EARLY_STOPPED, RunDir
+    from models.selection import leaderboard_frame
+    from models.sweep import TrialOutcome
 
     arrays = arrays_from_table(silver_frame(simulated_bars(SIM, [SYMBOL], SIM_DAYS)).to_arrow())
     folds = make_folds(
@@ -140,9 +141,7 @@ def write_run_dir(run_dir: Path) -> dict[str, Any]:
         predicted = skill * target + (1.0 - skill) * noise
         p_up = 1.0 / (1.0 + np.exp(-predicted / max(np.nanstd(target), 1e-9) * 2.0))
         evaluation = evaluate(trial_id, arrays, folds, test, config, predicted, p_up)
-        trial_dir = run_dir / "trials" / trial_id
-        trial_dir.mkdir(parents=True)
-        save_record(trial_dir, evaluation)
+        RunDir(run_dir).trial(trial_id).save(evaluation, folds)
         evaluations[trial_id] = evaluation
         params = {"family": family, "hidden_size": 8, "num_layers": 1, "dropout": 0.0}
         params |= {"learning_rate": 0.003, "window_bars": 16, "batch_size": 256}
@@ -156,15 +155,11 @@ def write_run_dir(run_dir: Path) -> dict[str, Any]:
     best = max(evaluations.values(), key=lambda e: e.score)
     hold = evaluate(BUY_AND_HOLD, arrays, folds, test, config, None, None)
 
-    def equity(e: Any) -> pd.Series:
-        index = pd.to_datetime(e.open_time_ms, unit="ms", utc=True)
-        return pd.Series(np.cumprod(1.0 + e.returns), index=index)
-
     write_html_report(
-        run_dir / "report.html",
+        RunDir(run_dir).report,
         title="dashboard e2e sweep",
         leaderboard=board,
-        equity_curves={best.name: equity(best), BUY_AND_HOLD: equity(hold)},
+        equity_curves={best.name: equity_curve(best), BUY_AND_HOLD: equity_curve(hold)},
         fold_table=pd.DataFrame(best.fold_metrics),
         regime_table=pd.DataFrame(best.regimes),
         gate={"promoted": False, "reasons": ["synthetic run"]},

@@ -22,6 +22,7 @@ from models.artifact import load_model_files, read_model_dir
 from models.dataset import INPUT_COLUMNS, arrays_from_table, window_ends
 from models.folds import make_folds
 from models.networks import ModelSpec
+from models.runs import TrialDir
 from models.training import train_loop_per_worker
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,7 @@ def test_two_worker_ddp_trains_one_model(ray_two_cpus: None, tmp_path: Path) -> 
     assert np.isfinite(result.metrics["val_loss"])
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as checkpoint_dir:
-        model = load_model_files(read_model_dir(Path(checkpoint_dir) / "fold_0"))
+        model = load_model_files(read_model_dir(TrialDir(Path(checkpoint_dir)).fold(0)))
     test_ends = window_ends(
         arrays, folds[0].test_start_ms, folds[0].test_end_ms, spec.window_bars, labelled=False
     )

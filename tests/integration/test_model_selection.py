@@ -26,7 +26,8 @@ import pytest
 
 from configs.schema import SimConfig
 from market.sim_silver import write_sim_silver
-from models.registry import ModelRegistry
+from models.registry import PRODUCTION, ModelRegistry
+from models.runs import COMPLETED, EARLY_STOPPED, RunDir
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +65,7 @@ def run_tune(lake: Path, registry: Path, out: Path, *extra: str) -> dict[str, An
 
 
 def board(out: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(out / "leaderboard.parquet")
+    frame = pd.read_parquet(RunDir(out).leaderboard_parquet)
     frame["trial_index"] = frame["trial_id"].str.split("_").str[-1]
     return frame.sort_values("trial_index")[BOARD_COLUMNS].reset_index(drop=True)
 
@@ -93,7 +94,7 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     assert gate["dsr"] >= 0.95
     assert summary["best_score"] > max(summary["references"].values())
     registry = ModelRegistry(str(root / "registry"))
-    assert registry.get_alias("signal", "production") == gate["version"]
+    assert registry.get_alias("signal", PRODUCTION) == gate["version"]
     metadata = registry.metadata("signal", gate["version"])
     for key in ("feature_spec_hash", "training_data_range", "seed", "metrics", "git_commit"):
         assert key in metadata
@@ -101,9 +102,15 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     # every trial started is on the leaderboard, early-stopped ones included
     leaderboard = board(root / "out")
     assert len(leaderboard) == summary["trials"] == 4
-    assert set(leaderboard["status"]) <= {"completed", "early_stopped"}
-    assert (leaderboard["status"] == "early_stopped").any()
-    report = (root / "out" / "report.html").read_text()
+    assert set(leaderboard["status"]) <= {COMPLETED, EARLY_STOPPED}
+    assert (leaderboard["status"] == EARLY_STOPPED).any()
+    # the best trial's record carries the walk-forward folds it was scored on
+    record = RunDir(root / "out").trial(summary["best_trial"]).load()
+    assert record.folds is not None and len(record.folds) == summary["folds"]
+    assert [row["fold"] for row in record.evaluation.fold_metrics] == [
+        fold.index for fold in record.folds
+    ]
+    report = RunDir(root / "out").report.read_text()
     assert "PROMOTED" in report and "buy_and_hold" in report
 
 

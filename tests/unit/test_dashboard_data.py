@@ -1,5 +1,6 @@
-"""The dashboard's data layer (serve/dashboard/data.py): settings, the API client against a mock
-transport, Silver windows, tune run directories, buy-and-hold and the Plotly figures."""
+"""The dashboard's modules (serve/dashboard): settings, the API client against a mock transport,
+Silver windows, tune run directories (old records without folds included), buy-and-hold and the
+Plotly figures."""
 
 from __future__ import annotations
 
@@ -21,10 +22,22 @@ from market.features.polars_engine import compute_features
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from market.sim_silver import silver_frame, simulated_bars, write_sim_silver
 from models.dataset import arrays_from_table
-from models.evaluation import Evaluation, OutOfSampleBars, evaluate
-from models.folds import make_folds
-from models.report import write_leaderboard
-from serve.dashboard import data as dd
+from models.evaluation import OutOfSampleBars, equity_curve, evaluate
+from models.folds import Fold, make_folds
+from models.report import curve_summary, write_leaderboard
+from models.runs import BUY_AND_HOLD, RunDir
+from serve.dashboard import figures
+from serve.dashboard import runs as dr
+from serve.dashboard import silver as ds
+from serve.dashboard.client import (
+    SignalApiClient,
+    SignalApiError,
+    outcome_counts,
+    signal_outcome,
+    signals_frame,
+)
+from serve.dashboard.settings import DashboardSettings, parse_settings
+from tests.conftest import REPO
 
 T0 = datetime(2024, 3, 1, tzinfo=UTC)
 SIM = SimConfig(seed=4, anchor_date=date(2024, 3, 1))
@@ -42,16 +55,16 @@ def test_settings_take_flags_over_environment_and_secrets_only_from_the_environm
         "QUANT_AI_TOKEN": "tok",
         "QUANT_AI_LAKE": "/data/lake",
     }
-    from_env = dd.parse_settings([], env)
+    from_env = parse_settings([], env)
     assert from_env.api_url == "http://env:9000"
     assert (from_env.client_id, from_env.client_secret, from_env.token) == ("ops", "s3cret", "tok")
     assert (from_env.lake, from_env.runs, from_env.hours) == ("/data/lake", "runs", 6.0)
-    flags = dd.parse_settings(
+    flags = parse_settings(
         ["--api", "http://flag:1", "--lake", "L", "--runs", "R", "--hours", "3", "--other"], env
     )
     assert (flags.api_url, flags.lake, flags.runs, flags.hours) == ("http://flag:1", "L", "R", 3.0)
     assert "s3cret" not in repr(flags) and "tok" not in repr(flags)
-    assert dd.parse_settings([], {}) == dd.DashboardSettings()
+    assert parse_settings([], {}) == DashboardSettings()
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +109,7 @@ def fake_api(requests: list[httpx.Request]) -> httpx.MockTransport:
 
 def test_client_logs_in_with_client_credentials_and_sends_the_bearer_token() -> None:
     requests: list[httpx.Request] = []
-    with dd.SignalApiClient("http://api", transport=fake_api(requests)) as client:
+    with SignalApiClient("http://api", transport=fake_api(requests)) as client:
         assert client.login("ops", "good") == "T1"
         assert client.signal("AAA") == {"symbol": "AAA", "signal": "BUY"}
         assert client.history("AAA", limit=2) == [{"signal": "SELL"}] * 2
@@ -111,24 +124,24 @@ def test_client_logs_in_with_client_credentials_and_sends_the_bearer_token() -> 
 
 
 def test_api_failures_become_readable_messages() -> None:
-    with dd.SignalApiClient("http://api", transport=fake_api([])) as client:
-        with pytest.raises(dd.ApiError) as refused:
+    with SignalApiClient("http://api", transport=fake_api([])) as client:
+        with pytest.raises(SignalApiError) as refused:
             client.login("ops", "bad")
         assert refused.value.status == 401 and refused.value.code == "invalid_client"
         assert refused.value.message.startswith("Signal API answered 401 invalid_client")
         assert refused.value.message.endswith("check the client id and secret.")
-        with pytest.raises(dd.ApiError) as not_logged_in:
+        with pytest.raises(SignalApiError) as not_logged_in:
             client.signal("AAA")
         assert not_logged_in.value.code == "not_logged_in"
         client.token = "T1"
-        with pytest.raises(dd.ApiError) as unknown:
+        with pytest.raises(SignalApiError) as unknown:
             client.signal("NOPE")
         assert "404 unknown_symbol: NOPE is not served" in str(unknown.value)
-        with pytest.raises(dd.ApiError) as limited:
+        with pytest.raises(SignalApiError) as limited:
             client.signal("BUSY")
         assert limited.value.retry_after_s == 7.0 and "try again in 7 s" in limited.value.message
         client.token = "stale"
-        with pytest.raises(dd.ApiError) as expired:
+        with pytest.raises(SignalApiError) as expired:
             client.current_model()
         assert expired.value.code == "invalid_token" and "log in again" in expired.value.message
 
@@ -136,10 +149,10 @@ def test_api_failures_become_readable_messages() -> None:
         raise httpx.ConnectError("connection refused", request=request)
 
     with (
-        dd.SignalApiClient(
+        SignalApiClient(
             "http://down:1", token="x", transport=httpx.MockTransport(unreachable)
         ) as c,
-        pytest.raises(dd.ApiError) as down,
+        pytest.raises(SignalApiError) as down,
     ):
         c.signal("AAA")
     assert down.value.status is None and down.value.code == "unreachable"
@@ -181,7 +194,7 @@ HISTORY = [
 
 
 def test_outcomes_of_served_signals() -> None:
-    assert [dd.signal_outcome(item) for item in HISTORY] == [
+    assert [signal_outcome(item) for item in HISTORY] == [
         "pending",
         "pending",
         "none",
@@ -191,12 +204,12 @@ def test_outcomes_of_served_signals() -> None:
         "hit",
         "hit",
     ]
-    frame = dd.signals_frame(HISTORY)
+    frame = signals_frame(HISTORY)
     assert frame["time"].is_sorted() and frame.height == len(HISTORY)
     assert frame.schema["time"] == pl.Datetime("ms", "UTC")
     assert frame["time"][0] == T0 + timedelta(minutes=2)
-    assert dd.outcome_counts(frame) == {"hit": 3, "miss": 2, "pending": 2}
-    assert dd.signals_frame([]).height == 0
+    assert outcome_counts(frame) == {"hit": 3, "miss": 2, "pending": 2}
+    assert signals_frame([]).height == 0
 
 
 def synthetic_bars(n: int = 60) -> pl.DataFrame:
@@ -231,7 +244,7 @@ def synthetic_bars(n: int = 60) -> pl.DataFrame:
 
 
 def test_market_figure_has_candles_overlays_panels_and_outcome_coloured_markers() -> None:
-    figure = dd.market_figure(synthetic_bars(), dd.signals_frame(HISTORY), "AAA")
+    figure = figures.market_figure(synthetic_bars(), signals_frame(HISTORY), "AAA")
     by_name = {trace.name: trace for trace in figure.data}
     for name in ("OHLC", "SMA 5", "SMA 10", "SMA 20", "EMA 12", "EMA 26", "Bollinger 20, 2 sd"):
         assert name in by_name, name
@@ -240,8 +253,8 @@ def test_market_figure_has_candles_overlays_panels_and_outcome_coloured_markers(
     assert {by_name[n].yaxis for n in ("MACD", "MACD signal", "MACD histogram")} == {"y3"}
     candles = by_name["OHLC"]
     assert isinstance(candles, go.Candlestick) and len(candles.x) == 60
-    assert candles.increasing.fillcolor == dd.INCREASING_COLOUR
-    assert candles.decreasing.fillcolor == dd.DECREASING_COLOUR
+    assert candles.increasing.fillcolor == figures.INCREASING_COLOUR
+    assert candles.decreasing.fillcolor == figures.DECREASING_COLOUR
     assert by_name["Bollinger lower"].fill == "tonexty"
     np.testing.assert_allclose(
         np.asarray(by_name["Bollinger 20, 2 sd"].y) / np.asarray(candles.close), 1.005
@@ -261,8 +274,8 @@ def test_market_figure_has_candles_overlays_panels_and_outcome_coloured_markers(
     for name, trace in markers.items():
         kind, outcome = name.split(" · ")
         assert trace.yaxis == "y" and trace.mode == "markers"
-        assert set(trace.marker.color) == {dd.OUTCOME_COLOURS[outcome]}
-        assert trace.marker.symbol == dd.SIGNAL_MARKERS[kind]
+        assert set(trace.marker.color) == {figures.OUTCOME_COLOURS[outcome]}
+        assert trace.marker.symbol == figures.SIGNAL_MARKERS[kind]
     assert len(markers["BUY · hit"].x) == 2 and list(markers["BUY · hit"].y) == [102.0, 103.0]
     assert markers["BUY · hit"].x[0] == datetime(2024, 3, 1, 0, 2)  # the decision bar
     assert "hit (+10.0 bps in 10 min)" in markers["BUY · hit"].text[0]
@@ -272,22 +285,22 @@ def test_market_figure_has_candles_overlays_panels_and_outcome_coloured_markers(
 
 
 def test_market_figure_copes_with_no_bars_and_no_signals() -> None:
-    empty = dd.market_figure(pl.DataFrame(), dd.signals_frame([]), "AAA")
+    empty = figures.market_figure(pl.DataFrame(), signals_frame([]), "AAA")
     assert len(empty.data) == 0
     assert "no bars or signals" in empty.layout.annotations[-1].text
-    only_signals = dd.market_figure(pl.DataFrame(), dd.signals_frame(HISTORY), "AAA")
+    only_signals = figures.market_figure(pl.DataFrame(), signals_frame(HISTORY), "AAA")
     assert {t.name for t in only_signals.data} >= {"BUY · hit", "SELL · pending"}
 
 
 def test_chart_window_ends_at_the_latest_signal_or_silver_bar() -> None:
     bar, signal = T0 + timedelta(hours=5), T0 + timedelta(hours=7)
-    assert dd.chart_window(2, "latest signal", bar, signal) == (signal - timedelta(hours=2), signal)
-    assert dd.chart_window(2, "latest Silver bar", bar, signal) == (bar - timedelta(hours=2), bar)
-    assert dd.chart_window(1, "latest signal", bar, None)[1] == bar
-    assert dd.chart_window(1, "latest Silver bar", None, signal)[1] == signal
-    assert dd.chart_window(1, "latest signal", None, None, now=T0)[1] == T0
+    assert ds.chart_window(2, "latest signal", bar, signal) == (signal - timedelta(hours=2), signal)
+    assert ds.chart_window(2, "latest Silver bar", bar, signal) == (bar - timedelta(hours=2), bar)
+    assert ds.chart_window(1, "latest signal", bar, None)[1] == bar
+    assert ds.chart_window(1, "latest Silver bar", None, signal)[1] == signal
+    assert ds.chart_window(1, "latest signal", None, None, now=T0)[1] == T0
     with pytest.raises(ValueError):
-        dd.chart_window(0, "latest signal", bar, signal)
+        ds.chart_window(0, "latest signal", bar, signal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,12 +315,12 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_silver_window_of_one_symbol_and_time_range(lake: Path) -> None:
-    assert dd.silver_symbols(lake) == ["AAA", "BBB"]
-    assert dd.silver_symbols(lake / "nowhere") == []
-    latest = dd.latest_silver_time(lake, "AAA")
+    assert ds.silver_symbols(lake) == ["AAA", "BBB"]
+    assert ds.silver_symbols(lake / "nowhere") == []
+    latest = ds.latest_silver_time(lake, "AAA")
     assert latest == T0 + timedelta(days=2) - timedelta(minutes=1)
     start, end = latest - timedelta(hours=3), latest
-    window = dd.load_silver_window(lake, "AAA", start, end)
+    window = ds.load_silver_window(lake, "AAA", start, end)
     assert window.height == 3 * 60 + 1
     assert window["open_time"].is_sorted()
     assert window["open_time"].min() == start and window["open_time"].max() == end
@@ -330,14 +343,14 @@ def test_silver_window_of_one_symbol_and_time_range(lake: Path) -> None:
         window["bb_lower_20"][-1], last20.mean() - 2 * last20.std(ddof=0), rtol=1e-9
     )
     assert closes[-1] == raw[-1]
-    other = dd.load_silver_window(lake, "BBB", start, end)
+    other = ds.load_silver_window(lake, "BBB", start, end)
     assert not np.allclose(other["close"].to_numpy(), window["close"].to_numpy())
     assert (
-        dd.load_silver_window(lake, "AAA", T0 - timedelta(days=9), T0 - timedelta(days=8)).height
+        ds.load_silver_window(lake, "AAA", T0 - timedelta(days=9), T0 - timedelta(days=8)).height
         == 0
     )
     with pytest.raises(FileNotFoundError, match="no Silver"):
-        dd.load_silver_window(lake / "nowhere", "AAA", start, end)
+        ds.load_silver_window(lake / "nowhere", "AAA", start, end)
 
 
 def test_silver_without_features_gets_them_from_the_polars_engine(tmp_path: Path) -> None:
@@ -349,7 +362,7 @@ def test_silver_without_features_gets_them_from_the_polars_engine(tmp_path: Path
     stored.write_parquet(tmp_path / "silver", partition_by=["symbol", "month"])
     end = T0 + timedelta(hours=20)
     start = end - timedelta(hours=2)
-    window = dd.load_silver_window(tmp_path, "AAA", start, end)
+    window = ds.load_silver_window(tmp_path, "AAA", start, end)
     assert window.height == 121 and window["rsi_14"].null_count() == 0
     full = compute_features(bars).with_columns(
         pl.from_epoch("open_time", time_unit="ms").dt.replace_time_zone("UTC")
@@ -384,13 +397,11 @@ def scored(lake: Path) -> dict[str, Any]:
     config = BacktestConfig()
     target = arrays.target_ret[test.rows].astype(np.float64)
     trial = evaluate("t_best", arrays, folds, test, config, target, 0.5 + 0.3 * np.sign(target))
-    hold = evaluate("buy_and_hold", arrays, folds, test, config, None, None)
+    hold = evaluate(BUY_AND_HOLD, arrays, folds, test, config, None, None)
     return {"trial": trial, "hold": hold, "folds": folds}
 
 
 def write_run(run_dir: Path, scored: dict[str, Any]) -> None:
-    from models.evaluation import save_record
-
     board = pd.DataFrame(
         {
             "trial_id": ["t_worse", "t_best", "t_stopped", "t_norecord"],
@@ -402,104 +413,148 @@ def write_run(run_dir: Path, scored: dict[str, Any]) -> None:
     )
     write_leaderboard(board, run_dir)
     for trial in ("t_best", "t_worse"):
-        (run_dir / "trials" / trial).mkdir(parents=True)
-        save_record(run_dir / "trials" / trial, scored["trial"])
+        RunDir(run_dir).trial(trial).save(scored["trial"], scored["folds"])
 
 
-def test_trial_status_matches_the_sweep() -> None:
-    from models.sweep import COMPLETED
+def strip_folds(run_dir: Path, trial_id: str) -> None:
+    """Rewrite a trial's evaluation.json as records were written before folds were stored."""
+    path = RunDir(run_dir).trial(trial_id).evaluation
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({k: data[k] for k in ("metrics", "folds", "regimes")}))
 
-    assert dd.COMPLETED == COMPLETED
 
-
-def test_load_run_finds_the_best_trial_with_a_record(
+def test_load_run_finds_the_best_trial_with_a_record_and_its_folds(
     tmp_path: Path, scored: dict[str, Any]
 ) -> None:
-    from models.evaluation import load_record
-
     run_dir = tmp_path / "tune-20240301T000000Z"
     write_run(run_dir, scored)
-    run = dd.load_run(run_dir)
+    run = dr.load_run(run_dir)
     assert list(run.leaderboard["trial_id"]) == ["t_norecord", "t_best", "t_worse", "t_stopped"]
-    assert run.best is not None and run.best.name == "t_best"
+    assert run.best is not None and run.best.evaluation.name == "t_best"
     assert any("t_norecord" in note for note in run.notes)
     assert run.report is None
-    reference = load_record(run_dir / "trials" / "t_best", "t_best")
-    np.testing.assert_array_equal(run.best.open_time_ms, reference.open_time_ms)
-    np.testing.assert_array_equal(run.best.returns, reference.returns)
-    assert run.best.metrics == reference.metrics and run.best.fold_metrics == reference.fold_metrics
-    curve = dd.equity_curve(run.best)
+    assert run.best.folds == tuple(scored["folds"])
+    assert dr.missing_folds_message(run.best) is None
+    best, reference = run.best.evaluation, scored["trial"]
+    np.testing.assert_array_equal(best.open_time_ms, reference.open_time_ms)
+    np.testing.assert_array_equal(best.returns, reference.returns)
+    curve = equity_curve(best)
     assert curve.index.tz is not None and len(curve) == len(reference.returns)
     np.testing.assert_allclose(curve.to_numpy(), np.cumprod(1 + reference.returns))
-    summary = dd.curve_summary(curve)
+    summary = curve_summary(curve)
     assert summary["final_equity"] == pytest.approx(curve.iloc[-1])
     assert 0 <= summary["max_drawdown"] < 1
 
-    (run_dir / "leaderboard.parquet").unlink()  # the CSV alone is enough
-    assert list(dd.load_run(run_dir).leaderboard["trial_id"])[:2] == ["t_norecord", "t_best"]
+    RunDir(run_dir).leaderboard_parquet.unlink()  # the CSV alone is enough
+    assert list(dr.load_run(run_dir).leaderboard["trial_id"])[:2] == ["t_norecord", "t_best"]
 
-    view = dd.leaderboard_view(run.leaderboard)
+    view = dr.leaderboard_view(run.leaderboard)
     assert list(view.columns[:4]) == ["rank", "trial_id", "status", "score"]
     assert list(view["rank"]) == [1, 2, 3, 4] and "error" not in view.columns
+
+    table = dr.folds_view(run.best.folds, best.fold_metrics)
+    assert list(table["fold"]) == [f.index for f in scored["folds"]]
+    first = scored["folds"][0]
+    assert table["val_start"].iloc[0] == pd.Timestamp(first.val_start_ms, unit="ms", tz="UTC")
+    assert table["test_end"].iloc[-1].value // 1_000_000 == scored["folds"][-1].test_end_ms
+    assert table["sharpe"].tolist() == [row["sharpe"] for row in best.fold_metrics]
+
+
+def test_an_old_record_without_folds_gets_a_message_and_no_invented_ranges(
+    tmp_path: Path, scored: dict[str, Any]
+) -> None:
+    run_dir = tmp_path / "tune-old"
+    write_run(run_dir, scored)
+    strip_folds(run_dir, "t_best")
+    run = dr.load_run(run_dir)
+    assert run.best is not None and run.best.evaluation.name == "t_best"
+    assert run.best.folds is None
+    message = dr.missing_folds_message(run.best)
+    assert message is not None and "t_best" in message and "folds" in message
+    assert len(run.best.evaluation.fold_metrics) == len(scored["folds"])  # still readable
 
 
 def test_run_dirs_newest_first_and_missing_ones(tmp_path: Path, scored: dict[str, Any]) -> None:
     runs = tmp_path / "runs"
-    assert dd.find_run_dirs(runs) == []
+    assert dr.find_run_dirs(runs) == []
     for name, stamp in (("tune-a", 1_000), ("tune-b", 3_000), ("tune-c", 2_000)):
         write_run(runs / name, scored)
-        for file in ("leaderboard.parquet", "leaderboard.csv"):
-            os.utime(runs / name / file, (stamp, stamp))
+        run = RunDir(runs / name)
+        for file in (run.leaderboard_parquet, run.leaderboard_csv):
+            os.utime(file, (stamp, stamp))
     (runs / "not-a-run").mkdir()
-    assert [p.name for p in dd.find_run_dirs(runs)] == ["tune-b", "tune-c", "tune-a"]
-    assert dd.find_run_dirs(runs / "tune-a") == [runs / "tune-a"]
+    assert [p.name for p in dr.find_run_dirs(runs)] == ["tune-b", "tune-c", "tune-a"]
+    assert dr.find_run_dirs(runs / "tune-a") == [runs / "tune-a"]
     with pytest.raises(FileNotFoundError):
-        dd.load_run(runs / "not-a-run")
+        dr.load_run(runs / "not-a-run")
     empty = tmp_path / "empty-run"
     write_leaderboard(
         pd.DataFrame({"trial_id": ["x"], "status": ["error"], "score": [np.nan]}), empty
     )
-    assert dd.load_run(empty).best is None
+    assert dr.load_run(empty).best is None
 
 
 def test_buy_and_hold_from_silver_equals_the_sweeps_reference(
     lake: Path, scored: dict[str, Any]
 ) -> None:
-    curve = dd.buy_and_hold_curve(lake, scored["trial"])
+    curve = dr.buy_and_hold_curve(lake, scored["folds"])
     hold = scored["hold"]
     np.testing.assert_array_equal(curve.index.as_unit("ms").asi8, hold.open_time_ms)
     np.testing.assert_allclose(curve.to_numpy(), np.cumprod(1 + hold.returns), rtol=1e-12)
-    one = dd.buy_and_hold_curve(lake, scored["trial"], symbols=["AAA"])
+    one = dr.buy_and_hold_curve(lake, scored["folds"], symbols=["AAA"])
     assert not np.allclose(one.to_numpy(), curve.to_numpy())
-    far = Evaluation(
-        "far",
-        np.array([0]),
-        np.zeros(1),
-        {},
-        [{"fold": 0, "test_start_ms": 0, "test_end_ms": ONE_MINUTE_MS}],
-    )
+    far = Fold(0, 0, 0, 0, 0, 0, ONE_MINUTE_MS)
     with pytest.raises(ValueError, match="no bars"):
-        dd.buy_and_hold_curve(lake, far)
+        dr.buy_and_hold_curve(lake, [far])
+    with pytest.raises(ValueError, match="no walk-forward folds"):
+        dr.buy_and_hold_curve(lake, [])
 
 
 def test_backtest_figure_draws_equity_and_drawdown_of_each_curve(scored: dict[str, Any]) -> None:
-    best = dd.equity_curve(scored["trial"])
-    hold = dd.equity_curve(scored["hold"])
-    figure = dd.backtest_figure({"t_best": best, dd.BUY_AND_HOLD: hold}, max_points=100)
+    best = equity_curve(scored["trial"])
+    hold = equity_curve(scored["hold"])
+    figure = figures.backtest_figure({"t_best": best, BUY_AND_HOLD: hold}, max_points=100)
     names = [(t.name, t.yaxis) for t in figure.data]
     assert names == [
         ("t_best", "y"),
+        ("buy_and_hold", "y"),
         ("t_best drawdown", "y2"),
-        ("buy and hold", "y"),
-        ("buy and hold drawdown", "y2"),
+        ("buy_and_hold drawdown", "y2"),
     ]
-    hold_trace = figure.data[2]
+    hold_trace = figure.data[1]
     assert hold_trace.line.dash == "dot" and hold_trace.line.color == "#000000"
     assert len(figure.data[0].x) <= 100  # downsampled for plotting
     assert figure.data[0].y[-1] == pytest.approx(best.iloc[-1])  # the final value is kept
+    assert figure.layout.xaxis.type == "date" and figure.layout.xaxis2.type == "date"
     assert figure.layout.yaxis2.autorange == "reversed"
-    drawdowns = np.asarray(figure.data[1].y)
+    drawdowns = np.asarray(figure.data[2].y)
     assert drawdowns.min() >= 0 and drawdowns.max() == pytest.approx(
-        dd.curve_summary(best)["max_drawdown"]
+        curve_summary(best)["max_drawdown"]
     )
     assert json.loads(figure.to_json())  # serialisable for st.plotly_chart
+
+
+def test_the_page_warns_about_an_old_record_and_draws_no_invented_folds(
+    tmp_path: Path, lake: Path, scored: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Streamlit page itself (run in-process, no server) on a run whose best record has no
+    stored folds: a warning in words, no exception, no fold table, the leaderboard still shown."""
+    from streamlit.testing.v1 import AppTest
+
+    runs = tmp_path / "runs"
+    write_run(runs / "tune-old", scored)
+    strip_folds(runs / "tune-old", "t_best")
+    monkeypatch.setattr("sys.argv", ["app"])
+    for name in ("QUANT_AI_CLIENT_ID", "QUANT_AI_CLIENT_SECRET", "QUANT_AI_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QUANT_AI_RUNS", str(runs))
+    monkeypatch.setenv("QUANT_AI_LAKE", str(lake))
+    monkeypatch.setenv("QUANT_AI_API_URL", "http://127.0.0.1:9")  # nothing listens there
+    page = AppTest.from_file(str(REPO / "serve" / "dashboard" / "app.py"), default_timeout=120)
+    page.run()
+    assert not page.exception
+    warnings = [w.value for w in page.warning]
+    assert any("t_best" in w and "before walk-forward folds were stored" in w for w in warnings)
+    tables = [list(frame.value.columns) for frame in page.dataframe]
+    assert tables and all("val_start" not in columns for columns in tables)
+    assert any(columns[:2] == ["rank", "trial_id"] for columns in tables)

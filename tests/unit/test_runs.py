@@ -1,0 +1,79 @@
+"""models.runs: the run directory's layout, and trial records with their folds read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.evaluation import Evaluation
+from models.folds import Fold
+from models.runs import RunDir
+
+FOLDS = (
+    Fold(0, 0, 600_000, 660_000, 780_000, 840_000, 1_200_000),
+    Fold(1, 0, 1_200_000, 1_260_000, 1_380_000, 1_440_000, 1_800_000),
+)
+
+
+def evaluation(name: str) -> Evaluation:
+    open_time_ms = np.arange(840_000, 1_800_000, 60_000, dtype=np.int64)
+    returns = np.linspace(-0.001, 0.002, len(open_time_ms))
+    fold_metrics = [
+        {"model": name, "fold": f.index, "test_start_ms": f.test_start_ms, "sharpe": 1.5 + f.index}
+        for f in FOLDS
+    ]
+    regimes = [{"model": name, "regime": "high_vol", "sharpe": 0.5}]
+    metrics = {"score": 2.0, "bars": 16.0}
+    return Evaluation(name, open_time_ms, returns, metrics, fold_metrics, regimes)
+
+
+def test_layout_of_a_run_directory(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    trial = run.trial("t_1")
+    assert trial.path == tmp_path / "trials" / "t_1" and trial.trial_id == "t_1"
+    assert trial.fold(3) == trial.path / "fold_3"
+    assert trial.record == trial.path / "record.npz"
+    assert trial.evaluation == trial.path / "evaluation.json"
+    assert trial.config == trial.path / "config.json"
+    assert run.leaderboard_parquet == tmp_path / "leaderboard.parquet"
+    assert run.leaderboard_csv == tmp_path / "leaderboard.csv"
+    assert run.report == tmp_path / "report.html"
+    assert (run.tune_storage, run.train_storage) == (tmp_path / "tune", tmp_path / "train")
+    assert not run.has_leaderboard() and run.leaderboard_mtime() == 0.0
+    run.leaderboard_csv.write_text("trial_id\n")
+    assert run.has_leaderboard() and run.leaderboard_mtime() > 0
+
+
+def test_record_and_folds_round_trip(tmp_path: Path) -> None:
+    trial = RunDir(tmp_path).trial("t_1")
+    assert not trial.has_record()
+    saved = evaluation("t_1")
+    trial.save(saved, FOLDS)
+    assert trial.has_record()
+    loaded = trial.load()
+    assert loaded.folds == FOLDS
+    got = loaded.evaluation
+    assert got.name == "t_1"
+    np.testing.assert_array_equal(got.open_time_ms, saved.open_time_ms)
+    np.testing.assert_array_equal(got.returns, saved.returns)
+    assert got.open_time_ms.dtype == np.int64 and got.returns.dtype == np.float64
+    assert (got.metrics, got.fold_metrics, got.regimes) == (
+        saved.metrics,
+        saved.fold_metrics,
+        saved.regimes,
+    )
+    assert trial.load("renamed").evaluation.name == "renamed"
+
+
+def test_a_record_written_before_folds_were_stored_reads_with_no_folds(tmp_path: Path) -> None:
+    trial = RunDir(tmp_path).trial("t_old")
+    saved = evaluation("t_old")
+    trial.save(saved, FOLDS)
+    # The evaluation.json of an older sweep: metrics, per-fold metrics and regimes only.
+    data = json.loads(trial.evaluation.read_text())
+    trial.evaluation.write_text(json.dumps({k: data[k] for k in ("metrics", "folds", "regimes")}))
+    loaded = trial.load()
+    assert loaded.folds is None
+    assert loaded.evaluation.fold_metrics == saved.fold_metrics
