@@ -254,11 +254,6 @@ class JwtConfig(StrictModel):
     max_token_bytes: int = Field(default=4096, ge=128)
 
 
-SCOPE_READ: Final = "signals:read"
-SCOPE_PREDICT: Final = "signals:predict"
-ALL_SCOPES: Final = (SCOPE_READ, SCOPE_PREDICT)
-
-
 class AuthConfig(StrictModel):
     """API clients and their limits. `clients_file` is YAML of client ids, scrypt-hashed
     secrets and scopes (written by `python -m serve.api.tokens add-client`)."""
