@@ -40,7 +40,6 @@ from serve.api.schemas import (
     Health,
     HistoryOut,
     Ready,
-    SignalOut,
     TokenOut,
     error_responses,
 )
@@ -296,7 +295,7 @@ def make_api(
 
     @api.get(
         "/signal",
-        response_model=SignalOut,
+        response_model=Signal,
         responses=error_responses(401, 403, 404, 422, 429, 503),
     )
     async def signal(request: Request, symbol: str = Query(pattern=SYMBOL_PATTERN)) -> Signal:
@@ -314,7 +313,7 @@ def make_api(
 
     @api.post(
         "/predict",
-        response_model=SignalOut,
+        response_model=Signal,
         responses=error_responses(401, 403, 413, 422, 429, 503),
     )
     async def predict(request: Request) -> Signal:
@@ -362,20 +361,7 @@ def make_api(
         authorise(request, SCOPE_READ)
         snap = snapshot_or_503()
         model = model_or_503(snap)
-        return CurrentModel(
-            version=model.version,
-            family=model.family,
-            window_bars=model.window_bars,
-            feature_spec_hash=model.feature_spec_hash,
-            metrics=model.metrics,
-            training_data_range=model.training_data_range,
-            evaluated_range=model.evaluated_range,
-            gate=model.gate,
-            thresholds=model.thresholds,
-            loaded_at_ms=model.loaded_at_ms,
-            symbols=list(snap.symbol_names),
-            reloads=snap.reloads,
-        )
+        return CurrentModel.of(model, tuple(snap.symbol_names), snap.reloads)
 
     @api.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -7,13 +7,12 @@ is sent as null.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from pydantic import BaseModel, JsonValue
+from pydantic import BaseModel
 
-from configs.schema import BacktestConfig
-
-SignalName = Literal["BUY", "SELL", "NEUTRAL"]
+from serve.engine.snapshot import ModelInfo, SignalName
 
 
 class ErrorBody(BaseModel):
@@ -51,26 +50,6 @@ class TokenOut(BaseModel):
     scope: str
 
 
-class SignalOut(BaseModel):
-    """A signal for the bar that closed at `as_of` (ISO-8601 UTC); `bar_open_time_ms` is that
-    bar's open, epoch milliseconds. `predicted_return` is a log return over `horizon_minutes`;
-    `confidence` is max(p_up, 1 - p_up), 0 when there is no opinion (`reason` says why)."""
-
-    symbol: str
-    signal: SignalName
-    confidence: float
-    p_up: float | None
-    predicted_return: float | None
-    predicted_close: float | None
-    horizon_minutes: int
-    as_of: str
-    bar_open_time_ms: int
-    close: float
-    model_version: str
-    feature_spec_hash: str
-    reason: str | None
-
-
 class HistoryItem(BaseModel):
     """A served signal and, once bar t + horizon is held, its realised outcome (null before).
     Times in epoch milliseconds; `pnl_bps` in basis points, gross of fees."""
@@ -104,22 +83,21 @@ class HistoryOut(BaseModel):
     signals: list[HistoryItem]
 
 
-class CurrentModel(BaseModel):
-    """The serving model: registry facts, the decision thresholds it was selected with, when it
-    was loaded (`loaded_at_ms`, epoch milliseconds), the symbols served and models loaded."""
+@dataclass(frozen=True)
+class CurrentModel(ModelInfo):
+    """The serving model (`ModelInfo`'s registry facts and thresholds, `loaded_at_ms` epoch
+    milliseconds), then the symbols served and how many models were loaded since start."""
 
-    version: str
-    family: str
-    window_bars: int
-    feature_spec_hash: str | None
-    metrics: dict[str, JsonValue]
-    training_data_range: JsonValue
-    evaluated_range: JsonValue
-    gate: JsonValue
-    thresholds: BacktestConfig
-    loaded_at_ms: int
-    symbols: list[str]
+    symbols: tuple[str, ...]
     reloads: int
+
+    @classmethod
+    def of(cls, model: ModelInfo, symbols: tuple[str, ...], reloads: int) -> CurrentModel:
+        return cls(
+            **{f.name: getattr(model, f.name) for f in fields(ModelInfo)},
+            symbols=symbols,
+            reloads=reloads,
+        )
 
 
 class Health(BaseModel):

@@ -22,9 +22,9 @@ from models.artifact import LoadedModel
 from models.backtest import decide_signals
 from models.dataset import INPUT_COLUMNS, model_inputs
 from serve.engine.online_features import latest_features
-from serve.engine.snapshot import Signal
+from serve.engine.snapshot import Signal, SignalName
 
-SIGNAL_NAMES = {1: "BUY", -1: "SELL", 0: "NEUTRAL"}
+SIGNAL_NAMES: dict[int, SignalName] = {1: "BUY", -1: "SELL", 0: "NEUTRAL"}
 
 
 def bar_close_iso(open_time_ms: int) -> str:

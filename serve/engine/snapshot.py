@@ -13,7 +13,7 @@ without loading the model or feature code.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import JsonValue
 
@@ -23,6 +23,8 @@ from configs.schema import BacktestConfig
 NO_MODEL_DETAIL = "no production model"
 
 T = TypeVar("T")
+
+SignalName = Literal["BUY", "SELL", "NEUTRAL"]
 
 
 class UnknownSymbolError(KeyError):
@@ -60,7 +62,7 @@ class Signal:
     """
 
     symbol: str
-    signal: str
+    signal: SignalName
     confidence: float
     p_up: float | None
     predicted_return: float | None
@@ -73,7 +75,7 @@ class Signal:
     feature_spec_hash: str
     reason: str | None
 
-    def with_reason(self, signal: str, confidence: float, reason: str) -> Signal:
+    def with_reason(self, signal: SignalName, confidence: float, reason: str) -> Signal:
         """The same bar with an overriding decision (for example NEUTRAL on stale data)."""
         return replace(self, signal=signal, confidence=confidence, reason=reason)
 
