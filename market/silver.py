@@ -88,7 +88,7 @@ def plan_changes(lake: str | Path) -> tuple[dict[str, str | None], list[str], di
     Returns (symbol -> first month to rewrite, unchanged symbols, symbol -> its part keys).
     """
     bronze, silver, _ = lake_paths(lake)
-    store = BronzeStore(Path(lake))
+    store = BronzeStore(lake)
     state = _state(silver)
     same_spec = state.get("spec_hash") == spec.spec_hash()
     done: dict[str, list[str]] = state.get("symbols", {}) if same_spec else {}

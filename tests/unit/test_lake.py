@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from market.bronze import BronzeStore
 from market.lake import GOLD_SQLITE_FILE, SILVER_STATE_FILE, Lake, is_uri
+from market.silver import plan_changes
 
 
 def test_local_lake_zones_are_directories_under_the_root(tmp_path: Path) -> None:
@@ -45,3 +47,14 @@ def test_uri_lake_keeps_uris_and_refuses_local_directories(tmp_path: Path) -> No
 )
 def test_is_uri(location: str, expected: bool) -> None:
     assert is_uri(location) is expected
+
+
+def test_bronze_and_silver_refuse_a_uri_lake_without_creating_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="is a URI"):
+        BronzeStore("s3://bucket/lake")
+    with pytest.raises(ValueError, match="is a URI"):
+        plan_changes("s3://bucket/lake")
+    assert list(tmp_path.iterdir()) == []
