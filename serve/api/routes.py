@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from configs.schema import ServeConfig
+from configs.schema import SYMBOL_PATTERN, ServeConfig
 from market.klines import ONE_MINUTE_MS
 from serve.api.auth import AuthError, Claims, TokenService
 from serve.api.clients import ClientStore
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 READ_SCOPE = "signals:read"
 PREDICT_SCOPE = "signals:predict"
-SYMBOL_PATTERN = r"^[A-Z0-9]{2,20}$"
 ROUTES = (
     "/token",
     "/signal",
