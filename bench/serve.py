@@ -3,11 +3,11 @@ FastAPI on uvicorn, in one run.
 
 Both sides run `serve.api.routes.make_api` with real JWT checks, rate limiting and metrics, over an
 engine holding a registered model and a simulator feed (slowed so that no new bar arrives while
-load runs: the handler is measured, not the feature engine). (a) is deployed exactly as
-`jobs.deploy` does it (HAProxy ingress, direct-ingress replicas); (b) serves
-`serve.local.make_local_api` with uvicorn in a child process. A closed-loop load generator
-(`bench.loadgen`: wrk when installed, else raw asyncio sockets, in its own process) runs at 1 and
-16 keep-alive connections for a fixed time. Last line: one JSON object.
+load runs: the handler is measured, not the feature engine). (a) is deployed by
+`serve.deploy.deploy`, exactly as `jobs.deploy` does it (HAProxy ingress, direct-ingress
+replicas); (b) serves `serve.local.make_local_api` with uvicorn in a child process. A closed-loop
+load generator (`bench.loadgen`: wrk when installed, else raw asyncio sockets, in its own
+process) runs at 1 and 16 keep-alive connections for a fixed time. Last line: one JSON object.
 
     .venv/bin/python -m bench.serve [--duration 8] [--mode haproxy|proxy]
 """
@@ -19,12 +19,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from bench.loadgen import LoadResult, run_load
 from cluster.ray_runtime import free_port
@@ -37,6 +34,7 @@ from configs.schema import (
     ServeConfig,
     SimConfig,
 )
+from serve.deploy import deploy, wait_until_ok
 
 SYMBOL = "SIMBENCH"
 SECRET = "bench-secret-" + "b" * 40
@@ -77,18 +75,6 @@ def token(config: ServeConfig) -> str:
     return value
 
 
-def wait_ready(url: str, headers: dict[str, str], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, headers=headers, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer 200 in {timeout_s:.0f} s")
-
-
 def measure(url: str, headers: dict[str, str], duration_s: float) -> dict[str, LoadResult]:
     return {
         f"c{c}": run_load(url, headers, concurrency=c, duration_s=duration_s, warmup_s=2.0)
@@ -100,13 +86,12 @@ def run_serve_side(config: ServeConfig, duration_s: float) -> dict[str, LoadResu
     from ray import serve
 
     from cluster.ray_runtime import shutdown
-    from jobs.deploy import deploy
 
     try:
         deployed = deploy(config, address=None)
         url = f"{deployed['url']}/signal?symbol={SYMBOL}"
         headers = {"Authorization": f"Bearer {token(config)}"}
-        wait_ready(url, headers)
+        wait_until_ok(url, timeout_s=180, headers=headers)
         return measure(url, headers, duration_s)
     finally:
         serve.shutdown()
@@ -122,7 +107,7 @@ def run_plain_side(config_path: Path, config: ServeConfig, duration_s: float) ->
     try:
         url = f"http://127.0.0.1:{port}/signal?symbol={SYMBOL}"
         headers = {"Authorization": f"Bearer {token(config)}"}
-        wait_ready(url, headers)
+        wait_until_ok(url, timeout_s=180, headers=headers)
         return measure(url, headers, duration_s)
     finally:
         server.terminate()

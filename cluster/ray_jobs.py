@@ -14,8 +14,10 @@ stages (the Airflow DAG in `cluster/airflow/`, a cron job, our own code):
   return on SUCCEEDED or raise on FAILED / STOPPED / timeout (stopping the job on the way out);
 * `run_stages`: the stages in order, stopping at the first failure.
 
-Only the standard library is imported at module level: the Ray Jobs SDK is imported inside
-`connect_client`, so that a scheduler's environment can import this module without Ray.
+Besides the standard library only `configs.schema` (pydantic, PyYAML) is imported at module
+level: the Ray Jobs SDK is imported inside `connect_client`, so that a scheduler's environment can
+import this module without Ray. The stage settings are validated by the schema's models, the
+rules the job CLIs apply to the same values.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from pydantic import ValidationError
+
+from configs.schema import (
+    DEFAULT_PIPELINE_CONFIG,
+    BinanceConfig,
+    IngestConfig,
+    PipelineConfig,
+    ServeConfig,
+    SparkConfig,
+)
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -41,8 +54,6 @@ STAGES: Final = ("ingest", "features", "tune", "deploy")
 
 TERMINAL_STATUSES: Final = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 """Ray job statuses after which a job does not change any more."""
-
-SOURCES: Final = ("binance", "dump", "sim")
 
 DEFAULT_TIMEOUTS_S: Final[Mapping[str, float]] = {
     "ingest": 3600.0,
@@ -77,7 +88,6 @@ Ray also honours the working dir's `.gitignore`; this list covers copies without
 `.git` directory, and keeps secrets (`.secrets/`) out of the cluster's package store.
 """
 
-_SYMBOL = re.compile(r"^[A-Z0-9]{2,30}$")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 _LOG_TAIL_CHARS = 4000
 
@@ -185,6 +195,26 @@ def _as_timeouts(value: Any) -> dict[str, float]:
     return {**DEFAULT_TIMEOUTS_S, **given}
 
 
+_INGEST_DEFAULTS: Final = IngestConfig()
+_PIPELINE_DEFAULTS: Final = PipelineConfig()
+
+
+def _check(model: type[Any], **values: Any) -> None:
+    """Validate `values` (those not None) as fields of the schema model `model`.
+
+    Raises ValueError naming each rejected setting, e.g. `invalid symbols: String should match
+    pattern ...`, so that a bad setting fails here rather than in a submitted job.
+    """
+    try:
+        model(**{key: value for key, value in values.items() if value is not None})
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"invalid {error['loc'][0] if error['loc'] else model.__name__}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ValueError(reasons) from None
+
+
 @dataclass(frozen=True)
 class PipelineParams:
     """What the stage jobs need and how to submit them.
@@ -198,24 +228,24 @@ class PipelineParams:
     lake: str
     registry: str
     # jobs.ingest
-    source: str = "sim"
-    symbols: tuple[str, ...] = ("SIMBTC", "SIMETH")
+    source: str = _INGEST_DEFAULTS.source
+    symbols: tuple[str, ...] = tuple(_INGEST_DEFAULTS.symbols)
     path: str | None = None
     start: str | None = None
     end: str | None = None
     base_url: str | None = None
     sim_days: int | None = None
     # jobs.ingest and jobs.features (the pipeline YAML's ingest/spark sections)
-    pipeline_config: str | None = "configs/pipeline/local.yaml"
+    pipeline_config: str | None = DEFAULT_PIPELINE_CONFIG
     # jobs.features
     executors: int | None = None
     # jobs.tune
-    tune_config: str | None = "configs/tune/smoke.yaml"
+    tune_config: str | None = _PIPELINE_DEFAULTS.tune
     tune_out: str | None = None
     seed: int | None = None
     # jobs.deploy
     deploy: bool = False
-    serve_config: str | None = "configs/serve/local.yaml"
+    serve_config: str | None = _PIPELINE_DEFAULTS.serve
     port: int | None = None
     # submission
     address: str = "http://127.0.0.1:8265"
@@ -227,15 +257,21 @@ class PipelineParams:
     def __post_init__(self) -> None:
         if not self.lake or not self.registry:
             raise ValueError("lake and registry are required (directories or URIs)")
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
+        _check(
+            IngestConfig,
+            source=self.source,
+            symbols=list(self.symbols),
+            path=self.path,
+            start=self.start,
+            end=self.end,
+            sim_days=self.sim_days,
+        )
+        # jobs.ingest enforces this one when it opens the source; checked here before any job.
         if self.source == "dump" and not self.path:
             raise ValueError("source 'dump' needs path (a dump file or glob)")
-        if not self.symbols:
-            raise ValueError("symbols is empty")
-        bad = [symbol for symbol in self.symbols if not _SYMBOL.match(symbol)]
-        if bad:
-            raise ValueError(f"invalid symbols {bad}: expected e.g. BTCUSDT")
+        _check(BinanceConfig, base_url=self.base_url)
+        _check(SparkConfig, executors=self.executors)
+        _check(ServeConfig, port=self.port)
         if self.poll_s <= 0:
             raise ValueError("poll_s must be positive")
         missing = sorted(set(STAGES) - set(self.timeouts_s))
@@ -283,6 +319,29 @@ class PipelineParams:
             if key not in merged:
                 raise ValueError(f"{key} is required (a directory or URI every node can reach)")
         return cls(**merged)
+
+    @classmethod
+    def from_pipeline_config(
+        cls, config: PipelineConfig, config_path: str, lake: str, registry: str, address: str
+    ) -> PipelineParams:
+        """The stage jobs of a pipeline YAML (`config`, read from `config_path`), submitted to the
+        Ray dashboard at `address`: its ingest settings, its tune and serve YAMLs (deploying when
+        it names a serve YAML), and `config_path` for the stages that read the YAML themselves."""
+        ingest = config.ingest
+        return cls(
+            lake=lake,
+            registry=registry,
+            source=ingest.source,
+            symbols=tuple(ingest.symbols),
+            path=ingest.path,
+            start=ingest.start,
+            end=ingest.end,
+            pipeline_config=config_path,
+            tune_config=config.tune,
+            deploy=config.serve is not None,
+            serve_config=config.serve,
+            address=address,
+        )
 
     def for_run(self, run_id: str) -> PipelineParams:
         """These params with `{run_id}` in `tune_out` replaced by `safe_token(run_id)`."""

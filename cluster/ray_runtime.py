@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any
@@ -36,6 +37,19 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
                 else None,
             )
     return dict(ray.cluster_resources())
+
+
+def dashboard_url() -> str:
+    """The connected Ray's dashboard URL, or a hint where to find it when Ray does not say."""
+    context = ray.get_runtime_context()
+    # The address is only exposed by Ray's private worker state; its absence is not an error.
+    with contextlib.suppress(Exception):
+        from ray._private.worker import global_worker
+
+        address = global_worker.node.address_info.get("webui_url")
+        if address:
+            return f"http://{address}"
+    return f"(see `ray status`; GCS {context.gcs_address})"
 
 
 # Environment variables `connect` set for the local Ray it started; `shutdown` removes them.

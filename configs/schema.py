@@ -4,10 +4,35 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Final, Literal, TypeVar
+from typing import Annotated, Final, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+# Only pydantic and PyYAML at module level: the Airflow DAG imports this module (through
+# cluster.ray_jobs) in an environment that may lack Ray, torch and polars.
+
+DEFAULT_PIPELINE_CONFIG: Final = "configs/pipeline/local.yaml"
+"""The pipeline YAML that `make run` uses, relative to the repository root."""
+
+DEFAULT_TUNE_CONFIG: Final = "configs/tune/smoke.yaml"
+"""The sweep YAML of the pipeline's tune stage, relative to the repository root."""
+
+DEFAULT_SERVE_CONFIG: Final = "configs/serve/local.yaml"
+"""The serve YAML of the pipeline's deploy stage, relative to the repository root."""
+
+KlineSource = Literal["binance", "dump", "sim"]
+SOURCES: Final[tuple[str, ...]] = get_args(KlineSource)
+"""Where klines come from: Binance REST, Binance dump files, the market simulator."""
+
+SYMBOL_PATTERN: Final = r"^[A-Z0-9]{2,20}$"
+"""A market symbol as ingested, served and asked for: upper-case letters and digits."""
+
+Symbol = Annotated[str, StringConstraints(pattern=SYMBOL_PATTERN)]
+
+DEFAULT_GOLD_URL: Final = "sqlite:///var/gold.sqlite"
+"""The Gold store when nothing names one; a lake given to the deploy replaces it with the lake's
+own store (`market.lake.Lake.gold_sqlite_url`)."""
 
 
 class StrictModel(BaseModel):
@@ -88,8 +113,8 @@ class BinanceConfig(StrictModel):
 class IngestConfig(StrictModel):
     """What `jobs.ingest` fetches. Dates are UTC; `end` is inclusive to the minute."""
 
-    source: Literal["binance", "dump", "sim"] = "sim"
-    symbols: list[str] = Field(default_factory=lambda: ["BTCUSDT"], min_length=1)
+    source: KlineSource = "sim"
+    symbols: list[Symbol] = Field(default_factory=lambda: ["BTCUSDT"], min_length=1)
     start: str | None = None
     end: str | None = None
     path: str | None = None
@@ -105,12 +130,12 @@ class PipelineConfig(StrictModel):
     registry: str = "registry"
     runs: str = Field(default="runs", description="where each sweep's leaderboard/report go")
     tune: str | None = Field(
-        default="configs/tune/smoke.yaml",
+        default=DEFAULT_TUNE_CONFIG,
         description="tune YAML of the sweep stage (its `ray` section is ignored: the pipeline "
         "connects once); None stops after Silver",
     )
     serve: str | None = Field(
-        default="configs/serve/local.yaml",
+        default=DEFAULT_SERVE_CONFIG,
         description="serve YAML of the deploy stage; None stops after the gate",
     )
     retrain_interval_minutes: float | None = Field(
@@ -207,7 +232,7 @@ class TuneJobConfig(StrictModel):
 
     seed: int = 7
     ray: RayConfig = RayConfig()
-    symbols: list[str] | None = Field(default=None, description="None = every Silver symbol")
+    symbols: list[Symbol] | None = Field(default=None, description="None = every Silver symbol")
     num_samples: int = Field(default=4, ge=1)
     max_concurrent_trials: int = Field(default=1, ge=1)
     max_epochs: int = Field(default=3, ge=1, description="epochs per fold")
@@ -274,8 +299,8 @@ class FeedConfig(StrictModel):
     newest bar equal the offline ones. Bars older than `stale_after_s` make the feed stale.
     """
 
-    source: Literal["binance", "sim", "dump"] = "sim"
-    symbols: list[str] = Field(default_factory=lambda: ["SIMBTC"], min_length=1)
+    source: KlineSource = "sim"
+    symbols: list[Symbol] = Field(default_factory=lambda: ["SIMBTC"], min_length=1)
     history_bars: int = Field(default=400, ge=100)
     poll_interval_s: float = Field(default=5.0, gt=0)
     replay_bars_per_s: float = Field(default=1.0, gt=0)
@@ -289,7 +314,7 @@ class FeedConfig(StrictModel):
 class GoldConfig(StrictModel):
     """The Gold store of served signals: a SQLAlchemy URL (SQLite file or PostgreSQL)."""
 
-    url: str = "sqlite:///gold.sqlite"
+    url: str = DEFAULT_GOLD_URL
 
 
 class ServeConfig(StrictModel):

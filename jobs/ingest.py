@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 
 from cluster.ray_runtime import connect
-from configs.schema import IngestConfig, PipelineConfig, load_config
+from configs.schema import SOURCES, IngestConfig, PipelineConfig, load_config
 from jobs._cli import base_parser, print_summary, setup_logging
 from market.ingest import run_ingest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__ or "")
-    parser.add_argument("--source", choices=["binance", "dump", "sim"], required=True)
+    parser.add_argument("--source", choices=SOURCES, required=True)
     parser.add_argument("--symbols", required=True, help="comma-separated, e.g. BTCUSDT,ETHUSDT")
     parser.add_argument("--path", help="dump file or glob (--source dump)")
     parser.add_argument("--start", help="ISO-8601 UTC start (inclusive)")

@@ -9,9 +9,7 @@ the service picks up a newly promoted model by itself (it follows the registry's
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +17,10 @@ from typing import Any
 import httpx
 
 from cluster.etl import run_feature_etl
-from cluster.ray_runtime import connect
+from cluster.ray_runtime import connect, dashboard_url
 from configs.schema import (
-    FeedConfig,
-    IngestConfig,
+    DEFAULT_PIPELINE_CONFIG,
+    SOURCES,
     PipelineConfig,
     ServeConfig,
     TuneJobConfig,
@@ -31,8 +29,7 @@ from configs.schema import (
 from jobs._cli import base_parser, print_summary, setup_logging
 from market.ingest import run_ingest
 from market.lake import Lake
-
-DEFAULT_CONFIG = "configs/pipeline/local.yaml"
+from serve.deploy import deploy, feed_for, resolve_config, serve_until_stopped, wait_until_ok
 
 
 def say(line: str) -> None:
@@ -88,36 +85,20 @@ def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages
     return results
 
 
-def feed_for(ingest: IngestConfig, feed: FeedConfig) -> FeedConfig:
-    """The live feed of the symbols the pipeline trained on, from the same kind of source.
-
-    The simulator replay keeps the serve config's own seed and dates, so served signals are out
-    of sample; a dump replays the ingested file; Binance polls the same base URL.
-    """
-    updates: dict[str, Any] = {"source": ingest.source, "symbols": list(ingest.symbols)}
-    if ingest.source == "dump":
-        updates["dump_path"] = ingest.path
-    return feed.model_copy(update=updates)
-
-
 def serve_stage(
     config: PipelineConfig, registry: str, lake: str, address: str | None
 ) -> dict[str, Any]:
     """Deploy the API, mint an operator token, call /signal for each symbol."""
-    from jobs.deploy import absolute_paths, deploy
     from serve.api.auth import TokenService
     from serve.api.tokens import ensure_dev_secrets
 
     assert config.serve is not None
     serve_config = load_config(config.serve, ServeConfig)
-    serve_config = absolute_paths(
-        serve_config.model_copy(
-            update={
-                "registry": registry,
-                "feed": feed_for(config.ingest, serve_config.feed),
-                "gold": serve_config.gold.model_copy(update={"url": Lake.at(lake).gold_sqlite_url}),
-            }
-        )
+    serve_config = resolve_config(
+        serve_config,
+        registry=registry,
+        lake=lake,
+        feed=feed_for(config.ingest, serve_config.feed),
     )
     created = ensure_dev_secrets(serve_config.auth)
     deployed = deploy(serve_config, address)
@@ -125,10 +106,10 @@ def serve_stage(
     token, _ = tokens.mint("make-run", ["signals:read"])
     headers = {"Authorization": f"Bearer {token}"}
     answers: dict[str, Any] = {}
+    # Not ready within a minute (features still warming up): the calls below then show why.
+    with contextlib.suppress(TimeoutError):
+        wait_until_ok(f"{deployed['url']}/readyz", timeout_s=60)
     with httpx.Client(base_url=deployed["url"], timeout=30.0) as client:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and client.get("/readyz").status_code != 200:
-            time.sleep(1.0)
         for symbol in serve_config.feed.symbols:
             response = client.get("/signal", params={"symbol": symbol}, headers=headers)
             answers[symbol] = response.json()
@@ -144,10 +125,10 @@ def serve_stage(
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__ or "")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="pipeline YAML")
+    parser.add_argument("--config", default=DEFAULT_PIPELINE_CONFIG, help="pipeline YAML")
     parser.add_argument("--lake", help="lake directory (overrides the config)")
     parser.add_argument("--registry", help="model registry directory (overrides the config)")
-    parser.add_argument("--source", choices=["sim", "dump", "binance"], help="kline source")
+    parser.add_argument("--source", choices=SOURCES, help="kline source")
     parser.add_argument("--symbols", help="comma-separated symbols (overrides the config)")
     parser.add_argument("--path", help="dump file or glob (--source dump)")
     parser.add_argument("--skip-tune", action="store_true", help="stop after Silver")
@@ -215,32 +196,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def submit_as_ray_jobs(
-    dashboard_url: str, config_path: str, config: PipelineConfig, lake: str, registry: str
+    dashboard: str, config_path: str, config: PipelineConfig, lake: str, registry: str
 ) -> int:
     """The same stages as Ray jobs (Ray Jobs SDK), one after the other; the working directory
     is uploaded, so the job code needs nothing outside it. Storage must be shared (URIs)."""
     from cluster.ray_jobs import PipelineParams, connect_client, run_stages
 
-    ingest = config.ingest
-    params = PipelineParams(
-        lake=lake,
-        registry=registry,
-        source=ingest.source,
-        symbols=tuple(ingest.symbols),
-        path=ingest.path,
-        start=ingest.start,
-        end=ingest.end,
-        pipeline_config=config_path,
-        tune_config=config.tune,
-        deploy=config.serve is not None,
-        serve_config=config.serve,
-        address=dashboard_url,
-    )
+    params = PipelineParams.from_pipeline_config(config, config_path, lake, registry, dashboard)
     stages = ["ingest", "features"] + (["tune"] if config.tune else [])
     stages += ["deploy"] if config.serve else []
     started = time.perf_counter()
     statuses = run_stages(
-        connect_client(dashboard_url),
+        connect_client(dashboard),
         params,
         stages,
         run_id=time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
@@ -250,7 +217,7 @@ def submit_as_ray_jobs(
         {
             "job": "pipeline",
             "mode": "ray-jobs",
-            "address": dashboard_url,
+            "address": dashboard,
             "stages": statuses,
             "seconds": round(time.perf_counter() - started, 2),
         }
@@ -282,37 +249,17 @@ def print_guide(served: dict[str, Any], seconds: dict[str, float]) -> None:
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
-def dashboard_url() -> str:
-    import ray
-
-    context = ray.get_runtime_context()
-    with contextlib.suppress(Exception):
-        from ray._private.worker import global_worker
-
-        address = global_worker.node.address_info.get("webui_url")
-        if address:
-            return f"http://{address}"
-    return f"(see `ray status`; GCS {context.gcs_address})"
-
-
 def keep_serving(config: PipelineConfig, lake: str, registry: str, local: bool) -> None:
     """Serve until Ctrl-C/SIGTERM; re-train on the configured schedule meanwhile."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     interval = config.retrain_interval_minutes
-    with contextlib.suppress(KeyboardInterrupt):
-        while not stop.is_set():
-            if interval is None:
-                stop.wait()
-                break
-            if stop.wait(interval * 60):
-                break
-            say(f"retraining (every {interval:g} min)")
-            train_cycle(config, lake, registry, Stages(["ingest", "features", "tune"]))
-    if local:
-        from ray import serve
 
-        serve.shutdown()
+    def retrain() -> None:
+        say(f"retraining (every {interval:g} min)")
+        train_cycle(config, lake, registry, Stages(["ingest", "features", "tune"]))
+
+    serve_until_stopped(
+        shutdown=local, repeat=retrain, every_s=None if interval is None else interval * 60
+    )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 from cluster.ray_runtime import connect
-from configs.schema import TuneJobConfig, load_config
+from configs.schema import DEFAULT_TUNE_CONFIG, TuneJobConfig, load_config
 from jobs._cli import base_parser, print_summary, setup_logging
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tune" / "smoke.yaml"
+# Absolute, so that the job runs from any working directory.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / DEFAULT_TUNE_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:

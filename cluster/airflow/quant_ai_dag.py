@@ -13,8 +13,9 @@ Use: put this directory on Airflow's DAG path (`dags_folder`, or a symlink into 
 of the repository, or point `QUANT_AI_REPO` at such a checkout. The Airflow workers need network
 access to the Ray dashboard (port 8265) and `ray[default]` at the cluster's version (2.60.0),
 imported only inside the tasks: the scheduler and DAG processor need neither Ray nor the
-project's dependencies. Tested with Airflow 3.3.2 (tests/integration/test_airflow_dag.py); the
-imports fall back to Airflow 2's module paths.
+project's dependencies beyond pydantic and PyYAML (for `configs.schema`), which Airflow ships.
+Tested with Airflow 3.3.2 (tests/integration/test_airflow_dag.py); the imports fall back to
+Airflow 2's module paths.
 
 Settings, each read when a task runs (a later source wins):
   1. defaults: those of `cluster.ray_jobs.PipelineParams`, `working_dir` = the checkout;
@@ -49,6 +50,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 from cluster import ray_jobs  # noqa: E402  (needs the checkout on sys.path, set just above)
+from configs.schema import SOURCES  # noqa: E402
 
 try:  # Airflow 3: the Task SDK
     from airflow.sdk import DAG, Param, Variable, get_current_context, task
@@ -96,7 +98,7 @@ PARAMS: dict[str, Any] = {
     "working_dir": _param("string", "job working_dir: a local checkout or a package URI"),
     "lake": _param("string", "lake directory or URI that every Ray node can reach"),
     "registry": _param("string", "model registry directory or URI every Ray node can reach"),
-    "source": _param("string", "jobs.ingest --source", enum=[None, *ray_jobs.SOURCES]),
+    "source": _param("string", "jobs.ingest --source", enum=[None, *SOURCES]),
     "symbols": _param("string", "jobs.ingest --symbols, comma-separated, e.g. BTCUSDT,ETHUSDT"),
     "path": _param("string", "jobs.ingest --path (dump file or glob)"),
     "start": _param("string", "jobs.ingest --start (ISO-8601 UTC)"),

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from configs.schema import SCOPE_PREDICT, SCOPE_READ, ServeConfig
+from configs.schema import SCOPE_PREDICT, SCOPE_READ, SYMBOL_PATTERN, ServeConfig
 from market.klines import ONE_MINUTE_MS
 from serve.api.auth import AuthError, Claims, TokenService
 from serve.api.clients import ClientStore
@@ -54,7 +54,6 @@ from serve.engine.snapshot import (
 
 log = logging.getLogger(__name__)
 
-SYMBOL_PATTERN = r"^[A-Z0-9]{2,20}$"
 NOT_REPORTED = "the signal engine has not reported yet"
 ROUTES = (
     "/token",

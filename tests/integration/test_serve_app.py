@@ -161,7 +161,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     from ray import serve
 
     from cluster.ray_runtime import shutdown
-    from jobs.deploy import deploy
+    from serve.deploy import deploy
 
     tmp = tmp_path_factory.mktemp("serve")
     register_model(tmp / "registry", seed=1)

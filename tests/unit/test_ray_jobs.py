@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import shlex
-from typing import Any
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, get_args
 
 import pytest
 
@@ -23,6 +27,7 @@ from cluster.ray_jobs import (
     stage_entrypoints,
     submission_id_for,
 )
+from configs.schema import SOURCES, SYMBOL_PATTERN, IngestConfig, PipelineConfig
 from tests.conftest import REPO
 
 BASE = {"lake": "s3://bucket/lake", "registry": "s3://bucket/registry"}
@@ -60,7 +65,7 @@ def test_default_entrypoints_are_the_documented_command_lines() -> None:
     entrypoints = stage_entrypoints(BASE)
     assert list(entrypoints) == list(STAGES)
     assert entrypoints == {
-        "ingest": "python -m jobs.ingest --source sim --symbols SIMBTC,SIMETH "
+        "ingest": "python -m jobs.ingest --source sim --symbols BTCUSDT "
         "--lake s3://bucket/lake --config configs/pipeline/local.yaml",
         "features": "python -m jobs.features --lake s3://bucket/lake "
         "--config configs/pipeline/local.yaml",
@@ -193,10 +198,14 @@ def test_strings_from_a_variable_store_are_coerced() -> None:
     ("layer", "error"),
     [
         ({"lakes": "x"}, "unknown pipeline settings \\['lakes'\\]"),
-        ({"source": "kraken"}, "source must be one of"),
+        ({"source": "kraken"}, "invalid source"),
         ({"source": "dump"}, "needs path"),
         ({"symbols": "BTC-USDT"}, "invalid symbols"),
-        ({"symbols": " , "}, "symbols is empty"),
+        ({"symbols": " , "}, "invalid symbols"),
+        ({"symbols": "A" * 21}, "invalid symbols"),
+        ({"sim_days": 0}, "invalid sim_days"),
+        ({"executors": 0}, "invalid executors"),
+        ({"port": 70000}, "invalid port"),
         ({"deploy": "maybe"}, "invalid deploy"),
         ({"sim_days": "three"}, "invalid sim_days"),
         ({"timeouts_s": {"train": 10}}, "unknown stages \\['train'\\]"),
@@ -258,3 +267,94 @@ def test_the_summary_is_the_last_json_object_line() -> None:
     )
     assert job_summary(logs) == {"job": "tune", "gate": {"promoted": True}}
     assert job_summary("no summary here\n[1, 2]\n") is None
+
+
+# -- one schema: PipelineParams and the job CLIs follow configs.schema -------------------------
+
+
+def test_defaults_are_the_schema_and_job_cli_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = PipelineParams.from_layers(BASE)
+    ingest, pipeline = IngestConfig(), PipelineConfig()
+    assert params.source == ingest.source
+    assert params.symbols == tuple(ingest.symbols)
+    assert params.tune_config == pipeline.tune
+    assert params.serve_config == pipeline.serve
+    assert params.pipeline_config == real_parser("pipeline", monkeypatch).get_default("config")
+    assert params.serve_config == real_parser("deploy", monkeypatch).get_default("config")
+    tune_default = Path(real_parser("tune", monkeypatch).get_default("config"))
+    assert params.tune_config is not None and tune_default == REPO / params.tune_config
+
+
+def test_sources_are_the_schema_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert get_args(IngestConfig.model_fields["source"].annotation) == SOURCES
+    for job in ("ingest", "pipeline"):
+        (source,) = [a for a in real_parser(job, monkeypatch)._actions if a.dest == "source"]
+        assert tuple(source.choices or ()) == SOURCES, job
+    for source in SOURCES:
+        assert PipelineParams.from_layers(BASE, {"source": source, "path": "x"}).source == source
+
+
+@pytest.mark.parametrize(
+    "symbol", ["BTCUSDT", "1000SHIBUSDT", "AB", "A" * 20, "A", "A" * 21, "BTC-USDT"]
+)
+def test_symbols_follow_the_schema_pattern(symbol: str) -> None:
+    schema_accepts = re.match(SYMBOL_PATTERN, symbol) is not None
+    try:
+        IngestConfig(symbols=[symbol])
+        ingest_accepts = True
+    except ValueError:
+        ingest_accepts = False
+    try:
+        PipelineParams.from_layers(BASE, {"symbols": symbol})
+        params_accept = True
+    except ValueError:
+        params_accept = False
+    assert schema_accepts == ingest_accepts == params_accept
+
+
+# Job flags that a pipeline run never sets: the Ray address comes from RAY_ADDRESS in a job,
+# the others are interactive or diagnostic switches.
+NOT_PASSED = {
+    "ingest": {"address"},
+    "features": {"address"},
+    "tune": {"address", "shuffle_labels"},
+    "deploy": {"address", "host", "detach"},
+}
+
+
+def test_every_job_flag_is_passed_or_deliberately_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A flag added to a job CLI must be wired into `stage_argv` or listed in NOT_PASSED."""
+    params = PipelineParams.from_layers(
+        BASE,
+        {
+            "source": "dump",
+            "path": "/data/x.csv",
+            "start": "2024-01-01",
+            "end": "2024-01-02",
+            "base_url": "http://b",
+            "sim_days": 2,
+            "executors": 2,
+            "tune_out": "/runs/x",
+            "seed": 1,
+            "port": 8001,
+        },
+    )
+    for stage, argv in stage_argv(params).items():
+        parser = real_parser(argv[2].removeprefix("jobs."), monkeypatch)
+        options = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+        passed = {a.dest for a in parser._actions if set(a.option_strings) & set(argv[3:])}
+        assert options - passed == NOT_PASSED[stage], stage
+
+
+def test_a_scheduler_can_import_this_module_without_ray() -> None:
+    """The Airflow DAG imports cluster.ray_jobs (and through it configs.schema) without Ray."""
+    probe = (
+        "import sys, cluster.ray_jobs; "
+        "print(sorted(m for m in ('ray', 'torch', 'polars', 'pyspark') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,178 @@
+"""Deploying the signal API on Ray Serve: the configuration it runs with, the deployment itself,
+waiting until it answers, and serving until the process is stopped.
+
+`python -m jobs.deploy` and `python -m jobs.pipeline` deploy through here; so does the serve
+benchmark, so that what it measures is what the jobs deploy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cluster.ray_runtime import connect
+from configs.schema import DEFAULT_GOLD_URL, FeedConfig, GoldConfig, IngestConfig, ServeConfig
+from market.lake import Lake
+
+APP_NAME = "quant-ai"
+
+
+def gold_for_lake(gold: GoldConfig, lake: str | None) -> GoldConfig:
+    """The Gold store to use beside `lake`.
+
+    The default URL (`DEFAULT_GOLD_URL`) stands for "no store of its own": with a lake it
+    becomes the lake's SQLite store, next to the lake's other zones. Any other URL (a PostgreSQL
+    server, a SQLite file chosen on purpose) was configured deliberately and is kept.
+    """
+    if lake is None or gold.url != DEFAULT_GOLD_URL:
+        return gold
+    return gold.model_copy(update={"url": Lake.at(lake).gold_sqlite_url})
+
+
+def feed_for(ingest: IngestConfig, feed: FeedConfig) -> FeedConfig:
+    """The live feed of the symbols a pipeline trained on, from the same kind of source.
+
+    The simulator replay keeps the serve config's own seed and dates, so served signals are out
+    of sample; a dump replays the ingested file; Binance polls the same base URL.
+    """
+    updates: dict[str, Any] = {"source": ingest.source, "symbols": list(ingest.symbols)}
+    if ingest.source == "dump":
+        updates["dump_path"] = ingest.path
+    return feed.model_copy(update=updates)
+
+
+def resolve_config(
+    config: ServeConfig,
+    *,
+    registry: str | None = None,
+    lake: str | None = None,
+    port: int | None = None,
+    host: str | None = None,
+    feed: FeedConfig | None = None,
+) -> ServeConfig:
+    """`config` with the given overrides (None or empty keeps the config's value), the Gold
+    store placed by `gold_for_lake`, and local paths made absolute (`absolute_paths`)."""
+    overrides = {"registry": registry, "port": port, "host": host, "feed": feed}
+    updates: dict[str, Any] = {key: value for key, value in overrides.items() if value}
+    updates["gold"] = gold_for_lake(config.gold, lake)
+    return absolute_paths(config.model_copy(update=updates))
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path or Path(path).is_absolute() else str(Path(path).resolve())
+
+
+def absolute_paths(config: ServeConfig) -> ServeConfig:
+    """Local paths made absolute: Serve's replica processes need not share our working dir."""
+    jwt = config.auth.jwt
+    auth = config.auth.model_copy(
+        update={
+            "clients_file": _absolute(config.auth.clients_file),
+            "jwt": jwt.model_copy(
+                update={
+                    name: _absolute(value)
+                    for name in ("secret_file", "public_key_file", "private_key_file")
+                    if (value := getattr(jwt, name)) is not None
+                }
+            ),
+        }
+    )
+    gold = config.gold
+    if gold.url.startswith("sqlite:///") and not gold.url.startswith("sqlite:////"):
+        gold = gold.model_copy(update={"url": "sqlite:///" + _absolute(gold.url[10:])})
+    feed = config.feed
+    if feed.dump_path is not None:
+        feed = feed.model_copy(update={"dump_path": _absolute(feed.dump_path)})
+    return config.model_copy(
+        update={"registry": _absolute(config.registry), "auth": auth, "gold": gold, "feed": feed}
+    )
+
+
+def wait_until_ok(
+    url: str,
+    timeout_s: float,
+    headers: Mapping[str, str] | None = None,
+    poll_s: float = 0.5,
+) -> None:
+    """GET `url` every `poll_s` seconds until it answers 200; TimeoutError after `timeout_s`
+    seconds. Connection errors count as "not yet": the server may still be starting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, headers=headers, timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 in {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -> dict[str, Any]:
+    """Start Serve's HTTP proxy on the configured host/port, run the app, wait for /healthz.
+
+    Returns the API's base URL, the application name and the seconds from `serve.run` to the
+    first healthy answer; TimeoutError when /healthz does not answer within `timeout_s` seconds.
+    """
+    from ray import serve
+    from ray.serve.schema import LoggingConfig
+
+    from serve.app import build_app
+    from serve.ingress_env import ingress_env
+
+    connect(config.ray, address)
+    serve.start(
+        http_options={"host": config.host, "port": config.port},
+        controller_options={"runtime_env": {"env_vars": ingress_env(config.ingress_mode)}},
+    )
+    started = time.perf_counter()
+    serve.run(
+        build_app(config),
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
+        # Access logs cost CPU on every request; /metrics counts requests by route and status.
+        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
+    )
+    # A wildcard bind is reached through loopback from here.
+    local_host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    url = f"http://{local_host}:{config.port}"
+    wait_until_ok(f"{url}/healthz", timeout_s)
+    return {
+        "url": url,
+        "app": APP_NAME,
+        "seconds_to_healthy": round(time.perf_counter() - started, 2),
+    }
+
+
+def serve_until_stopped(
+    shutdown: bool,
+    repeat: Callable[[], None] | None = None,
+    every_s: float | None = None,
+) -> None:
+    """Block until Ctrl-C or SIGTERM, calling `repeat` every `every_s` seconds meanwhile.
+
+    With `shutdown`, Serve is shut down on the way out: a local Ray's service ends with the
+    process that started it, while one deployed to a cluster keeps running.
+    """
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        while not stop.is_set():
+            if repeat is None or every_s is None:
+                stop.wait()
+                break
+            if stop.wait(every_s):
+                break
+            repeat()
+    if shutdown:
+        from ray import serve
+
+        serve.shutdown()

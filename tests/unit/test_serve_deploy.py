@@ -1,0 +1,123 @@
+"""serve.deploy without Ray: the configuration a deployment runs with (overrides, the Gold store
+rule, absolute paths, the pipeline's feed) and the readiness wait against a real HTTP server.
+Deploying on Ray Serve is in tests/integration/test_serve_app.py."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from cluster.ray_runtime import free_port
+from configs.schema import (
+    DEFAULT_GOLD_URL,
+    DEFAULT_SERVE_CONFIG,
+    FeedConfig,
+    GoldConfig,
+    IngestConfig,
+    ServeConfig,
+    load_config,
+)
+from market.lake import Lake
+from serve.deploy import feed_for, gold_for_lake, resolve_config, wait_until_ok
+from tests.conftest import REPO
+
+POSTGRES = "postgresql+psycopg://gold:secret@db.internal:5432/gold"
+
+
+def test_the_default_gold_store_moves_into_the_lake(tmp_path: Path) -> None:
+    lake = str(tmp_path / "lake")
+    moved = gold_for_lake(GoldConfig(), lake)
+    assert moved.url == Lake.at(lake).gold_sqlite_url
+    assert moved.url == f"sqlite:///{tmp_path / 'lake' / 'gold' / 'signals.sqlite'}"
+
+
+@pytest.mark.parametrize("url", [POSTGRES, "sqlite:////srv/gold/mine.sqlite", "sqlite:///g.db"])
+def test_a_gold_store_of_its_own_is_never_replaced(url: str, tmp_path: Path) -> None:
+    gold = GoldConfig(url=url)
+    assert gold_for_lake(gold, str(tmp_path / "lake")) is gold
+    config = resolve_config(ServeConfig(gold=gold), lake=str(tmp_path / "lake"))
+    assert config.gold.url.endswith(url.removeprefix("sqlite:///"))
+    assert "lake" not in config.gold.url
+
+
+def test_without_a_lake_the_default_gold_store_stays() -> None:
+    assert gold_for_lake(GoldConfig(), None).url == DEFAULT_GOLD_URL
+
+
+def test_the_shipped_serve_config_uses_the_default_gold_store(tmp_path: Path) -> None:
+    """`make run` and `jobs.deploy --lake` put Gold into the lake only because of this."""
+    config = load_config(REPO / DEFAULT_SERVE_CONFIG, ServeConfig)
+    assert config.gold.url == DEFAULT_GOLD_URL
+    resolved = resolve_config(config, lake=str(tmp_path / "lake"))
+    assert resolved.gold.url == Lake.at(tmp_path / "lake").gold_sqlite_url
+
+
+def test_overrides_apply_and_paths_become_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    feed = FeedConfig(source="dump", symbols=["BTCUSDT"], dump_path="data/btc.csv")
+    config = resolve_config(
+        ServeConfig(), registry="reg", port=8123, host="0.0.0.0", feed=feed, lake=None
+    )
+    assert (config.registry, config.port, config.host) == (str(tmp_path / "reg"), 8123, "0.0.0.0")
+    assert config.feed.dump_path == str(tmp_path / "data" / "btc.csv")
+    assert config.gold.url == f"sqlite:///{tmp_path / 'var' / 'gold.sqlite'}"
+    assert config.auth.clients_file == str(tmp_path / ".secrets" / "clients.yaml")
+    assert config.auth.jwt.secret_file == str(tmp_path / ".secrets" / "jwt_secret")
+    kept = resolve_config(ServeConfig(registry="s3://bucket/registry", port=9000))
+    assert (kept.registry, kept.port, kept.host) == ("s3://bucket/registry", 9000, "127.0.0.1")
+
+
+def test_the_feed_follows_what_the_pipeline_ingested() -> None:
+    serve_feed = FeedConfig(symbols=["SIMBTC"], replay_bars_per_s=3.0)
+    dump = feed_for(IngestConfig(source="dump", symbols=["BTCUSDT"], path="d.csv"), serve_feed)
+    assert (dump.source, dump.symbols, dump.dump_path) == ("dump", ["BTCUSDT"], "d.csv")
+    assert dump.replay_bars_per_s == 3.0
+    sim = feed_for(IngestConfig(source="sim", symbols=["SIMA", "SIMB"]), serve_feed)
+    assert (sim.source, sim.symbols, sim.dump_path, sim.sim) == (
+        "sim",
+        ["SIMA", "SIMB"],
+        None,
+        serve_feed.sim,
+    )
+
+
+@pytest.fixture
+def flaky_server() -> Iterator[tuple[str, list[str]]]:
+    """Answers 503 to the first two GETs, then 200; records the Authorization headers."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            self.send_response(200 if len(seen) > 2 else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/readyz", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_wait_until_ok_polls_until_200(flaky_server: tuple[str, list[str]]) -> None:
+    url, seen = flaky_server
+    wait_until_ok(url, timeout_s=10, headers={"Authorization": "Bearer t"}, poll_s=0.01)
+    assert seen == ["Bearer t"] * 3
+
+
+def test_wait_until_ok_times_out_while_nothing_answers() -> None:
+    url = f"http://127.0.0.1:{free_port()}/healthz"
+    with pytest.raises(TimeoutError, match="did not answer 200"):
+        wait_until_ok(url, timeout_s=0.2, poll_s=0.05)
