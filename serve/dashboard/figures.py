@@ -35,12 +35,17 @@ OUTCOME_COLOURS: Final[Mapping[str, str]] = dict(
 SIGNAL_MARKERS: Final[Mapping[str, str]] = dict(
     zip(SCORED_SIGNALS, ("triangle-up", "triangle-down"), strict=True)
 )
-_OVERLAYS: Final[tuple[tuple[str, str, str], ...]] = (
-    ("sma_5", "SMA 5", "#ff7f0e"),
-    ("sma_10", "SMA 10", "#bcbd22"),
-    ("sma_20", "SMA 20", "#1f77b4"),
-    ("ema_12", "EMA 12", "#9467bd"),
-    ("ema_26", "EMA 26", "#8c564b"),
+# The line traces of the market chart: feature column, legend label, colour, panel row
+# (1: price overlays, 2: RSI, 3: MACD, drawn over the MACD histogram bars).
+_LINES: Final[tuple[tuple[str, str, str, int], ...]] = (
+    ("sma_5", "SMA 5", "#ff7f0e", 1),
+    ("sma_10", "SMA 10", "#bcbd22", 1),
+    ("sma_20", "SMA 20", "#1f77b4", 1),
+    ("ema_12", "EMA 12", "#9467bd", 1),
+    ("ema_26", "EMA 26", "#8c564b", 1),
+    ("rsi_14", "RSI 14", "#6a3d9a", 2),
+    ("macd", "MACD", "#1f77b4", 3),
+    ("macd_signal", "MACD signal", "#ff7f0e", 3),
 )
 _BAND_COLOUR: Final = "#7f7f7f"
 
@@ -122,33 +127,7 @@ def market_figure(
             row=1,
             col=1,
         )
-        for column, label, colour in _OVERLAYS:
-            figure.add_trace(
-                go.Scatter(
-                    x=times,
-                    y=series(column),
-                    mode="lines",
-                    name=label,
-                    line={"color": colour, "width": 1.2},
-                ),
-                row=1,
-                col=1,
-            )
-        figure.add_trace(
-            go.Scatter(
-                x=times,
-                y=series("rsi_14"),
-                mode="lines",
-                name="RSI 14",
-                line={"color": "#6a3d9a", "width": 1.2},
-            ),
-            row=2,
-            col=1,
-        )
-        for level in (70, 30):
-            figure.add_hline(
-                y=level, line={"color": "#999999", "width": 1, "dash": "dash"}, row=2, col=1
-            )
+        # The histogram first, so that the MACD lines are drawn over its bars.
         hist = np.asarray(bars["macd_hist"].fill_null(np.nan).to_numpy(), dtype=np.float64)
         figure.add_trace(
             go.Bar(
@@ -163,28 +142,22 @@ def market_figure(
             row=3,
             col=1,
         )
-        figure.add_trace(
-            go.Scatter(
-                x=times,
-                y=series("macd"),
-                mode="lines",
-                name="MACD",
-                line={"color": "#1f77b4", "width": 1.2},
-            ),
-            row=3,
-            col=1,
-        )
-        figure.add_trace(
-            go.Scatter(
-                x=times,
-                y=series("macd_signal"),
-                mode="lines",
-                name="MACD signal",
-                line={"color": "#ff7f0e", "width": 1.2},
-            ),
-            row=3,
-            col=1,
-        )
+        for column, label, colour, row in _LINES:
+            figure.add_trace(
+                go.Scatter(
+                    x=times,
+                    y=series(column),
+                    mode="lines",
+                    name=label,
+                    line={"color": colour, "width": 1.2},
+                ),
+                row=row,
+                col=1,
+            )
+        for level in (70, 30):
+            figure.add_hline(
+                y=level, line={"color": "#999999", "width": 1, "dash": "dash"}, row=2, col=1
+            )
     for trace in signal_traces(signals):
         figure.add_trace(trace, row=1, col=1)
     figure.update_layout(
