@@ -9,7 +9,7 @@ the service picks up a newly promoted model by itself (it follows the registry's
 from __future__ import annotations
 
 import contextlib
-import signal
+import os
 import sys
 import threading
 import time
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from cluster.etl import run_feature_etl
+from cluster.processes import exit_status, stop_on_sigterm
 from cluster.ray_runtime import connect
 from configs.schema import (
     FeedConfig,
@@ -182,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     registry = args.registry or config.registry
     if args.ray_jobs:
         return submit_as_ray_jobs(args.ray_jobs, args.config, config, lake, registry)
+    if config.serve and not (args.address or os.environ.get("RAY_ADDRESS") or config.ray.address):
+        from serve.haproxy import PortBusyError, check_serve_ports
+
+        try:
+            check_serve_ports(load_config(config.serve, ServeConfig), say)
+        except PortBusyError as busy:
+            say(str(busy))
+            return 1
     names = ["ingest", "features"] + (["tune"] if config.tune else [])
     names += ["serve"] if config.serve else []
     stages = Stages(names)
@@ -296,24 +305,26 @@ def dashboard_url() -> str:
 
 
 def keep_serving(config: PipelineConfig, lake: str, registry: str, local: bool) -> None:
-    """Serve until Ctrl-C/SIGTERM; re-train on the configured schedule meanwhile."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    """Serve until Ctrl-C/SIGTERM (both raise KeyboardInterrupt); re-train on the configured
+    schedule meanwhile."""
     interval = config.retrain_interval_minutes
-    with contextlib.suppress(KeyboardInterrupt):
-        while not stop.is_set():
-            if interval is None:
-                stop.wait()
-                break
-            if stop.wait(interval * 60):
-                break
+    idle = threading.Event()  # never set: only Ctrl-C/SIGTERM end the wait
+    try:
+        while True:
+            idle.wait(None if interval is None else interval * 60)
             say(f"retraining (every {interval:g} min)")
             train_cycle(config, lake, registry, Stages(["ingest", "features", "tune"]))
-    if local:
-        from ray import serve
+    finally:
+        if local:
+            from ray import serve
 
-        serve.shutdown()
+            serve.shutdown()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stop_on_sigterm()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as interrupt:
+        say(f"stopped by {interrupt or 'SIGINT'}; the service and the local Ray stop with it")
+        sys.exit(exit_status(interrupt))
