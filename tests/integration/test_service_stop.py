@@ -151,13 +151,15 @@ def test_a_start_after_the_driver_was_killed_serves_on_the_same_port(
     first = Service(config, port, tmp_path / "first.log")
     services.append(first)
     first.wait_for_signal(token)
-    processes = first.processes()
+    haproxies = [p for p in first.processes() if "haproxy" in p.name()]
+    assert haproxies, "HAProxy serves the port"
     first.driver.kill()
     first.driver.wait()
 
     second = Service(config, port, tmp_path / "second.log")
     services.append(second)
     assert second.wait_for_signal(token)["symbol"] == SYMBOL
-    # Nothing of the killed service is left, HAProxy included.
-    seconds = wait_all_gone(processes[1:], port=None, timeout_s=STOP_WITHIN_S)
-    print(f"the killed service's processes were gone {seconds:.1f} s after the new start")
+    # Ray's own dashboard and runtime-env agents of a killed driver may outlive it; they hold
+    # no port of the service. Its HAProxy must not.
+    seconds = wait_all_gone(haproxies, port=None, timeout_s=STOP_WITHIN_S)
+    print(f"the killed service's HAProxy was gone {seconds:.1f} s after the new start")
