@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import threading
 from typing import Any
 
 import ray
@@ -25,6 +27,7 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
             ray.init(address=target, namespace=config.namespace, log_to_driver=True)
         else:
             dashboard_port = _pin_state_api_address() if config.include_dashboard else None
+            handler = signal.getsignal(signal.SIGTERM)
             ray.init(
                 num_cpus=config.num_cpus,
                 namespace=config.namespace,
@@ -36,6 +39,13 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
                 if config.object_store_memory_mb
                 else None,
             )
+            _LOCAL.append(True)
+            # ray.init replaces a SIGTERM handler of ours with a plain exit, which would skip
+            # the caller's shutdown path (stopping Serve); the default action it may replace.
+            if handler not in (signal.SIG_DFL, None) and threading.current_thread() is (
+                threading.main_thread()
+            ):
+                signal.signal(signal.SIGTERM, handler)
     return dict(ray.cluster_resources())
 
 
@@ -54,6 +64,13 @@ def dashboard_url() -> str:
 
 # Environment variables `connect` set for the local Ray it started; `shutdown` removes them.
 _PINNED: list[str] = []
+# Holds one entry while this process runs a local Ray that `connect` started.
+_LOCAL: list[bool] = []
+
+
+def started_local_ray() -> bool:
+    """Whether this process started the Ray it is connected to (which ends with it)."""
+    return ray.is_initialized() and bool(_LOCAL)
 
 
 def free_port() -> int:
@@ -88,3 +105,4 @@ def shutdown() -> None:
         ray.shutdown()
     while _PINNED:
         os.environ.pop(_PINNED.pop(), None)
+    _LOCAL.clear()

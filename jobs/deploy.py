@@ -8,7 +8,7 @@ import os
 import sys
 
 from configs.schema import DEFAULT_SERVE_CONFIG, ServeConfig, load_config
-from jobs._cli import base_parser, print_summary, setup_logging
+from jobs._cli import base_parser, print_summary, run, setup_logging
 from serve.deploy import deploy, resolve_config, serve_until_stopped
 
 
@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     serve_until_stopped(shutdown=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "deploy")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 from cluster.etl import run_feature_etl
 from cluster.ray_runtime import connect
 from configs.schema import PipelineConfig, load_config
-from jobs._cli import base_parser, print_summary, setup_logging
+from jobs._cli import base_parser, print_summary, run, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "features")

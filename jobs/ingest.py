@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from cluster.ray_runtime import connect
 from configs.schema import SOURCES, IngestConfig, PipelineConfig, load_config
-from jobs._cli import base_parser, print_summary, setup_logging
+from jobs._cli import base_parser, print_summary, run, setup_logging
 from market.ingest import run_ingest
 
 
@@ -44,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "ingest")

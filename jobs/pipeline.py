@@ -9,6 +9,7 @@ the service picks up a newly promoted model by itself (it follows the registry's
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,10 +27,11 @@ from configs.schema import (
     TuneJobConfig,
     load_config,
 )
-from jobs._cli import base_parser, print_summary, setup_logging
+from jobs._cli import base_parser, print_summary, run, setup_logging
 from market.ingest import run_ingest
 from market.lake import Lake
 from serve.deploy import deploy, feed_for, resolve_config, serve_until_stopped, wait_until_ok
+from serve.haproxy import PortBusyError, check_serve_ports
 
 
 def say(line: str) -> None:
@@ -163,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     registry = args.registry or config.registry
     if args.ray_jobs:
         return submit_as_ray_jobs(args.ray_jobs, args.config, config, lake, registry)
+    if config.serve and not (args.address or os.environ.get("RAY_ADDRESS") or config.ray.address):
+        try:
+            check_serve_ports(load_config(config.serve, ServeConfig), say)
+        except PortBusyError as busy:
+            say(str(busy))
+            return 1
     names = ["ingest", "features"] + (["tune"] if config.tune else [])
     names += ["serve"] if config.serve else []
     stages = Stages(names)
@@ -263,4 +271,4 @@ def keep_serving(config: PipelineConfig, lake: str, registry: str, local: bool) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "pipeline")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cluster.ray_runtime import connect
 from configs.schema import DEFAULT_TUNE_CONFIG, TuneJobConfig, load_config
-from jobs._cli import base_parser, print_summary, setup_logging
+from jobs._cli import base_parser, print_summary, run, setup_logging
 
 # Absolute, so that the job runs from any working directory.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / DEFAULT_TUNE_CONFIG
@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, "tune")

@@ -7,13 +7,11 @@ benchmark, so that what it measures is what the jobs deploy.
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -156,23 +154,22 @@ def serve_until_stopped(
     shutdown: bool,
     repeat: Callable[[], None] | None = None,
     every_s: float | None = None,
-) -> None:
-    """Block until Ctrl-C or SIGTERM, calling `repeat` every `every_s` seconds meanwhile.
+) -> NoReturn:
+    """Block until interrupted, calling `repeat` every `every_s` seconds meanwhile.
 
-    With `shutdown`, Serve is shut down on the way out: a local Ray's service ends with the
-    process that started it, while one deployed to a cluster keeps running.
+    Ctrl-C (and SIGTERM, which the job CLIs raise as KeyboardInterrupt through
+    `cluster.processes.stop_on_sigterm`) propagates to the caller after the cleanup: with
+    `shutdown`, Serve is shut down on the way out, since a local Ray's service ends with the
+    process that started it while one deployed to a cluster keeps running.
     """
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        while not stop.is_set():
-            if repeat is None or every_s is None:
-                stop.wait()
-                break
-            if stop.wait(every_s):
-                break
-            repeat()
-    if shutdown:
-        from ray import serve
+    idle = threading.Event()  # never set: only an interrupt ends the wait
+    try:
+        while True:
+            idle.wait(every_s if repeat is not None else None)
+            if repeat is not None:
+                repeat()
+    finally:
+        if shutdown:
+            from ray import serve
 
-        serve.shutdown()
+            serve.shutdown()

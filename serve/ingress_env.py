@@ -11,26 +11,38 @@ Serve reads these flags when each of its processes starts, so they go into the S
 controller's runtime environment (`serve.start(controller_options=...)`), which the proxies,
 HAProxy manager and replicas inherit. HAProxy's files and admin ports are private to the
 deployment, so two deployments on one machine do not collide.
+
+A local deployment (this process started the Ray that Serve runs on) also starts HAProxy through
+`serve.haproxy_launch`, so HAProxy ends with Serve's HAProxy manager and its stats and metrics
+listeners bind to `admin_host` only; orphaned HAProxies of dead deployments are ended first.
 """
 
 from __future__ import annotations
 
-import tempfile
+from pathlib import Path
 from typing import Literal
 
-from cluster.ray_runtime import free_port
+from cluster.ray_runtime import free_port, started_local_ray
+from serve.haproxy import make_state_dir, reap_orphans, supervise
 
 IngressMode = Literal["haproxy", "proxy"]
 
 
-def ingress_env(mode: IngressMode, state_dir: str | None = None) -> dict[str, str]:
-    """Environment variables for Serve's processes in `mode` ({} for the Python proxy)."""
+def ingress_env(
+    mode: IngressMode, state_dir: str | None = None, admin_host: str = "127.0.0.1"
+) -> dict[str, str]:
+    """Environment variables for Serve's processes in `mode` ({} for the Python proxy).
+
+    `admin_host` is the address of HAProxy's stats and metrics listeners (local deployments).
+    """
     if mode == "proxy":
         return {}
-    # Short: Serve nests a 56-character hash directory under it and HAProxy refuses socket
-    # paths over 97 characters.
-    directory = state_dir or tempfile.mkdtemp(prefix="qa-", dir="/tmp")
-    return {
+    directory = state_dir or str(make_state_dir())
+    local = started_local_ray()
+    if local:
+        # They may hold the port this deployment is about to bind.
+        reap_orphans()
+    env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # One HAProxy thread saturates 2 cores' worth of Python replicas.
@@ -49,3 +61,6 @@ def ingress_env(mode: IngressMode, state_dir: str | None = None) -> dict[str, st
         # milliseconds.
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
+    if local:
+        env.update(supervise(Path(directory), admin_host))
+    return env
