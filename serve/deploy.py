@@ -17,7 +17,7 @@ import httpx
 
 from cluster.ray_runtime import connect
 from configs.schema import DEFAULT_GOLD_URL, FeedConfig, GoldConfig, IngestConfig, ServeConfig
-from market.lake import Lake
+from market.lake import Lake, is_uri
 
 APP_NAME = "quant-ai"
 
@@ -64,7 +64,7 @@ def resolve_config(
 
 
 def _absolute(path: str) -> str:
-    return path if "://" in path or Path(path).is_absolute() else str(Path(path).resolve())
+    return path if is_uri(path) or Path(path).is_absolute() else str(Path(path).resolve())
 
 
 def absolute_paths(config: ServeConfig) -> ServeConfig:
