@@ -7,6 +7,7 @@ benchmark, so that what it measures is what the jobs deploy.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -162,6 +163,11 @@ def serve_until_stopped(
     `shutdown`, Serve is shut down on the way out, since a local Ray's service ends with the
     process that started it while one deployed to a cluster keeps running.
     """
+    if threading.current_thread() is threading.main_thread():
+        # Ray Tune and PySpark leave their own SIGINT handlers installed after a sweep or a
+        # Spark session (Tune's swallows Ctrl-C; PySpark's fails once its context is gone):
+        # while serving, Ctrl-C is a plain KeyboardInterrupt again.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     idle = threading.Event()  # never set: only an interrupt ends the wait
     try:
         while True:

@@ -1,39 +1,49 @@
 """What `make run` runs, end to end: `python -m jobs.pipeline` on a local Ray with simulator data.
 
 Ingest -> Silver (RayDP) -> smoke sweep and gate -> the Serve application -> one /signal per
-symbol, then `--exit`. The configs are the shipped ones with every location moved into a
-temporary directory and the API on a free port.
+symbol; then, as an operator would stop it, SIGTERM to its process group: it must end with
+status 143 and a one-line message, leave no process (HAProxy included) and free its port, so a
+new service starts on the same port and answers. The configs are the shipped ones with every
+location moved into a temporary directory and the API on a free port. A second test holds the
+API port first: the pipeline must refuse at once, naming the holder, before any stage runs.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
 import pytest
 import yaml
 
+from cluster.processes import gone, listeners, port_is_free
+from cluster.ray_runtime import free_port
+from configs.schema import JwtConfig
+from serve.api.auth import TokenService
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+UP = "Quant-AI is up."
+# Serve waits up to 30 s for a controller that a group SIGTERM has already stopped.
+STOP_WITHIN_S = 60.0
 
 
-def test_pipeline_ingests_trains_gates_and_serves(tmp_path: Path) -> None:
+def write_configs(tmp_path: Path, port: int) -> tuple[Path, Path, dict[str, Any]]:
+    """The shipped pipeline and serve configs with every location under `tmp_path`."""
     serve_config: dict[str, Any] = yaml.safe_load(
         (REPO / "configs" / "serve" / "local.yaml").read_text()
     )
-    serve_config["port"] = free_port()
+    serve_config["port"] = port
     serve_config["auth"]["jwt"]["secret_env"] = "QUANT_AI_E2E_UNSET_SECRET"
     serve_config["auth"]["jwt"]["secret_file"] = str(tmp_path / "secrets" / "jwt_secret")
     serve_config["auth"]["clients_file"] = str(tmp_path / "secrets" / "clients.yaml")
@@ -51,16 +61,52 @@ def test_pipeline_ingests_trains_gates_and_serves(tmp_path: Path) -> None:
     )
     pipeline_path = tmp_path / "pipeline.yaml"
     pipeline_path.write_text(yaml.safe_dump(pipeline))
+    return pipeline_path, serve_path, pipeline
 
-    completed = subprocess.run(
-        [sys.executable, "-m", "jobs.pipeline", "--config", str(pipeline_path), "--exit"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert completed.returncode == 0, completed.stderr[-6000:]
-    summary = json.loads(completed.stdout.strip().splitlines()[-1])
+
+def wait_for(path: Path, text: str, driver: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in path.read_text(errors="replace"):
+        assert driver.poll() is None, path.read_text(errors="replace")[-6000:]
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout_s:.0f} s"
+        time.sleep(1.0)
+
+
+def wait_all_gone(processes: list[psutil.Process], port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (all(gone(p) for p in processes) and port_is_free("127.0.0.1", port)):
+        left = [p for p in processes if not gone(p)]
+        assert time.monotonic() < deadline, f"still running after {timeout_s:.0f} s: {left}"
+        time.sleep(0.25)
+
+
+def test_pipeline_ingests_trains_gates_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    pipeline_path, serve_path, pipeline = write_configs(tmp_path, port)
+    stdout, stderr = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "jobs.pipeline", "--config", str(pipeline_path)],
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+    try:
+        wait_for(stderr, UP, driver, timeout_s=1200)
+        service = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(True)]
+        service += listeners(port)
+        assert any("haproxy" in p.name() for p in service), "HAProxy serves the API port"
+        os.killpg(driver.pid, signal.SIGTERM)
+        assert driver.wait(timeout=STOP_WITHIN_S) == 128 + signal.SIGTERM
+        wait_all_gone(service, port, STOP_WITHIN_S)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    completed_stderr = stderr.read_text(errors="replace")
+    assert "[pipeline] stopped by SIGTERM" in completed_stderr
+    assert "Traceback" not in completed_stderr.split(UP)[-1]
+    summary = json.loads(stdout.read_text().strip().splitlines()[-1])
     stages = summary["stages"]
     assert set(summary["stage_seconds"]) == {"ingest", "features", "tune", "serve"}
     assert stages["features"]["rows_written"] > 0
@@ -73,7 +119,57 @@ def test_pipeline_ingests_trains_gates_and_serves(tmp_path: Path) -> None:
         assert answer["signal"] in {"BUY", "SELL", "NEUTRAL"}
         assert answer["model_version"] == stages["tune"]["gate"]["version"]
     assert "dev_client_secret" not in stages["serve"]
-    for line in ("[pipeline] 1/4 ingest", "[pipeline] 3/4 tune", "Quant-AI is up.", "stop:"):
-        assert line in completed.stderr
+    for line in ("[pipeline] 1/4 ingest", "[pipeline] 3/4 tune", UP, "stop:"):
+        assert line in completed_stderr
     assert (tmp_path / "secrets" / "jwt_secret").stat().st_mode & 0o077 == 0
     assert (tmp_path / "lake" / "gold" / "signals.sqlite").exists()
+
+    # The next start gets the same port and serves the promoted model.
+    command = [sys.executable, "-m", "jobs.deploy", "--config", str(serve_path)]
+    command += ["--lake", str(tmp_path / "lake"), "--registry", str(tmp_path / "registry")]
+    with (tmp_path / "deploy.log").open("wb") as log:
+        deploy = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_for(tmp_path / "deploy.log", "Ctrl-C to stop", deploy, timeout_s=300)
+        jwt = JwtConfig.model_validate(yaml.safe_load(serve_path.read_text())["auth"]["jwt"])
+        token, _ = TokenService.from_config(jwt).mint("e2e", ["signals:read"])
+        symbol = pipeline["ingest"]["symbols"][0]
+        deadline = time.monotonic() + 120
+        while True:
+            answer = httpx.get(
+                f"http://127.0.0.1:{port}/signal",
+                params={"symbol": symbol},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10.0,
+            )
+            if answer.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)  # 503 until the engine holds enough bars
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model_version"] == stages["tune"]["gate"]["version"]
+    finally:
+        os.killpg(deploy.pid, signal.SIGTERM)
+        deploy.wait(timeout=STOP_WITHIN_S)
+
+
+def test_pipeline_refuses_a_busy_api_port_before_any_stage(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        pipeline_path, _, _ = write_configs(tmp_path, port)
+        started = time.monotonic()
+        completed = subprocess.run(
+            [sys.executable, "-m", "jobs.pipeline", "--config", str(pipeline_path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    assert f"port {port} on 127.0.0.1 is in use by pid {os.getpid()}" in completed.stderr
+    assert "1/4 ingest" not in completed.stderr
+    assert "Traceback" not in completed.stderr

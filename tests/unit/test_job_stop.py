@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,19 @@ def test_serve_until_stopped_repeats_until_interrupted_then_propagates() -> None
     with pytest.raises(KeyboardInterrupt):
         serve_until_stopped(shutdown=False, repeat=repeat, every_s=0.01)
     assert len(calls) == 3
+
+
+def test_serve_until_stopped_takes_ctrl_c_back_from_a_handler_left_installed() -> None:
+    swallowed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _: swallowed.append(signum))
+
+    def interrupt() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)  # the KeyboardInterrupt arrives here
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            serve_until_stopped(shutdown=False, repeat=interrupt, every_s=0.01)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert swallowed == []
