@@ -6,11 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from cluster.processes import exit_status, stop_on_sigterm
+from cluster.ray_runtime import shutdown
+
+RAY_SHUTDOWN_WAIT_S = 20.0
+"""How long a stopped job waits for its local Ray to shut down before it exits anyway."""
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -38,11 +44,27 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def run(main: Callable[[], int], job: str) -> NoReturn:
     """Exit with `main()`'s status. SIGTERM (a container or systemd stop) is raised like Ctrl-C,
-    so the job's cleanup (`finally` blocks: stopping Serve, the local Ray) runs either way; the
-    job then says what stopped it, without a traceback, and exits 128 + the signal number."""
+    so the job's cleanup (`finally` blocks: stopping Serve) runs either way; the job then says
+    what stopped it, without a traceback, and exits 128 + the signal number.
+
+    After an interrupt the local Ray is shut down here, within `RAY_SHUTDOWN_WAIT_S` seconds,
+    and the process ends without the interpreter's exit hooks: a terminal's Ctrl-C or a group
+    SIGTERM has already stopped the Ray and Spark processes, and the hooks of their clients
+    (py4j, Ray's own) then print connection tracebacks or wait on the dead processes.
+    """
     stop_on_sigterm()
     try:
-        sys.exit(main())
+        status = main()
     except KeyboardInterrupt as interrupt:
         print(f"[{job}] stopped by {str(interrupt) or 'SIGINT'}", file=sys.stderr, flush=True)
-        sys.exit(exit_status(interrupt))
+        # The line above is the job's last word: clients of processes the signal has already
+        # stopped (py4j's JVM gateway) log connection tracebacks while they are torn down.
+        logging.disable(logging.CRITICAL)
+        stopper = threading.Thread(target=shutdown, daemon=True)
+        stopper.start()
+        stopper.join(RAY_SHUTDOWN_WAIT_S)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_status(interrupt))
+    sys.exit(status)
