@@ -143,25 +143,6 @@ def arrays_from_table(table: pa.Table) -> MarketArrays:
     )
 
 
-def price_arrays(table: pa.Table) -> MarketArrays:
-    """MarketArrays with prices only, from a table of symbol, open_time, open and close (any
-    row order): enough to score buy-and-hold, with no model inputs and NaN targets."""
-    rows = _OrderedRows.of(table)
-    bars = len(rows.order)
-    return MarketArrays(
-        symbols=rows.symbols,
-        symbol_index=rows.code,
-        open_time_ms=rows.open_time,
-        open=rows.column("open"),
-        close=rows.column("close"),
-        inputs=np.empty((bars, 0), dtype=np.float32),
-        target_ret=np.full(bars, np.nan, dtype=np.float32),
-        target_up=np.full(bars, np.nan, dtype=np.float32),
-        segment=rows.segment,
-        valid_run=np.zeros(bars, dtype=np.int64),
-    )
-
-
 def load_silver(lake: str, symbols: Sequence[str] | None = None) -> MarketArrays:
     """Read Silver (`<lake>/silver`, a path or URI) through Ray Data into MarketArrays.
 

@@ -8,7 +8,17 @@
 <run>/trials/<trial_id>/fold_<i>/                fold i's model files (models.artifact)
 <run>/trials/<trial_id>/record.npz               out-of-sample record: open_time_ms, returns
 <run>/trials/<trial_id>/evaluation.json          metrics, per-fold metrics, regimes, folds
+<run>/references/<reference_dir>/                a reference record (buy-and-hold, each darts
+                                                 baseline): record.npz and evaluation.json,
+                                                 as a trial's
 ```
+
+A reference is scored by the sweep on the candidates' folds and test minutes, with the sweep's
+own backtest settings and symbols. Its name (`buy_and_hold`, `baseline:ar5`) may hold
+characters a directory name cannot, so `<reference_dir>` is the name with every character
+other than ASCII letters, digits, `_` and `-` written as `%XX` per UTF-8 byte
+(`baseline:ar5` -> `baseline%3Aar5`): always one path component (never `.` or `..`), and
+decoded back to the name by `RunDir.reference_names`.
 
 A Ray Train checkpoint of a trial is laid out as its trial directory (fold model files under
 `fold_<i>/`) and copied into it whole. Records written before the walk-forward folds were
@@ -18,10 +28,12 @@ stored with them read back with `folds` None; readers say so instead of guessing
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -32,6 +44,7 @@ LEADERBOARD_PARQUET: Final = "leaderboard.parquet"
 LEADERBOARD_CSV: Final = "leaderboard.csv"
 REPORT_FILE: Final = "report.html"
 TRIALS: Final = "trials"
+REFERENCES: Final = "references"
 TUNE_STORAGE: Final = "tune"
 TRAIN_STORAGE: Final = "train"
 CONFIG_FILE: Final = "config.json"
@@ -40,6 +53,10 @@ EVALUATION_FILE: Final = "evaluation.json"
 
 BUY_AND_HOLD: Final = "buy_and_hold"
 """The name of the buy-and-hold reference record, scored over the same test minutes."""
+
+# Characters a reference's directory name keeps as they are; the rest are %-escaped. "." is
+# escaped too, so that no name can become "." or "..".
+_PLAIN: Final = frozenset(string.ascii_letters + string.digits + "_-")
 
 # A trial's status in the leaderboard's `status` column.
 COMPLETED: Final = "completed"
@@ -64,9 +81,14 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class TrialDir:
-    """One trial's directory (or a training checkpoint laid out the same way)."""
+    """One trial's directory (or a training checkpoint, or a reference, laid out the same way).
+
+    `record_name` is the name a loaded record's Evaluation carries; None means the directory's
+    name (a trial's id). A reference's directory holds its escaped name, so it is given here.
+    """
 
     path: Path
+    record_name: str | None = None
 
     @property
     def trial_id(self) -> str:
@@ -111,14 +133,17 @@ class TrialDir:
         )
 
     def load(self, name: str | None = None) -> TrialRecord:
-        """The record `save` wrote, its Evaluation named `name` (default: the trial id)."""
+        """The record `save` wrote, its Evaluation named `name` (default: `record_name`, else
+        the trial id)."""
         with np.load(self.record) as record:
             open_time_ms = np.asarray(record["open_time_ms"], dtype=np.int64)
             returns = np.asarray(record["returns"], dtype=np.float64)
         data = json.loads(self.evaluation.read_text())
         ranges = data.get(_FOLD_RANGES)
+        if name is None:
+            name = self.trial_id if self.record_name is None else self.record_name
         evaluation = Evaluation(
-            name=self.trial_id if name is None else name,
+            name=name,
             open_time_ms=open_time_ms,
             returns=returns,
             metrics=data["metrics"],
@@ -141,6 +166,23 @@ class RunDir:
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.trials / trial_id)
+
+    @property
+    def references(self) -> Path:
+        return self.root / REFERENCES
+
+    def reference(self, name: str) -> TrialDir:
+        """The record directory of reference `name` (BUY_AND_HOLD, `baseline:<model>`); its
+        loaded Evaluation is named `name`."""
+        return TrialDir(self.references / reference_dir_name(name), record_name=name)
+
+    def reference_names(self) -> list[str]:
+        """The names of the reference records stored in the run, sorted; empty for a run
+        written before references were stored."""
+        if not self.references.is_dir():
+            return []
+        stored = (p for p in self.references.iterdir() if TrialDir(p).has_record())
+        return sorted(reference_name(p.name) for p in stored)
 
     @property
     def leaderboard_parquet(self) -> Path:
@@ -169,3 +211,19 @@ class RunDir:
     @property
     def train_storage(self) -> Path:
         return self.root / TRAIN_STORAGE
+
+
+def reference_dir_name(name: str) -> str:
+    """The directory name of reference `name`: every character other than an ASCII letter,
+    digit, `_` or `-` written as `%XX` per UTF-8 byte. Raises ValueError for an empty name."""
+    if not name:
+        raise ValueError("a reference needs a non-empty name")
+    return "".join(
+        char if char in _PLAIN else "".join(f"%{byte:02X}" for byte in char.encode())
+        for char in name
+    )
+
+
+def reference_name(dir_name: str) -> str:
+    """The reference name that `reference_dir_name` wrote as `dir_name`."""
+    return unquote(dir_name, errors="strict")

@@ -85,7 +85,8 @@ def run_selection(
     shuffle_labels: bool = False,
     progress: Callable[[str], None] = print,
 ) -> SelectionResult:
-    """Sweep, score, gate and register; writes leaderboard and report under `out_dir`."""
+    """Sweep, score, gate and register; writes the reference records, leaderboard and report
+    under `out_dir` (laid out as `models.runs` says)."""
     import ray
 
     started = time.perf_counter()
@@ -98,13 +99,16 @@ def run_selection(
         f"data: {arrays.bars} bars of {', '.join(arrays.symbols)}; {len(folds)} folds; "
         f"{len(test.rows)} test bars"
     )
+    run = RunDir(out_dir)
     references = reference_evaluations(arrays, folds, test, job)
     for name, reference in references.items():
+        # Stored with the run so that readers (the dashboard) show the very reference the gate
+        # compared against, not a re-scoring with other fees or symbols.
+        run.reference(name).save(reference, folds)
         progress(f"reference {name}: score {reference.score:.3f}")
     data_ref = ray.put(arrays)
     outcomes = run_sweep(job, folds, data_ref, out_dir, shuffle_labels=shuffle_labels)
     completed = [o for o in outcomes if o.status == COMPLETED]
-    run = RunDir(out_dir)
     records = {o.trial_id: run.trial(o.trial_id).load().evaluation for o in completed}
     trial_srs = [r.metrics["sharpe_per_bar"] for r in records.values()]
     dsr = {tid: candidate_dsr(r, trial_srs, len(outcomes)) for tid, r in records.items()}

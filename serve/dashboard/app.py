@@ -11,8 +11,8 @@ Settings: `--api` (or QUANT_AI_API_URL), `--lake` (QUANT_AI_LAKE), `--runs` (QUA
 POST /token for a `signals:read` token) or a ready token in QUANT_AI_TOKEN, or typed into the
 sidebar. Shows the latest signal and serving model, the chosen symbol's last N hours of Silver
 bars with SMA/EMA/Bollinger, RSI and MACD and the served BUY/SELL signals coloured by realised
-outcome, the newest (or chosen) tune run's best trial against buy-and-hold with its walk-forward
-folds, and its leaderboard.
+outcome, the newest (or chosen) tune run's best trial against the sweep's own buy-and-hold
+reference with its walk-forward folds, and its leaderboard.
 Every failure is shown as a readable message, never a traceback.
 """
 
@@ -72,14 +72,6 @@ def cached_latest_bar(lake: str, symbol: str) -> datetime | None:
 def cached_run(path: str, mtime: float) -> dr.RunData:
     del mtime  # part of the cache key only: a rewritten leaderboard reloads the run
     return dr.load_run(path)
-
-
-@st.cache_data(ttl=600, show_spinner=False)
-def cached_buy_and_hold(lake: str, path: str, mtime: float) -> pd.Series:
-    run = cached_run(path, mtime)
-    if run.best is None or run.best.folds is None:
-        raise ValueError("the run has no out-of-sample record with folds to compare with")
-    return dr.buy_and_hold_curve(lake, run.best.folds)
 
 
 class Session:
@@ -230,7 +222,7 @@ def market_section(
     st.plotly_chart(figures.market_figure(bars, shown, symbol), width="stretch")
 
 
-def backtest_section(lake: str, runs: str) -> None:
+def backtest_section(runs: str) -> None:
     st.subheader("Backtest: best trial vs buy-and-hold")
     run_dirs = dr.find_run_dirs(runs)
     if not run_dirs:
@@ -249,25 +241,28 @@ def backtest_section(lake: str, runs: str) -> None:
     for note in run.notes:
         st.caption(note)
     if run.best is not None:
-        best_section(run.best, lake, str(path), mtime)
+        best_section(run.best, run.buy_and_hold)
     st.subheader(f"Leaderboard · {path.name}")
     st.dataframe(dr.leaderboard_view(run.leaderboard), hide_index=True)
     if run.report is not None:
         st.caption(f"Full robustness report: {run.report}")
 
 
-def best_section(record: TrialRecord, lake: str, path: str, mtime: float) -> None:
-    """The best trial's equity against buy-and-hold, and its walk-forward folds."""
+def best_section(record: TrialRecord, hold: TrialRecord | None) -> None:
+    """The best trial's equity against the sweep's stored buy-and-hold reference (when the run
+    has one), and its walk-forward folds."""
     best = record.evaluation
     curves = {best.name: equity_curve(best)}
+    if hold is not None:
+        curves[BUY_AND_HOLD] = equity_curve(hold.evaluation)
+    else:
+        st.info(
+            "This run predates stored reference records, so no buy-and-hold is drawn; "
+            "a new sweep stores the one it scored."
+        )
     missing_folds = dr.missing_folds_message(record)
     if missing_folds is not None:
         st.warning(missing_folds)
-    else:
-        try:
-            curves[BUY_AND_HOLD] = cached_buy_and_hold(lake, path, mtime)
-        except Exception as error:
-            show_error("Buy-and-hold from Silver", error)
     summary = curve_summary(curves[best.name])
     columns = st.columns(5)
     columns[0].metric("Best trial", best.name)
@@ -275,13 +270,13 @@ def best_section(record: TrialRecord, lake: str, path: str, mtime: float) -> Non
     columns[2].metric("Total return", _fmt(summary["total_return"], "{:+.2%}"))
     columns[3].metric("Max drawdown", _fmt(summary["max_drawdown"], "{:.2%}"))
     if BUY_AND_HOLD in curves:
-        hold = curve_summary(curves[BUY_AND_HOLD])
-        columns[4].metric("Buy-and-hold return", _fmt(hold["total_return"], "{:+.2%}"))
+        hold_return = curve_summary(curves[BUY_AND_HOLD])["total_return"]
+        columns[4].metric("Buy-and-hold return", _fmt(hold_return, "{:+.2%}"))
     st.plotly_chart(figures.backtest_figure(curves), width="stretch")
     st.caption(
         "Out-of-sample walk-forward record after fees; score = mean fold net Sharpe, "
-        "annualised from 1-minute bars. Buy-and-hold is scored over the same test minutes "
-        "from Silver (every symbol there, equal weight)."
+        "annualised from 1-minute bars. Buy-and-hold is the sweep's own reference: the same "
+        "folds, test minutes, fees and symbols (equal weight) as the trials."
     )
     if record.folds is not None:
         st.markdown("**Walk-forward folds** (UTC; each range is [start, end) of bar open times)")
@@ -330,7 +325,7 @@ def page(
     st.sidebar.header("Chart")
     if not symbols:
         st.warning("No symbols: the API serves none and Silver has none.")
-        backtest_section(inputs.lake, inputs.runs)
+        backtest_section(inputs.runs)
         return
     default = symbols.index(settings.symbol) if settings.symbol in symbols else 0
     symbol = str(st.sidebar.selectbox("Symbol", symbols, index=default))
@@ -345,7 +340,7 @@ def page(
     if model:
         model_section(model)
     market_section(session, inputs.lake, symbol, hours, end_mode)
-    backtest_section(inputs.lake, inputs.runs)
+    backtest_section(inputs.runs)
 
 
 def _fmt(value: object, pattern: str) -> str:

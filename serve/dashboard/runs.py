@@ -1,9 +1,8 @@
 """Tune run directories as the dashboard shows them, read through `models.runs`.
 
 `find_run_dirs` lists the runs under a directory, `load_run` reads one (leaderboard, best
-completed trial's record with its walk-forward folds, report), `buy_and_hold_curve` scores
-buy-and-hold from Silver over the record's test folds with the sweep's own
-`models.evaluation.evaluate`, and `folds_view` / `leaderboard_view` are the tables shown.
+completed trial's record with its walk-forward folds, the sweep's stored buy-and-hold
+reference, report), and `folds_view` / `leaderboard_view` are the tables shown.
 
 Units: times are UTC; returns are fractions; Sharpe ratios are annualised from 1-minute bars;
 equity is a multiple of the starting capital.
@@ -13,19 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import pandas as pd
 
-from configs.schema import BacktestConfig
-from models.dataset import price_arrays
-from models.evaluation import OutOfSampleBars, equity_curve, evaluate
 from models.folds import Fold
 from models.report import LEADERBOARD_METRICS, sort_leaderboard
 from models.runs import BUY_AND_HOLD, COMPLETED, RunDir, TrialRecord
-from serve.dashboard.silver import load_silver_prices
 
 # Hyper-parameters worth a column of their own in the leaderboard shown; the rest follow.
 SHOWN_HYPERPARAMETERS: Final = (
@@ -55,12 +49,16 @@ class RunData:
     `leaderboard`: every trial, sorted by score (mean fold net Sharpe, annualised) descending.
     `best`: the saved record of the best completed trial that left one (per-bar net simple
     returns on the portfolio timeline, and its folds when they were stored), None when none
-    did. `notes`: readable remarks about what is missing.
+    did. `buy_and_hold`: the sweep's own buy-and-hold reference record (per-bar net simple
+    returns over the same folds and test minutes, with the sweep's fees and symbols), None for
+    a run written before references were stored. `notes`: readable remarks about what is
+    missing.
     """
 
     path: Path
     leaderboard: pd.DataFrame
     best: TrialRecord | None
+    buy_and_hold: TrialRecord | None
     report: Path | None
     notes: tuple[str, ...] = ()
 
@@ -95,7 +93,8 @@ def read_leaderboard(run: RunDir) -> pd.DataFrame:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Leaderboard, best completed trial's record and report path of a tune run directory."""
+    """Leaderboard, best completed trial's record, stored buy-and-hold reference and report
+    path of a tune run directory."""
     run = RunDir(Path(run_dir))
     board = read_leaderboard(run)
     notes: list[str] = []
@@ -114,56 +113,26 @@ def load_run(run_dir: str | Path) -> RunData:
             notes.append(f"trial {trial_id} left no out-of-sample record")
         if best is None:
             notes.append("no completed trial left an out-of-sample record")
+    hold = run.reference(BUY_AND_HOLD)
     return RunData(
         path=run.root,
         leaderboard=board,
         best=best,
+        buy_and_hold=hold.load() if hold.has_record() else None,
         report=run.report if run.report.is_file() else None,
         notes=tuple(notes),
     )
 
 
 def missing_folds_message(record: TrialRecord) -> str | None:
-    """None when the record has its walk-forward folds; otherwise why the fold table and the
-    buy-and-hold comparison, which both need them, are not shown."""
+    """None when the record has its walk-forward folds; otherwise why the fold table, which
+    needs them, is not shown."""
     if record.folds is not None:
         return None
     return (
         f"Trial {record.evaluation.name} was recorded before walk-forward folds were stored "
-        "with trial records, so its fold ranges and the buy-and-hold comparison cannot be "
-        "shown; a new sweep records them."
+        "with trial records, so its fold ranges cannot be shown; a new sweep records them."
     )
-
-
-def buy_and_hold_curve(
-    lake: str | Path,
-    folds: Sequence[Fold],
-    symbols: Sequence[str] | None = None,
-    config: BacktestConfig | None = None,
-) -> pd.Series:
-    """Buy-and-hold equity over the test blocks of `folds`, from Silver.
-
-    Scored exactly as the sweep scores its buy-and-hold reference (`models.evaluation.evaluate`
-    with no predictions: long from the first to the last open of every test block, fees both
-    ways, equal-weight sleeves per symbol), for `symbols` (default: every Silver symbol with
-    bars there; the run directory does not record which symbols the sweep traded). `config`
-    defaults to BacktestConfig() (10 bps taker fee a side). Raises ValueError when there are
-    no folds or Silver has no bars in their test range.
-    """
-    if not folds:
-        raise ValueError("the record has no walk-forward folds")
-    start = datetime.fromtimestamp(min(f.test_start_ms for f in folds) / 1000, tz=UTC)
-    end = datetime.fromtimestamp(max(f.test_end_ms for f in folds) / 1000, tz=UTC)
-    prices = load_silver_prices(lake, start, end, symbols)
-    if prices.height == 0:
-        raise ValueError(
-            f"Silver has no bars between {start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC, "
-            "the run's out-of-sample range"
-        )
-    arrays = price_arrays(prices.to_arrow())
-    test = OutOfSampleBars.of(arrays, folds)
-    reference = evaluate(BUY_AND_HOLD, arrays, folds, test, config or BacktestConfig(), None, None)
-    return equity_curve(reference)
 
 
 def folds_view(folds: Sequence[Fold], fold_metrics: Sequence[dict[str, Any]]) -> pd.DataFrame:

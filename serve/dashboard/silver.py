@@ -8,7 +8,6 @@ engine. Times are UTC; windows are hours of 1-minute bars; prices are in the quo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -175,20 +174,3 @@ def _months_between(start: datetime, end: datetime) -> list[str]:
         months.append(f"{year:04d}-{month:02d}")
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     return months
-
-
-def load_silver_prices(
-    lake: str | Path, start: datetime, end: datetime, symbols: Sequence[str] | None = None
-) -> pl.DataFrame:
-    """symbol, open_time (UTC ms timestamp), open and close of every Silver bar with open time
-    in [start, end), for `symbols` (default: every symbol)."""
-    scan = _utc_open_time(_silver_scan(lake))
-    if symbols:
-        scan = scan.filter(pl.col("symbol").is_in(list(symbols)))
-    if "month" in scan.collect_schema().names():
-        scan = scan.filter(pl.col("month").is_in(_months_between(start, end)))
-    return (
-        scan.filter((pl.col("open_time") >= start) & (pl.col("open_time") < end))
-        .select("symbol", "open_time", "open", "close")
-        .collect()
-    )

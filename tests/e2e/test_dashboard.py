@@ -3,12 +3,13 @@ Chromium.
 
 Session set-up: a simulated Silver lake, a registry with a production model, a tune run
 directory made by the real code paths (`models.evaluation.evaluate` on simulated Silver with
-synthetic predictions, `models.runs.TrialDir.save`, `models.report.write_leaderboard` and
-`write_html_report`), the signal API (`serve.local.make_local_api` on uvicorn, a subprocess on
-a free loopback port) replaying the same simulated bars, and `streamlit run serve/dashboard/app.py`
-(a subprocess, credentials in its environment). Chromium (Debian's `chromium`, installed with
-apt when missing) then takes a screenshot and dumps the rendered DOM. Everything listens on
-127.0.0.1 only; every subprocess is killed at teardown; every wait is bounded.
+synthetic predictions, `models.runs.TrialDir.save` for trials and the buy-and-hold reference,
+`models.report.write_leaderboard` and `write_html_report`), the signal API
+(`serve.local.make_local_api` on uvicorn, a subprocess on a free loopback port) replaying the
+same simulated bars, and `streamlit run serve/dashboard/app.py` (a subprocess, credentials in
+its environment). Chromium (Debian's `chromium`, installed with apt when missing) then takes a
+screenshot and dumps the rendered DOM. Everything listens on 127.0.0.1 only; every subprocess
+is killed at teardown; every wait is bounded.
 
 The screenshot is kept at tests/artifacts/dashboard.png (the DOM at dashboard.html).
 """
@@ -107,15 +108,17 @@ def chromium_binary() -> str:
 
 def write_run_dir(run_dir: Path) -> dict[str, Any]:
     """A tune run directory through the real code paths: three synthetic trials scored by
-    `evaluate` on simulated Silver, records and folds saved by `TrialDir.save`, leaderboard and
-    report written by `models.report`. Returns the best trial's id and its score."""
+    `evaluate` on simulated Silver, records and folds saved by `TrialDir.save` (the buy-and-hold
+    reference under `RunDir.reference`, as the sweep stores it), leaderboard and report written
+    by `models.report`. Returns the best trial's id, its score and buy-and-hold's total return
+    as the page shows it (a fraction, from the curve's first bar to its last)."""
     import pandas as pd
 
     from market.sim_silver import silver_frame, simulated_bars
     from models.dataset import arrays_from_table
     from models.evaluation import OutOfSampleBars, equity_curve, evaluate
     from models.folds import make_folds
-    from models.report import write_html_report, write_leaderboard
+    from models.report import curve_summary, write_html_report, write_leaderboard
     from models.runs import BUY_AND_HOLD, COMPLETED, EARLY_STOPPED, RunDir
     from models.selection import leaderboard_frame
     from models.sweep import TrialOutcome
@@ -154,6 +157,7 @@ def write_run_dir(run_dir: Path) -> dict[str, Any]:
     write_leaderboard(board, run_dir)
     best = max(evaluations.values(), key=lambda e: e.score)
     hold = evaluate(BUY_AND_HOLD, arrays, folds, test, config, None, None)
+    RunDir(run_dir).reference(BUY_AND_HOLD).save(hold, folds)
 
     write_html_report(
         RunDir(run_dir).report,
@@ -167,7 +171,7 @@ def write_run_dir(run_dir: Path) -> dict[str, Any]:
     return {
         "best": best.name,
         "score": best.score,
-        "hold_return": float(np.prod(1 + hold.returns) - 1),
+        "hold_return": curve_summary(equity_curve(hold))["total_return"],
     }
 
 
@@ -179,6 +183,7 @@ class Stack:
     api_url: str
     token: str
     best_trial: str
+    hold_return: float
     latest_version: str
     chromium: str
     tmp: Path
@@ -360,7 +365,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
             wait_until(filled, STARTUP_TIMEOUT_S, "filled signals", api)
         yield Stack(
-            dashboard_url, api_url, token, run["best"], version, chromium, tmp, lake, runs, env
+            dashboard_url,
+            api_url,
+            token,
+            run["best"],
+            run["hold_return"],
+            version,
+            chromium,
+            tmp,
+            lake,
+            runs,
+            env,
         )
     finally:
         for proc in reversed(procs):
@@ -568,6 +583,10 @@ def test_dashboard_renders_charts_signals_backtest_and_leaderboard(stack: Stack)
         "Backtest: best trial vs buy-and-hold",
         "Leaderboard",
         stack.best_trial,
+        # The stored reference (1 bp fees here), not a re-scoring with default fees.
+        "Buy-and-hold return",
+        f"{stack.hold_return:+.2%}",
+        "Buy-and-hold is the sweep",
     ):
         assert wanted in text, f"{wanted!r} missing from the rendered page"
     # Served signals drawn as markers, coloured by realised outcome (legend entries).

@@ -27,7 +27,7 @@ import pytest
 from configs.schema import SimConfig
 from market.sim_silver import write_sim_silver
 from models.registry import PRODUCTION, ModelRegistry
-from models.runs import COMPLETED, EARLY_STOPPED, RunDir
+from models.runs import BUY_AND_HOLD, COMPLETED, EARLY_STOPPED, RunDir
 
 pytestmark = pytest.mark.integration
 
@@ -110,6 +110,12 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     assert [row["fold"] for row in record.evaluation.fold_metrics] == [
         fold.index for fold in record.folds
     ]
+    # every reference the gate compared against is stored with the run, on the same folds
+    run = RunDir(root / "out")
+    assert run.reference_names() == sorted(summary["references"])
+    hold = run.reference(BUY_AND_HOLD).load()
+    assert hold.evaluation.name == BUY_AND_HOLD and hold.folds == record.folds
+    assert hold.evaluation.score == summary["references"][BUY_AND_HOLD]
     report = RunDir(root / "out").report.read_text()
     assert "PROMOTED" in report and "buy_and_hold" in report
 

@@ -1,6 +1,6 @@
 """The dashboard's modules (serve/dashboard): settings, the API client against a mock transport,
-Silver windows, tune run directories (old records without folds included), buy-and-hold and the
-Plotly figures."""
+Silver windows, tune run directories (old records without folds and old runs without stored
+references included) and the Plotly figures."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from market.sim_silver import silver_frame, simulated_bars, write_sim_silver
 from models.dataset import arrays_from_table
 from models.evaluation import OutOfSampleBars, equity_curve, evaluate
-from models.folds import Fold, make_folds
+from models.folds import make_folds
 from models.report import curve_summary, write_leaderboard
 from models.runs import BUY_AND_HOLD, RunDir
 from serve.dashboard import figures
@@ -401,7 +401,9 @@ def scored(lake: Path) -> dict[str, Any]:
     return {"trial": trial, "hold": hold, "folds": folds}
 
 
-def write_run(run_dir: Path, scored: dict[str, Any]) -> None:
+def write_run(run_dir: Path, scored: dict[str, Any], *, references: bool = True) -> None:
+    """A run directory as a sweep writes it; `references=False` as one written before the
+    sweep stored its reference records."""
     board = pd.DataFrame(
         {
             "trial_id": ["t_worse", "t_best", "t_stopped", "t_norecord"],
@@ -414,6 +416,8 @@ def write_run(run_dir: Path, scored: dict[str, Any]) -> None:
     write_leaderboard(board, run_dir)
     for trial in ("t_best", "t_worse"):
         RunDir(run_dir).trial(trial).save(scored["trial"], scored["folds"])
+    if references:
+        RunDir(run_dir).reference(BUY_AND_HOLD).save(scored["hold"], scored["folds"])
 
 
 def strip_folds(run_dir: Path, trial_id: str) -> None:
@@ -441,6 +445,12 @@ def test_load_run_finds_the_best_trial_with_a_record_and_its_folds(
     curve = equity_curve(best)
     assert curve.index.tz is not None and len(curve) == len(reference.returns)
     np.testing.assert_allclose(curve.to_numpy(), np.cumprod(1 + reference.returns))
+    # The sweep's own buy-and-hold reference, read back as it stored it.
+    assert run.buy_and_hold is not None and run.buy_and_hold.folds == tuple(scored["folds"])
+    hold = run.buy_and_hold.evaluation
+    assert hold.name == BUY_AND_HOLD and hold.metrics == scored["hold"].metrics
+    np.testing.assert_array_equal(hold.open_time_ms, best.open_time_ms)  # the same minutes
+    np.testing.assert_array_equal(hold.returns, scored["hold"].returns)
     summary = curve_summary(curve)
     assert summary["final_equity"] == pytest.approx(curve.iloc[-1])
     assert 0 <= summary["max_drawdown"] < 1
@@ -494,20 +504,14 @@ def test_run_dirs_newest_first_and_missing_ones(tmp_path: Path, scored: dict[str
     assert dr.load_run(empty).best is None
 
 
-def test_buy_and_hold_from_silver_equals_the_sweeps_reference(
-    lake: Path, scored: dict[str, Any]
+def test_a_run_from_before_stored_references_has_no_buy_and_hold(
+    tmp_path: Path, scored: dict[str, Any]
 ) -> None:
-    curve = dr.buy_and_hold_curve(lake, scored["folds"])
-    hold = scored["hold"]
-    np.testing.assert_array_equal(curve.index.as_unit("ms").asi8, hold.open_time_ms)
-    np.testing.assert_allclose(curve.to_numpy(), np.cumprod(1 + hold.returns), rtol=1e-12)
-    one = dr.buy_and_hold_curve(lake, scored["folds"], symbols=["AAA"])
-    assert not np.allclose(one.to_numpy(), curve.to_numpy())
-    far = Fold(0, 0, 0, 0, 0, 0, ONE_MINUTE_MS)
-    with pytest.raises(ValueError, match="no bars"):
-        dr.buy_and_hold_curve(lake, [far])
-    with pytest.raises(ValueError, match="no walk-forward folds"):
-        dr.buy_and_hold_curve(lake, [])
+    run_dir = tmp_path / "tune-before-references"
+    write_run(run_dir, scored, references=False)
+    run = dr.load_run(run_dir)
+    assert run.buy_and_hold is None
+    assert run.best is not None and run.best.evaluation.name == "t_best"
 
 
 def test_backtest_figure_draws_equity_and_drawdown_of_each_curve(scored: dict[str, Any]) -> None:
@@ -534,15 +538,16 @@ def test_backtest_figure_draws_equity_and_drawdown_of_each_curve(scored: dict[st
     assert json.loads(figure.to_json())  # serialisable for st.plotly_chart
 
 
-def test_the_page_warns_about_an_old_record_and_draws_no_invented_folds(
+def test_the_page_explains_an_old_run_and_draws_no_invented_folds_or_reference(
     tmp_path: Path, lake: Path, scored: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The Streamlit page itself (run in-process, no server) on a run whose best record has no
-    stored folds: a warning in words, no exception, no fold table, the leaderboard still shown."""
+    """The Streamlit page itself (run in-process, no server) on a run written before folds and
+    references were stored: a warning and a note in words, no exception, no fold table, no
+    buy-and-hold, the best trial and the leaderboard still shown."""
     from streamlit.testing.v1 import AppTest
 
     runs = tmp_path / "runs"
-    write_run(runs / "tune-old", scored)
+    write_run(runs / "tune-old", scored, references=False)
     strip_folds(runs / "tune-old", "t_best")
     monkeypatch.setattr("sys.argv", ["app"])
     for name in ("QUANT_AI_CLIENT_ID", "QUANT_AI_CLIENT_SECRET", "QUANT_AI_TOKEN"):
@@ -555,6 +560,8 @@ def test_the_page_warns_about_an_old_record_and_draws_no_invented_folds(
     assert not page.exception
     warnings = [w.value for w in page.warning]
     assert any("t_best" in w and "before walk-forward folds were stored" in w for w in warnings)
+    assert any("predates stored reference records" in note.value for note in page.info)
+    assert not any(m.label == "Buy-and-hold return" for m in page.metric)
     tables = [list(frame.value.columns) for frame in page.dataframe]
     assert tables and all("val_start" not in columns for columns in tables)
     assert any(columns[:2] == ["rank", "trial_id"] for columns in tables)

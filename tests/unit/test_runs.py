@@ -1,15 +1,18 @@
-"""models.runs: the run directory's layout, and trial records with their folds read back."""
+"""models.runs: the run directory's layout, and trial and reference records with their folds
+read back."""
 
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.evaluation import Evaluation
 from models.folds import Fold
-from models.runs import RunDir
+from models.runs import BUY_AND_HOLD, RunDir, reference_dir_name, reference_name
 
 FOLDS = (
     Fold(0, 0, 600_000, 660_000, 780_000, 840_000, 1_200_000),
@@ -77,3 +80,32 @@ def test_a_record_written_before_folds_were_stored_reads_with_no_folds(tmp_path:
     loaded = trial.load()
     assert loaded.folds is None
     assert loaded.evaluation.fold_metrics == saved.fold_metrics
+
+
+def test_references_round_trip_with_folds_under_reversible_directory_names(
+    tmp_path: Path,
+) -> None:
+    run = RunDir(tmp_path)
+    assert run.reference_names() == []  # a run written before references were stored
+    names = [BUY_AND_HOLD, "baseline:ar5", "baseline:naive/seasonal", "..", "ü.~%"]
+    for name in names:
+        run.reference(name).save(evaluation(name), FOLDS)
+    dirs = {p.name for p in run.references.iterdir()}
+    assert run.references == tmp_path / "references"
+    assert run.reference(BUY_AND_HOLD).path == tmp_path / "references" / "buy_and_hold"
+    assert run.reference("baseline:ar5").path.name == "baseline%3Aar5"
+    # One plain path component each: nothing escapes references/ or nests under it.
+    assert len(dirs) == len(names)
+    assert all(d and set(d) <= set(string.ascii_letters + string.digits + "_-%") for d in dirs)
+    assert all(reference_name(reference_dir_name(name)) == name for name in names)
+    assert run.reference_names() == sorted(names)
+    for name in names:
+        loaded = run.reference(name).load()
+        assert loaded.evaluation.name == name and loaded.folds == FOLDS
+        np.testing.assert_array_equal(loaded.evaluation.returns, evaluation(name).returns)
+        assert loaded.evaluation.metrics == evaluation(name).metrics
+    # A directory without a record (an interrupted write) is not listed.
+    (run.references / "partial").mkdir()
+    assert run.reference_names() == sorted(names)
+    with pytest.raises(ValueError, match="non-empty"):
+        run.reference("")
