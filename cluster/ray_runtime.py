@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 import ray
@@ -71,6 +72,21 @@ _LOCAL: list[bool] = []
 def started_local_ray() -> bool:
     """Whether this process started the Ray it is connected to (which ends with it)."""
     return ray.is_initialized() and bool(_LOCAL)
+
+
+def local_ray_lost_processes(wait_s: float = 1.0) -> bool:
+    """Whether the local Ray this process started has lost any of its processes, watched for up
+    to `wait_s` seconds: a signal to the whole process group (a terminal's Ctrl-C, a container
+    stop) ends them together with us, and then there is no controller left to shut down."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if not started_local_ray() or node is None:
+        return False
+    deadline = time.monotonic() + wait_s
+    while not node.dead_processes():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import httpx
 
-from cluster.ray_runtime import connect
+from cluster.ray_runtime import connect, local_ray_lost_processes
 from configs.schema import DEFAULT_GOLD_URL, FeedConfig, GoldConfig, IngestConfig, ServeConfig
 from market.lake import Lake, is_uri
 
@@ -175,7 +175,8 @@ def serve_until_stopped(
             if repeat is not None:
                 repeat()
     finally:
-        if shutdown:
+        # Serve waits 30 s for a controller that a group-wide signal has already stopped.
+        if shutdown and not local_ray_lost_processes():
             from ray import serve
 
             serve.shutdown()

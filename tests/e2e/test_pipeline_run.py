@@ -97,9 +97,11 @@ def test_pipeline_ingests_trains_gates_serves_and_stops_on_sigterm(tmp_path: Pat
         service = [psutil.Process(driver.pid), *psutil.Process(driver.pid).children(True)]
         service += listeners(port)
         assert any("haproxy" in p.name() for p in service), "HAProxy serves the API port"
+        stopped_at = time.monotonic()
         os.killpg(driver.pid, signal.SIGTERM)
         assert driver.wait(timeout=STOP_WITHIN_S) == 128 + signal.SIGTERM
         wait_all_gone(service, port, STOP_WITHIN_S)
+        print(f"make run: nothing left {time.monotonic() - stopped_at:.1f} s after SIGTERM")
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
