@@ -15,6 +15,12 @@ import ray
 from configs.schema import RayConfig
 
 
+def cluster_address(config: RayConfig | None = None, address: str | None = None) -> str | None:
+    """The Ray cluster to attach to: `address`, else `RAY_ADDRESS`, else the configured one;
+    None when a local Ray is to be started."""
+    return address or os.environ.get("RAY_ADDRESS") or (config or RayConfig()).address or None
+
+
 def connect(config: RayConfig | None = None, address: str | None = None) -> dict[str, Any]:
     """Attach to the Ray cluster at `address`, `RAY_ADDRESS`, or the configured address.
 
@@ -22,7 +28,7 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
     cluster's resources. Calling it again in the same process reuses the connection.
     """
     config = config or RayConfig()
-    target = address or os.environ.get("RAY_ADDRESS") or config.address
+    target = cluster_address(config, address)
     if not ray.is_initialized():
         if target:
             ray.init(address=target, namespace=config.namespace, log_to_driver=True)

@@ -4,9 +4,9 @@ interrupted (the local Ray ends with this process)."""
 
 from __future__ import annotations
 
-import os
 import sys
 
+from cluster.ray_runtime import cluster_address
 from configs.schema import DEFAULT_SERVE_CONFIG, ServeConfig, load_config
 from jobs._cli import base_parser, print_summary, run, setup_logging
 from serve.deploy import deploy, resolve_config, serve_until_stopped
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         host=args.host,
     )
-    on_cluster = bool(args.address or os.environ.get("RAY_ADDRESS") or config.ray.address)
+    on_cluster = cluster_address(config.ray, args.address) is not None
     summary = deploy(config, args.address)
     print_summary({"job": "deploy", "registry": config.registry, **summary})
     if on_cluster or args.detach:

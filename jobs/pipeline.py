@@ -9,7 +9,6 @@ the service picks up a newly promoted model by itself (it follows the registry's
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 
 from cluster.etl import run_feature_etl
-from cluster.ray_runtime import connect, dashboard_url
+from cluster.ray_runtime import cluster_address, connect, dashboard_url
 from configs.schema import (
     DEFAULT_PIPELINE_CONFIG,
     SOURCES,
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = args.registry or config.registry
     if args.ray_jobs:
         return submit_as_ray_jobs(args.ray_jobs, args.config, config, lake, registry)
-    if config.serve and not (args.address or os.environ.get("RAY_ADDRESS") or config.ray.address):
+    if config.serve and cluster_address(config.ray, args.address) is None:
         try:
             check_serve_ports(load_config(config.serve, ServeConfig), say)
         except PortBusyError as busy:
