@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Final, Literal, TypeVar, get_args
@@ -287,6 +288,38 @@ class AuthConfig(StrictModel):
     clients_file: str = ".secrets/clients.yaml"
     rate_limit_per_minute: float = Field(default=1200.0, gt=0, description="per client")
     rate_limit_burst: int = Field(default=100, ge=1, description="requests in one burst")
+    token_rate_limit_per_minute_per_address: float = Field(
+        default=10.0,
+        gt=0,
+        description="failed POST /token attempts per minute per caller address, per ingress "
+        "replica; successful attempts are not counted",
+    )
+    token_rate_limit_burst_per_address: int = Field(
+        default=10, ge=1, description="failed POST /token attempts per caller address in one burst"
+    )
+    token_max_concurrent_verifications: int = Field(
+        default=4,
+        ge=1,
+        description="client secrets checked at once per ingress replica (each one scrypt: "
+        "16 MiB and ~50 ms of CPU); POST /token beyond this is answered 429 at once",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or CIDR networks of proxies whose X-Forwarded-For names the "
+        "caller for per-address limits. Serve's bundled HAProxy does not set the header and "
+        "passes a client's own through: list it only behind a proxy that appends the header "
+        "and is the only way in",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"{proxy!r} is not an IP address or CIDR network") from None
+        return proxies
 
 
 class FeedConfig(StrictModel):

@@ -31,18 +31,25 @@ IngressMode = Literal["haproxy", "proxy"]
 def ingress_env(
     mode: IngressMode, state_dir: str | None = None, admin_host: str = "127.0.0.1"
 ) -> dict[str, str]:
-    """Environment variables for Serve's processes in `mode` ({} for the Python proxy).
+    """Environment variables for Serve's processes in `mode`.
 
     `admin_host` is the address of HAProxy's stats and metrics listeners (local deployments).
     """
+    # Serve's HTTP servers (the proxy's, a direct-ingress replica's) are uvicorn with its
+    # defaults, which replace the client address with X-Forwarded-For from loopback peers.
+    # HAProxy connects from loopback and passes a client's own header through, so any caller
+    # could pick its address. Trusting no one keeps the real peer; the API applies its own
+    # `auth.trusted_proxies` rule.
+    no_forwarded = {"FORWARDED_ALLOW_IPS": ""}
     if mode == "proxy":
-        return {}
+        return no_forwarded
     directory = state_dir or str(make_state_dir())
     local = started_local_ray()
     if local:
         # They may hold the port this deployment is about to bind.
         reap_orphans()
     env = {
+        **no_forwarded,
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # One HAProxy thread saturates 2 cores' worth of Python replicas.

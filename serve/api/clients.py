@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import hmac
 import logging
@@ -97,11 +96,20 @@ def verify_secret(secret: str, encoded: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
-@functools.cache
-def _dummy_hash() -> str:
-    """A hash no presented secret matches: verified against for unknown client ids so they
-    take as long as known ones (the response time must not reveal which ids exist)."""
-    return hash_secret(secrets.token_urlsafe(32))
+# Verified against for unknown client ids so they cost what a known id costs (one scrypt of
+# the same parameters: the response time must not reveal which ids exist). A fixed string, not
+# a hash made on first use, which would make the first unknown id cost two scrypts. Whether a
+# secret matches it is irrelevant: an unknown id is refused either way.
+_DUMMY_HASH: Final = "$".join(
+    (
+        "scrypt",
+        str(SCRYPT_N),
+        str(SCRYPT_R),
+        str(SCRYPT_P),
+        base64.b64encode(bytes(SALT_BYTES)).decode("ascii"),
+        base64.b64encode(bytes(HASH_BYTES)).decode("ascii"),
+    )
+)
 
 
 class ClientEntry(BaseModel):
@@ -188,7 +196,7 @@ class ClientStore:
         if len(secret) > MAX_SECRET_CHARS:
             # No hashing of attacker-sized input; length is not secret, so this leaks nothing.
             raise AuthError(401, "invalid_client", _INVALID_CLIENT_DETAIL)
-        encoded = entry.secret_hash if entry is not None else _dummy_hash()
+        encoded = entry.secret_hash if entry is not None else _DUMMY_HASH
         matches = verify_secret(secret, encoded)
         if entry is None or not matches:
             raise AuthError(401, "invalid_client", _INVALID_CLIENT_DETAIL)

@@ -25,6 +25,10 @@ from serve.engine.snapshot import EngineSnapshot
 PREFIX = "quant_ai"
 # The text exposition format 0.0.4, which every Prometheus scrapes.
 MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The methods a client can use on this API; any other a server parses (WebDAV's PROPFIND,
+# PURGE, ...) is counted as "other" so clients cannot create new time series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+OTHER_METHOD = "other"
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 # Every metric name the service exports; the monitoring assets are checked against this list.
@@ -171,6 +175,9 @@ class ApiMetrics:
         self.registry.register(SnapshotCollector(snapshot, clock))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request of `route` that took `seconds`; methods outside `HTTP_METHODS`
+        are labelled "other"."""
+        method = method if method in HTTP_METHODS else OTHER_METHOD
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route, method).observe(seconds)
 

@@ -1,11 +1,17 @@
-"""Per-client token-bucket rate limiting for the signal API (HTTP 429 + Retry-After)."""
+"""Abuse limits of the signal API (HTTP 429 + Retry-After): token buckets per key, a bound on
+concurrent expensive work, and the caller address the per-address limits are keyed by.
+
+All of it is in the memory of one ingress replica: limits are per replica and start afresh when
+a replica restarts.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 class RateLimiter:
@@ -72,6 +78,15 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
             return retry_after
 
+    def refund(self, key: str) -> None:
+        """Give back the request `check(key)` spent (capped at the burst): for callers that
+        reserve before expensive work and only count the outcomes they want to limit."""
+        with self._lock:
+            state = self._buckets.get(key)
+            if state is not None:
+                tokens, last = state
+                self._buckets[key] = (min(self._burst, tokens + 1.0), last)
+
     def _evict_idle(self, now: float) -> None:
         """Drop buckets (oldest first) whose idle time has refilled them completely; the
         ordering by last seen makes this amortised O(1) per call."""
@@ -80,3 +95,63 @@ class RateLimiter:
             if now - last < self._full_refill_s:
                 break
             self._buckets.popitem(last=False)
+
+
+class ConcurrencyLimit:
+    """At most `limit` holders at once; `try_acquire` never waits, so excess work is refused
+    at once instead of queueing without bound. Thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free; the caller must `release` it."""
+        return self._slots.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._slots.release()
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ClientAddress:
+    """The caller's address for per-address limits.
+
+    The direct peer (the ASGI client host) is the caller unless it is one of `trusted_proxies`
+    (IP addresses or CIDR networks). Then X-Forwarded-For is read right to left, each proxy
+    having appended the address it was connected from: the first entry that is not itself a
+    trusted proxy is the caller. Entries left of that were written by the caller and are never
+    believed. An entry that is not an IP address ends the walk at the proxy that wrote it.
+    """
+
+    def __init__(self, trusted_proxies: Iterable[str] = ()) -> None:
+        self._trusted: tuple[IpNetwork, ...] = tuple(
+            ipaddress.ip_network(proxy, strict=False) for proxy in trusted_proxies
+        )
+
+    def _is_trusted(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    def resolve(self, peer: str | None, forwarded_for: Iterable[str] = ()) -> str:
+        """The caller address given the direct `peer` (None when the server does not know it)
+        and the X-Forwarded-For header values in the order received."""
+        caller = peer or "unknown"
+        if not self._trusted or not self._is_trusted(caller):
+            return caller
+        entries = [entry.strip() for value in forwarded_for for entry in value.split(",")]
+        for entry in reversed(entries):
+            try:
+                ipaddress.ip_address(entry)
+            except ValueError:
+                break
+            caller = entry
+            if not self._is_trusted(entry):
+                break
+        return caller

@@ -33,7 +33,7 @@ from market.klines import ONE_MINUTE_MS
 from serve.api.auth import AuthError, Claims, TokenService
 from serve.api.clients import ClientStore
 from serve.api.metrics import MEDIA_TYPE, ApiMetrics
-from serve.api.ratelimit import RateLimiter
+from serve.api.ratelimit import ClientAddress, ConcurrencyLimit, RateLimiter
 from serve.api.schemas import (
     CurrentModel,
     ErrorBody,
@@ -153,7 +153,8 @@ class PredictIn(BaseModel):
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware: request count and latency by route template, method and status."""
+    """Pure ASGI middleware: request count and latency by route template, method and status
+    (unknown routes and non-standard methods each under one "other" label)."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
@@ -191,6 +192,15 @@ def make_api(
 ) -> FastAPI:
     """The FastAPI app of the signal API over `backend`."""
     limiter = RateLimiter(config.auth.rate_limit_per_minute, config.auth.rate_limit_burst)
+    # POST /token is throttled by caller address, not by the client id it names: an id is the
+    # caller's to choose (rotating ids would dodge a per-id limit) and a per-id limit would let
+    # anyone lock a client out with wrong secrets.
+    token_failures = RateLimiter(
+        config.auth.token_rate_limit_per_minute_per_address,
+        config.auth.token_rate_limit_burst_per_address,
+    )
+    verifications = ConcurrencyLimit(config.auth.token_max_concurrent_verifications)
+    caller_address = ClientAddress(config.auth.trusted_proxies)
     metrics = ApiMetrics(backend.snapshot, clock)
 
     async def lifespan(_: FastAPI) -> Any:
@@ -270,15 +280,28 @@ def make_api(
         secret = fields.get("client_secret", "")
         if not client_id or not secret:
             raise ApiError(422, "invalid_request", "client_id and client_secret are required")
-        if (retry_after := limiter.check(f"token:{client_id}")) is not None:
+        peer = request.client.host if request.client else None
+        address = caller_address.resolve(peer, request.headers.getlist("x-forwarded-for"))
+        # Each secret check is an scrypt of 16 MiB and ~50 ms of CPU: a bounded number at once,
+        # and the excess refused rather than queued.
+        if not verifications.try_acquire():
             raise ApiError(
-                429,
-                "rate_limited",
-                "too many token requests",
-                {"Retry-After": str(max(1, math.ceil(retry_after)))},
+                429, "rate_limited", "too many token requests in progress", {"Retry-After": "1"}
             )
-        # scrypt costs ~50 ms of CPU: off the event loop.
-        client = await run_in_threadpool(clients.authenticate, client_id, secret)
+        try:
+            # The attempt is charged before the check (concurrent attempts cannot overdraw) and
+            # refunded when it succeeds: only failures count against an address.
+            if (retry_after := token_failures.check(address)) is not None:
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    "too many failed token requests",
+                    {"Retry-After": str(max(1, math.ceil(retry_after)))},
+                )
+            client = await run_in_threadpool(clients.authenticate, client_id, secret)
+            token_failures.refund(address)
+        finally:
+            verifications.release()
         requested = fields.get("scope", "").split()
         granted = [s for s in requested if s in client.scopes] if requested else client.scopes
         if requested and len(granted) != len(requested):
