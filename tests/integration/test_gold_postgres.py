@@ -189,7 +189,7 @@ def test_history_and_summary(store: GoldStore) -> None:
     assert btc.pnl_bps == pytest.approx(200.0, rel=1e-9)
     assert summary["ETHUSDT"].hit_rate is None
     assert summary["ETHUSDT"].filled == 0
-    assert summary["ETHUSDT"]["pnl_bps"] == 0.0
+    assert summary["ETHUSDT"].pnl_bps == 0.0
     assert store.counts_by_signal() == {
         ("BTCUSDT", "BUY"): 2,
         ("BTCUSDT", "SELL"): 2,
