@@ -14,9 +14,23 @@ Silver target (DESIGN.md section 4):
 - ``pnl_bps``: position (+1 BUY, -1 SELL, 0 NEUTRAL) times the simple return
   ``exp(realised_return) - 1``, in basis points (1e-4), **gross of fees and slippage**.
 
+One bar can be served by several models: a promotion or a rollback makes the engine recompute the
+latest bar's signal with the new model, and Serve replicas mid-rollout serve the same bar with
+different versions. Every such record is kept (``history`` shows what each model served), but each
+(symbol, bar) counts once in the summaries (``outcome_summary``, ``counts_by_signal``): the record
+that counts is the **first one stored** for the bar, flagged ``accounted``. The first, not the last,
+because
+
+- it is the decision taken at the close of bar ``t``, the entry price every outcome assumes; a
+  record written after a model swap was served later, when that price was already gone;
+- a bar's accounting never changes once written: the per-class counts feed Prometheus counters,
+  which may not go down, and a rollback cannot rewrite the realised P&L of bars already scored.
+
 The store is SQLAlchemy Core over SQLite (the default, a local file) or PostgreSQL (by URL, e.g.
 ``postgresql+psycopg://user:secret@host:5432/gold``). Writes are idempotent on
-(symbol, bar_open_time_ms, model_version) and safe with several writers (Serve replicas, processes).
+(symbol, bar_open_time_ms, model_version) and safe with several writers (Serve replicas, processes);
+a partial unique index keeps one accounted record per (symbol, bar) under concurrent writers.
+A table created before the ``accounted`` flag existed is migrated when a store opens it.
 """
 
 from __future__ import annotations
@@ -47,7 +61,9 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
+    false,
     func,
+    inspect,
     select,
     update,
 )
@@ -55,6 +71,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, RowMapping, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateColumn
 
 from market.klines import ONE_MINUTE_MS
 from serve.engine.snapshot import OutcomeSummary
@@ -98,6 +115,10 @@ GOLD_SIGNALS = Table(
     Column("hit", Boolean, nullable=True),
     Column("pnl_bps", Double, nullable=True),
     Column("filled_at_ms", BigInteger, nullable=True),
+    # True on the one record per (symbol, bar) that the summaries count: the first one stored.
+    # The server default lets writers that predate the flag keep writing a migrated table; their
+    # rows are history only.
+    Column("accounted", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("symbol", "bar_open_time_ms", "model_version", name="uq_gold_signals_key"),
     CheckConstraint("signal IN ('BUY', 'SELL', 'NEUTRAL')", name="ck_gold_signals_signal"),
     CheckConstraint("horizon_minutes > 0", name="ck_gold_signals_horizon"),
@@ -105,6 +126,17 @@ GOLD_SIGNALS = Table(
     # fill_outcomes() looks up the unfilled rows of one symbol; with filled_at_ms in the key the
     # filled history (almost every row) is skipped instead of scanned on every new bar.
     Index("ix_gold_signals_pending", "symbol", "filled_at_ms", "bar_open_time_ms"),
+)
+
+# At most one accounted record per (symbol, bar): the database, not a read-then-write race between
+# replicas, decides which record of a bar is counted.
+_ACCOUNTED_BAR: Final = Index(
+    "uq_gold_signals_accounted_bar",
+    GOLD_SIGNALS.c.symbol,
+    GOLD_SIGNALS.c.bar_open_time_ms,
+    unique=True,
+    sqlite_where=GOLD_SIGNALS.c.accounted,
+    postgresql_where=GOLD_SIGNALS.c.accounted,
 )
 
 # Model outputs a signal may lack; NaN is accepted for them and stored as NULL.
@@ -282,28 +314,46 @@ class GoldStore:
                 # existence check and CREATE TABLE ("duplicate key ... pg_type_typname_nsp").
                 conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             _METADATA.create_all(conn, checkfirst=True)
+            # create_all skips an existing table, so a table of the earlier schema is upgraded here.
+            columns = {column["name"] for column in inspect(conn).get_columns(TABLE_NAME)}
+            if GOLD_SIGNALS.c.accounted.name not in columns:
+                _add_accounted_flag(conn)
 
     def record(self, record: SignalRecord) -> bool:
-        """Store one served signal; False (no error) when its (symbol, bar, model) key exists.
+        """Store one served signal; True when it is its bar's accounted record (the first one).
 
-        Uses INSERT ... ON CONFLICT DO NOTHING, so concurrent writers of the same key never
-        raise: exactly one row is kept, the first one committed.
+        A record of a (symbol, bar) already recorded by another model (a promotion, a rollback,
+        replicas mid-rollout) is stored for the history but not accounted: False. A record
+        whose (symbol, bar, model) key exists is not written again: False, no error. So True
+        means "count this signal", once per (symbol, bar).
+
+        Uses INSERT ... ON CONFLICT DO NOTHING, so concurrent writers never raise: exactly one
+        row per key and one accounted row per bar are kept, the first ones committed.
         """
         values = asdict(record)
         for name in _OPTIONAL_OUTPUTS:
             values[name] = _opt_float(values[name])
         insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
-        stmt = (
+        as_accounted = (
             insert(GOLD_SIGNALS)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=list(_UNIQUE_KEY))
+            .values(**values, accounted=True)
+            # No conflict target: skipped on the (symbol, bar, model) key and on the bar's
+            # accounted index alike.
+            .on_conflict_do_nothing()
             # RETURNING, not rowcount: on PostgreSQL SQLAlchemy consumes the implicit RETURNING
             # of the primary key and reports rowcount -1. A skipped row returns nothing.
             .returning(GOLD_SIGNALS.c.id)
         )
+        as_history = (
+            insert(GOLD_SIGNALS)
+            .values(**values, accounted=False)
+            .on_conflict_do_nothing(index_elements=list(_UNIQUE_KEY))
+        )
         with self._write() as conn, conn.begin():
-            inserted = conn.execute(stmt).first()
-        return inserted is not None
+            if conn.execute(as_accounted).first() is not None:
+                return True
+            conn.execute(as_history)
+        return False
 
     def fill_outcomes(self, symbol: str, closes: Mapping[int, float], now_ms: int) -> int:
         """Fill the outcomes of ``symbol``'s pending signals whose horizon bar is in ``closes``.
@@ -367,9 +417,10 @@ class GoldStore:
     def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         """Served signals, newest decision bar first, at most ``limit`` (all symbols if None).
 
-        JSON-ready dicts: the record's fields, ``as_of`` (the decision bar's open time as
-        ISO-8601 UTC, next to ``bar_open_time_ms``), ``outcome_open_time_ms`` (the horizon bar)
-        and the outcome fields, None until filled.
+        Every model's record of a bar is listed, the latest stored first. JSON-ready dicts: the
+        record's fields, ``as_of`` (the decision bar's open time as ISO-8601 UTC, next to
+        ``bar_open_time_ms``), ``outcome_open_time_ms`` (the horizon bar) and the outcome fields,
+        None until filled.
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
@@ -382,7 +433,10 @@ class GoldStore:
         return [_history_item(row) for row in rows]
 
     def outcome_summary(self) -> tuple[OutcomeSummary, ...]:
-        """The realised outcomes of each symbol's served signals, in symbol order."""
+        """The realised outcomes of each symbol's served signals, in symbol order.
+
+        One signal per (symbol, bar): its accounted record. ``pnl_bps`` is in basis points.
+        """
         t = GOLD_SIGNALS.c
         filled = t.filled_at_ms.is_not(None)
         directional = filled & t.signal.in_(("BUY", "SELL"))
@@ -395,6 +449,7 @@ class GoldStore:
                 func.coalesce(func.sum(case((t.hit.is_(True), 1), else_=0)), 0).label("hits"),
                 func.coalesce(func.sum(t.pnl_bps), 0.0).label("pnl_bps"),
             )
+            .where(t.accounted)
             .group_by(t.symbol)
             .order_by(t.symbol)
         )
@@ -417,15 +472,33 @@ class GoldStore:
         return tuple(summary)
 
     def counts_by_signal(self) -> dict[tuple[str, str], int]:
-        """(symbol, signal) -> number of served signals, to restore counters after a restart."""
+        """(symbol, signal) -> number of served signals, one per (symbol, bar) (its accounted
+        record), to restore counters after a restart."""
         t = GOLD_SIGNALS.c
-        stmt = select(t.symbol, t.signal, func.count()).group_by(t.symbol, t.signal)
+        stmt = (
+            select(t.symbol, t.signal, func.count()).where(t.accounted).group_by(t.symbol, t.signal)
+        )
         with self._engine.connect() as conn:
             return {(symbol, signal): int(n) for symbol, signal, n in conn.execute(stmt)}
 
     def close(self) -> None:
         """Release every pooled connection (the store is unusable afterwards)."""
         self._engine.dispose()
+
+
+def _add_accounted_flag(conn: Connection) -> None:
+    """Add ``accounted`` to a table of the earlier schema: each bar's first stored record (the
+    lowest id) becomes its accounted one, as if it had been written by :meth:`GoldStore.record`.
+
+    Runs inside the schema transaction: under the advisory lock (PostgreSQL) or the write lock
+    (SQLite), so concurrent openers migrate once and the others see the finished table.
+    """
+    t = GOLD_SIGNALS.c
+    column = CreateColumn(t.accounted).compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"ALTER TABLE {TABLE_NAME} ADD COLUMN {column}")
+    first = select(func.min(t.id)).group_by(t.symbol, t.bar_open_time_ms)
+    conn.execute(update(GOLD_SIGNALS).where(t.id.in_(first)).values(accounted=True))
+    _ACCOUNTED_BAR.create(conn)
 
 
 def _outcome(

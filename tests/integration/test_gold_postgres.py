@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, func, inspect, select
 from sqlalchemy.engine import make_url
 
 from serve.engine.gold import GOLD_SIGNALS, GoldStore
-from tests.unit.test_gold_store import MINUTE, NOW, T0, H, rec
+from tests.unit.test_gold_store import MINUTE, NOW, SIGNAL_OF, T0, H, rec
 
 pytestmark = pytest.mark.integration
 
@@ -61,16 +61,60 @@ def test_schema_on_postgres(store: GoldStore, postgres_url: str) -> None:
     assert [u["column_names"] for u in unique] == [["symbol", "bar_open_time_ms", "model_version"]]
     indexes = {i["name"]: i["column_names"] for i in inspector.get_indexes("gold_signals")}
     assert indexes["ix_gold_signals_symbol_time"] == ["symbol", "bar_open_time_ms"]
+    assert indexes["uq_gold_signals_accounted_bar"] == ["symbol", "bar_open_time_ms"]
     engine.dispose()
 
 
 def test_record_and_duplicate(store: GoldStore) -> None:
     assert store.record(rec(T0)) is True
     assert store.record(rec(T0)) is False
-    assert store.record(rec(T0, model_version="m2")) is True
+    assert store.record(rec(T0, model_version="m2")) is False  # stored, not counted again
     assert store.record(rec(T0, symbol="ETHUSDT")) is True
     assert len(store.history(None, 100)) == 3
-    assert store.counts_by_signal() == {("BTCUSDT", "BUY"): 2, ("ETHUSDT", "BUY"): 1}
+    assert store.counts_by_signal() == {("BTCUSDT", "BUY"): 1, ("ETHUSDT", "BUY"): 1}
+
+
+def test_a_bar_served_by_several_models_counts_once(store: GoldStore, postgres_url: str) -> None:
+    # A promotion (m1 -> m2) then a rollback (m2 -> m1) recompute bar T0: m1's BUY counts.
+    served = ("m1", "m2", "m1")
+    recorded = [store.record(rec(T0, SIGNAL_OF[m], model_version=m)) for m in served]
+    assert recorded == [True, False, False]
+    # Replicas mid-rollout race on the next bars, each with its own model: one counts per bar.
+    other = GoldStore(postgres_url)
+    keys = [T0 + i * MINUTE for i in range(1, 13)]
+    start = threading.Barrier(4)
+
+    def write(worker: int) -> list[bool]:
+        start.wait()
+        gold = (store, other)[worker % 2]
+        return [gold.record(rec(t, model_version=f"r{worker}")) for t in keys]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(write, range(4)))
+    assert [sum(column) for column in zip(*results, strict=True)] == [1] * len(keys)
+    assert len(store.history(None, 100)) == 2 + 4 * len(keys)
+
+    assert store.fill_outcomes("BTCUSDT", {T0 + H * MINUTE: 101.0}, NOW) == 2
+    (btc,) = store.outcome_summary()
+    assert (btc.signals, btc.filled, btc.directional, btc.hits) == (1 + len(keys), 1, 1, 1)
+    assert btc.pnl_bps == pytest.approx(100.0, rel=1e-9)
+    assert store.counts_by_signal() == {("BTCUSDT", "BUY"): 1 + len(keys)}
+    other.close()
+
+
+def test_table_of_the_old_schema_is_migrated(store: GoldStore, postgres_url: str) -> None:
+    store.record(rec(T0, "BUY", model_version="m1"))
+    store.record(rec(T0, "SELL", model_version="m2"))
+    store.close()
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:  # back to the table an earlier release created
+        conn.exec_driver_sql("ALTER TABLE gold_signals DROP COLUMN accounted")
+    engine.dispose()
+    again = GoldStore(postgres_url)
+    assert again.counts_by_signal() == {("BTCUSDT", "BUY"): 1}  # the first stored record
+    assert again.record(rec(T0, model_version="m3")) is False
+    assert len(again.history(None, 10)) == 3
+    again.close()
 
 
 def test_concurrent_writers_same_keys(store: GoldStore, postgres_url: str) -> None:

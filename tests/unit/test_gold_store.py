@@ -65,11 +65,113 @@ def test_record_and_duplicate(store: GoldStore) -> None:
     assert store.record(rec(T0)) is True
     assert store.record(rec(T0)) is False  # same (symbol, bar, model): kept once, no error
     assert store.record(replace(rec(T0), confidence=0.9)) is False  # the first write wins
-    assert store.record(rec(T0, model_version="m2")) is True
+    # Another model's record of the bar is kept for the history, but the bar is counted once.
+    assert store.record(rec(T0, model_version="m2")) is False
     assert store.record(rec(T0, symbol="ETHUSDT")) is True
     assert len(store.history(None, 100)) == 3
     assert store.history("BTCUSDT", 100)[-1]["confidence"] == 0.6
-    assert store.counts_by_signal() == {("BTCUSDT", "BUY"): 2, ("ETHUSDT", "BUY"): 1}
+    assert store.counts_by_signal() == {("BTCUSDT", "BUY"): 1, ("ETHUSDT", "BUY"): 1}
+
+
+# m1 says BUY and m2 says SELL, so the summary shows which record stands for the bar.
+SIGNAL_OF = {"m1": "BUY", "m2": "SELL"}
+
+
+@pytest.mark.parametrize(
+    "served",
+    [("m1", "m2"), ("m2", "m1"), ("m1", "m2", "m1")],
+    ids=["promotion", "rollback", "promotion-then-rollback"],
+)
+def test_a_bar_served_by_several_models_counts_once(
+    store: GoldStore, served: tuple[str, ...]
+) -> None:
+    # A model swap recomputes the latest bar's signal: the same (symbol, bar) is recorded again.
+    recorded = [store.record(rec(T0, SIGNAL_OF[m], model_version=m)) for m in served]
+    assert recorded == [True] + [False] * (len(served) - 1)
+    assert store.fill_outcomes("BTCUSDT", {T0 + H * MINUTE: 101.0}, NOW) == 2
+
+    rows = store.history("BTCUSDT", 10)
+    assert [r["model_version"] for r in rows] == [served[1], served[0]]  # both kept, newest first
+    assert all(r["filled_at_ms"] == NOW for r in rows)
+    first = rows[1]  # the record served at the bar's close: the one that counts
+    (btc,) = store.outcome_summary()
+    assert (btc.signals, btc.filled, btc.directional) == (1, 1, 1)
+    assert btc.hits == (1 if first["hit"] else 0)
+    assert btc.hit_rate == (1.0 if first["hit"] else 0.0)
+    assert btc.pnl_bps == pytest.approx(first["pnl_bps"], rel=1e-12)
+    assert abs(btc.pnl_bps) == pytest.approx(100.0, rel=1e-9)
+    assert store.counts_by_signal() == {("BTCUSDT", SIGNAL_OF[served[0]]): 1}
+
+
+# The schema before the accounted flag, as an earlier release created it.
+OLD_SCHEMA = """
+CREATE TABLE gold_signals (
+    id INTEGER NOT NULL,
+    symbol VARCHAR(32) NOT NULL,
+    bar_open_time_ms BIGINT NOT NULL,
+    signal VARCHAR(8) NOT NULL,
+    confidence DOUBLE NOT NULL,
+    p_up DOUBLE,
+    predicted_return DOUBLE,
+    predicted_close DOUBLE,
+    close DOUBLE NOT NULL,
+    horizon_minutes INTEGER NOT NULL,
+    model_version VARCHAR(128) NOT NULL,
+    feature_spec_hash VARCHAR(64) NOT NULL,
+    reason TEXT,
+    served_at_ms BIGINT NOT NULL,
+    realised_close DOUBLE,
+    realised_return DOUBLE,
+    hit BOOLEAN,
+    pnl_bps DOUBLE,
+    filled_at_ms BIGINT,
+    PRIMARY KEY (id),
+    CONSTRAINT uq_gold_signals_key UNIQUE (symbol, bar_open_time_ms, model_version),
+    CONSTRAINT ck_gold_signals_signal CHECK (signal IN ('BUY', 'SELL', 'NEUTRAL')),
+    CONSTRAINT ck_gold_signals_horizon CHECK (horizon_minutes > 0)
+);
+CREATE INDEX ix_gold_signals_pending ON gold_signals (symbol, filled_at_ms, bar_open_time_ms);
+CREATE INDEX ix_gold_signals_symbol_time ON gold_signals (symbol, bar_open_time_ms);
+"""
+
+
+def test_store_of_the_old_schema_is_migrated_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "gold.sqlite"
+    # Bar T0 served by m1 (BUY, filled: +100 bps) then m2 (SELL, filled: -100 bps); T0+1 by m2.
+    old_rows = [
+        (T0, "BUY", "m1", 101.0, True, 100.0, NOW),
+        (T0, "SELL", "m2", 101.0, False, -100.0, NOW),
+        (T0 + MINUTE, "SELL", "m2", None, None, None, None),
+    ]
+    with sqlite3.connect(path) as raw:
+        raw.executescript(OLD_SCHEMA)
+        raw.executemany(
+            "INSERT INTO gold_signals (symbol, bar_open_time_ms, signal, confidence, close, "
+            "horizon_minutes, model_version, feature_spec_hash, served_at_ms, realised_close, "
+            "hit, pnl_bps, filled_at_ms) "
+            "VALUES ('BTCUSDT', ?, ?, 0.6, 100.0, 10, ?, 'abc', 0, ?, ?, ?, ?)",
+            old_rows,
+        )
+    raw.close()
+
+    store = GoldStore(f"sqlite:///{path}")
+    (btc,) = store.outcome_summary()
+    assert (btc.signals, btc.filled, btc.directional, btc.hits) == (2, 1, 1, 1)
+    assert btc.pnl_bps == pytest.approx(100.0)  # m1's record: the first stored for T0
+    assert store.counts_by_signal() == {("BTCUSDT", "BUY"): 1, ("BTCUSDT", "SELL"): 1}
+    assert len(store.history(None, 10)) == 3  # the history is untouched
+    assert store.record(rec(T0, model_version="m3")) is False  # T0 already has its record
+    assert store.record(rec(T0, model_version="m1")) is False  # the old key still holds
+    assert store.record(rec(T0 + 2 * MINUTE)) is True
+    store.close()
+
+    again = GoldStore(f"sqlite:///{path}")  # a migrated table is opened as it is
+    assert again.counts_by_signal() == {("BTCUSDT", "BUY"): 2, ("BTCUSDT", "SELL"): 1}
+    again.close()
+    with sqlite3.connect(path) as raw:
+        unique = {row[1] for row in raw.execute("PRAGMA index_list(gold_signals)") if row[2]}
+    raw.close()
+    assert "uq_gold_signals_accounted_bar" in unique
 
 
 def test_fill_outcomes_exact_values(store: GoldStore) -> None:
