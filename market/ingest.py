@@ -55,9 +55,17 @@ def build_source(config: IngestConfig) -> KlineSource:
 
 @ray.remote(max_retries=2)
 def _ingest_task(config: IngestConfig, symbol: str, lake: str) -> dict[str, Any]:
+    from ray.experimental import tqdm_ray
+
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     source = build_source(config)
-    return asdict(ingest_symbol(source, symbol, BronzeStore(lake)))
+    # Ray draws the bars of every task on the driver's terminal, one line per symbol.
+    bar = tqdm_ray.tqdm(desc=f"ingest {symbol}", unit="part")
+    try:
+        report = ingest_symbol(source, symbol, BronzeStore(lake), on_part=lambda _: bar.update())
+    finally:
+        bar.close()
+    return asdict(report)
 
 
 def run_ingest(config: IngestConfig, lake: str | Path) -> dict[str, Any]:

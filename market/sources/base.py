@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -44,8 +44,17 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def ingest_symbol(source: KlineSource, symbol: str, store: BronzeStore) -> IngestReport:
-    """Store every batch `source` yields for `symbol`, skipping minutes its tag already holds."""
+def ingest_symbol(
+    source: KlineSource,
+    symbol: str,
+    store: BronzeStore,
+    on_part: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Store every batch `source` yields for `symbol`, skipping minutes its tag already holds.
+
+    `on_part(rows)` is called after each part is written (a progress bar's update); each part is
+    logged at DEBUG and the symbol's totals once at INFO, so a year of one symbol is one line.
+    """
     report = IngestReport(source=source.name, symbol=symbol)
     started = time.perf_counter()
     # (tag, day) -> open-time ranges stored: read once, then kept current as parts are written.
@@ -77,16 +86,18 @@ def ingest_symbol(source: KlineSource, symbol: str, store: BronzeStore) -> Inges
             report.days_written += 1
             report.rows_written += len(rows)
             report.parts.append(str(written))
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            log.info(
-                "ingest %s %s %s: %d rows (total %d rows, %d parts, %.0f rows/s)",
-                source.name,
-                symbol,
-                batch.day,
-                len(rows),
-                report.rows_written,
-                report.days_written,
-                report.rows_written / elapsed,
-            )
+            log.debug("ingest %s %s %s: %d rows", source.name, symbol, batch.day, len(rows))
+            if on_part is not None:
+                on_part(len(rows))
     report.seconds = time.perf_counter() - started
+    log.info(
+        "ingest %s %s: %d rows in %d parts (%d already stored), %.1f s, %.0f rows/s",
+        source.name,
+        symbol,
+        report.rows_written,
+        report.days_written,
+        report.rows_already_stored,
+        report.seconds,
+        report.rows_written / max(report.seconds, 1e-9),
+    )
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import zipfile
 from collections.abc import Iterator
 from datetime import date
@@ -47,6 +48,20 @@ def test_parts_are_atomic_and_never_rewritten(tmp_path: Path) -> None:
     (first.parent / ".tmp-deadbeef").write_text("half a part")
     assert store.remove_temporaries() == 1
     assert store.covered_until("sim", "SIMA") == 60_000
+
+
+def test_ingest_reports_each_part_to_the_progress_callback_and_logs_one_info_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = sim_config(gap_rate=0.0)
+    start = date_start_ms(config.anchor_date)
+    source = SimSource(config, start, start + 5 * ONE_DAY_MS - ONE_MINUTE_MS)
+    parts: list[int] = []
+    with caplog.at_level(logging.INFO, logger="market.sources.base"):
+        report = ingest_symbol(source, "SIMA", BronzeStore(tmp_path), on_part=parts.append)
+    assert parts == [1440] * 5 and report.days_written == 5
+    info = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(info) == 1 and "7200 rows in 5 parts" in info[0].getMessage()
 
 
 def test_sim_ingest_twice_is_a_no_op(tmp_path: Path) -> None:
