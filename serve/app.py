@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from configs.schema import ServeConfig, load_config
@@ -26,7 +27,7 @@ from serve.api.clients import ClientStore
 from serve.api.routes import make_api
 from serve.engine.engine import SignalEngine
 from serve.engine.signals import bars_frame
-from serve.engine.snapshot import EngineSnapshot, Signal
+from serve.engine.snapshot import EngineSnapshot, InvalidBarsError, Signal
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,17 @@ class HandleBackend:
             self._task.cancel()
 
     async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        result: Signal = await self.engine.predict.remote(symbol, bars)
+        """The engine's signal for client bars; InvalidBarsError (its client message only) when
+        the engine cannot use them. Any other engine failure is raised as it came."""
+        try:
+            result: Signal = await self.engine.predict.remote(symbol, bars)
+        except RayTaskError as error:
+            # The handle raises the replica's exception as a RayTaskError that is also an instance
+            # of its class, but whose text is the remote traceback (frames, server paths): hand on
+            # the original exception, whose message is the one meant for the client.
+            if isinstance(error.cause, InvalidBarsError):
+                raise error.cause from None
+            raise
         return result
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:

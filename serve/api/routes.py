@@ -17,10 +17,10 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configs.schema import SCOPE_PREDICT, SCOPE_READ, SYMBOL_PATTERN, ServeConfig
-from market.klines import ONE_MINUTE_MS
+from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS
 from serve.api.auth import AuthError, Claims, TokenService
 from serve.api.clients import ClientStore
 from serve.api.metrics import MEDIA_TYPE, ApiMetrics
@@ -45,6 +45,7 @@ from serve.api.schemas import (
 )
 from serve.engine.snapshot import (
     EngineSnapshot,
+    InvalidBarsError,
     ModelInfo,
     NoModelError,
     Signal,
@@ -55,6 +56,10 @@ from serve.engine.snapshot import (
 log = logging.getLogger(__name__)
 
 NOT_REPORTED = "the signal engine has not reported yet"
+# A failed model load is named, not described: its text holds server paths and exception details,
+# which the engine logs for operators.
+LOAD_FAILED = "the production model could not be loaded; see the service log"
+INTERNAL_ERROR = "internal error; see the service log"
 ROUTES = (
     "/token",
     "/signal",
@@ -74,7 +79,8 @@ class Backend(Protocol):
         """The latest engine snapshot held in memory (None before the first one)."""
 
     async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        """A signal for client-supplied bars; raises ValueError for unusable bars."""
+        """A signal for client-supplied bars; raises InvalidBarsError, whose message is meant
+        for the client, for unusable bars. Any other exception is a server fault."""
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         """Served signals, newest first."""
@@ -103,16 +109,23 @@ def error_response(
 
 
 def no_model(error: NoModelError) -> ApiError:
-    """The engine has no model to serve: 503, with why the last load failed if it did."""
-    return ApiError(503, "no_model", str(error))
+    """The engine has no model to serve: 503, saying whether nothing is promoted yet or the last
+    load failed."""
+    return ApiError(503, "no_model", LOAD_FAILED if error.load_error else str(error))
 
 
 class BarIn(BaseModel):
-    """One closed 1-minute bar supplied to `/predict`; `open_time` in epoch milliseconds."""
+    """One closed 1-minute bar supplied to `/predict`; `open_time` in epoch milliseconds.
 
-    model_config = ConfigDict(extra="forbid")
+    Every number must be finite (JSON `Infinity`/`NaN`, the string "inf" and overflowing
+    literals such as 1e999 are refused). `open_time` lies below 1e14: Binance's microsecond
+    timestamps begin there (`market.klines`), and larger values overflow the engine's Int64
+    times and calendar dates.
+    """
 
-    open_time: int = Field(ge=0)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    open_time: int = Field(ge=0, lt=MICROSECOND_THRESHOLD)
     open: float = Field(gt=0)
     high: float = Field(gt=0)
     low: float = Field(gt=0)
@@ -243,7 +256,7 @@ def make_api(
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal_error", "internal error; see the service log")
+        return error_response(500, "internal_error", INTERNAL_ERROR)
 
     def authorise(request: Request, scope: str) -> Claims:
         claims = tokens.verify(request.headers.get("authorization"), scope)
@@ -256,6 +269,16 @@ def make_api(
                 {"Retry-After": str(max(1, math.ceil(retry_after)))},
             )
         return claims
+
+    def authorised(scope: str) -> Callable[[Request], Awaitable[None]]:
+        """A route dependency that authorises the caller for `scope`. FastAPI runs dependencies
+        before it validates the route's own parameters, so a caller without a valid token gets
+        401 (or 403, 429) whatever the query holds, never a 422."""
+
+        async def dependency(request: Request) -> None:
+            authorise(request, scope)
+
+        return dependency
 
     def snapshot_or_503() -> EngineSnapshot:
         snap = backend.snapshot()
@@ -319,9 +342,9 @@ def make_api(
         "/signal",
         response_model=Signal,
         responses=error_responses(401, 403, 404, 422, 429, 503),
+        dependencies=[Depends(authorised(SCOPE_READ))],
     )
-    async def signal(request: Request, symbol: str = Query(pattern=SYMBOL_PATTERN)) -> Signal:
-        authorise(request, SCOPE_READ)
+    async def signal(symbol: str = Query(pattern=SYMBOL_PATTERN)) -> Signal:
         try:
             return snapshot_or_503().signal(symbol, clock())
         except UnknownSymbolError:
@@ -337,9 +360,9 @@ def make_api(
         "/predict",
         response_model=Signal,
         responses=error_responses(401, 403, 413, 422, 429, 503),
+        dependencies=[Depends(authorised(SCOPE_PREDICT))],
     )
     async def predict(request: Request) -> Signal:
-        authorise(request, SCOPE_PREDICT)
         body = await _read_body(request, config.max_body_bytes)
         try:
             payload = PredictIn.model_validate_json(body)
@@ -354,20 +377,24 @@ def make_api(
         model_or_503(snapshot_or_503())
         try:
             return await backend.predict(payload.symbol, [bar.model_dump() for bar in payload.bars])
-        except ValueError as error:
+        except InvalidBarsError as error:
             raise ApiError(422, "invalid_request", str(error)) from None
+        except Exception:
+            # Answered here rather than by the catch-all handler, which re-raises into the server
+            # after answering; the exception's text (a replica traceback) goes to the log only.
+            log.exception("predict failed for %s", payload.symbol)
+            raise ApiError(500, "internal_error", INTERNAL_ERROR) from None
 
     @api.get(
         "/signals/history",
         response_model=HistoryOut,
         responses=error_responses(401, 403, 404, 422, 429, 503),
+        dependencies=[Depends(authorised(SCOPE_READ))],
     )
     async def history(
-        request: Request,
         symbol: str | None = Query(default=None, pattern=SYMBOL_PATTERN),
         limit: int = Query(default=100, ge=1, le=1000),
     ) -> HistoryOut:
-        authorise(request, SCOPE_READ)
         snap = snapshot_or_503()
         if symbol is not None and symbol not in snap.symbol_names:
             raise ApiError(404, "unknown_symbol", f"{symbol} is not served")
@@ -378,9 +405,9 @@ def make_api(
         "/models/current",
         response_model=CurrentModel,
         responses=error_responses(401, 403, 429, 503),
+        dependencies=[Depends(authorised(SCOPE_READ))],
     )
-    async def current_model(request: Request) -> CurrentModel:
-        authorise(request, SCOPE_READ)
+    async def current_model() -> CurrentModel:
         snap = snapshot_or_503()
         model = model_or_503(snap)
         return CurrentModel.of(model, tuple(snap.symbol_names), snap.reloads)
@@ -399,7 +426,7 @@ def make_api(
         try:
             model = snap.require_model()
         except NoModelError as error:
-            problems.append(error.load_error or "no production model loaded")
+            problems.append(LOAD_FAILED if error.load_error else "no production model loaded")
         now = clock()
         for symbol in snap.symbol_names:
             staleness, stale = snap.staleness(symbol, now)

@@ -35,6 +35,7 @@ from serve.engine.signals import compute_signal
 from serve.engine.snapshot import (
     ConfidenceHistogram,
     EngineSnapshot,
+    InvalidBarsError,
     ModelInfo,
     OutcomeSummary,
     Signal,
@@ -246,11 +247,13 @@ class SignalEngine:
             )
 
     def predict(self, symbol: str, bars: pl.DataFrame) -> Signal:
-        """The signal the serving model gives a window of bars supplied by a client."""
+        """The signal the serving model gives a window of bars supplied by a client.
+
+        Raises NoModelError, or InvalidBarsError when there are too few bars for the model."""
         serving = require_loaded(self.serving, self.load_error)
         needed = min_history_bars(serving.model.spec.window_bars)
         if bars.height < needed:
-            raise ValueError(
+            raise InvalidBarsError(
                 f"{bars.height} bars supplied; the model needs at least {needed} consecutive "
                 f"1-minute bars ({serving.model.spec.window_bars} in its window plus warm-up)"
             )

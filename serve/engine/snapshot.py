@@ -44,6 +44,13 @@ class SignalPendingError(RuntimeError):
     """A model is loaded but the symbol has no signal yet (too few bars held)."""
 
 
+class InvalidBarsError(ValueError):
+    """Client-supplied bars the engine cannot use (for example too few for the model's window).
+
+    Its message is written for the client and is returned verbatim as the 422 detail: it names
+    only the request's own facts, never a server path or an exception from deeper down."""
+
+
 def require_loaded(model: T | None, load_error: str | None) -> T:
     """`model`, or NoModelError with `load_error` as its reason when none is loaded."""
     if model is None:

@@ -395,6 +395,18 @@ def test_predict_errors(service: Service) -> None:
     )
 
 
+def test_predict_engine_rejection_carries_no_replica_traceback(service: Service) -> None:
+    """Too few bars is refused by the engine replica, across the handle: the client reads the
+    engine's message only, not the remote traceback the handle raises it in."""
+    response = service.client.post(
+        "/predict", json={"symbol": "SIMAAA", "bars": real_bars(20)}, headers=bearer(token())
+    )
+    assert_error(response, 422, "invalid_request")
+    detail = response.json()["detail"]
+    assert detail.startswith("20 bars supplied; the model needs at least"), detail
+    assert 'File "' not in detail and "/" not in detail, detail
+
+
 # -- history, models, metrics ----------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from configs.schema import AuthConfig, GoldConfig, JwtConfig, ServeConfig
+from configs.schema import SYMBOL_PATTERN, AuthConfig, GoldConfig, JwtConfig, ServeConfig
 from serve.api.auth import TokenService
 from serve.api.clients import ClientStore
 from serve.api.metrics import MEDIA_TYPE
@@ -123,3 +123,21 @@ def test_history_item_has_the_gold_store_fields_in_order(tmp_path: Path) -> None
     store.close()
     assert list(HistoryItem.model_fields) == list(row)
     assert HistoryItem.model_validate(row).model_dump() == row
+
+
+def test_query_parameters_state_their_constraints(api_config: ServeConfig) -> None:
+    """Authorisation runs before the query is checked, yet the document still states what the
+    query must hold."""
+    paths = openapi(api_config)["paths"]
+
+    def parameter(route: str, name: str) -> dict[str, Any]:
+        (found,) = [p for p in paths[route]["get"]["parameters"] if p["name"] == name]
+        return found
+
+    signal = parameter("/signal", "symbol")
+    assert signal["required"] is True and signal["schema"]["pattern"] == SYMBOL_PATTERN
+    history = parameter("/signals/history", "symbol")
+    assert history["required"] is False
+    assert {"type": "string", "pattern": SYMBOL_PATTERN} in history["schema"]["anyOf"]
+    limit = parameter("/signals/history", "limit")["schema"]
+    assert (limit["minimum"], limit["maximum"]) == (1, 1000)
