@@ -1,5 +1,30 @@
 """Set-up shared by the signal-service tests."""
 
-from models.untrained import EAGER_THRESHOLDS, MODEL_NAME, register_model
+from __future__ import annotations
 
-__all__ = ["EAGER_THRESHOLDS", "MODEL_NAME", "register_model"]
+from typing import Any
+
+from models.untrained import EAGER_THRESHOLDS, MODEL_NAME, register_model
+from serve.engine.snapshot import EngineSnapshot, Signal
+
+__all__ = ["EAGER_THRESHOLDS", "MODEL_NAME", "NoEngine", "register_model"]
+
+
+class NoEngine:
+    """An API backend that never reports: enough to build the app, its OpenAPI document and
+    the routes that need no engine (/token, /healthz, /metrics)."""
+
+    def snapshot(self) -> EngineSnapshot | None:
+        return None
+
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+        raise AssertionError("not called")
+
+    async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        raise AssertionError("not called")
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass

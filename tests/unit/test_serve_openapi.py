@@ -16,7 +16,7 @@ from serve.api.metrics import MEDIA_TYPE
 from serve.api.routes import ROUTES, make_api
 from serve.api.schemas import ErrorBody, HistoryItem
 from serve.engine.gold import GoldStore, SignalRecord
-from serve.engine.snapshot import EngineSnapshot, Signal
+from tests.serve_support import NoEngine
 
 # route -> (method, 200 schema, the error statuses it can answer)
 EXPECTED = {
@@ -28,25 +28,6 @@ EXPECTED = {
     "/healthz": ("get", "Health", set()),
     "/readyz": ("get", "Ready", {503}),
 }
-
-
-class NoEngine:
-    """A backend that never reports: enough to build the app and its document."""
-
-    def snapshot(self) -> EngineSnapshot | None:
-        return None
-
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        raise AssertionError("not called")
-
-    async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
-        raise AssertionError("not called")
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
 
 
 @pytest.fixture

@@ -24,32 +24,13 @@ from serve.api.auth import TokenService
 from serve.api.clients import ClientEntry, ClientStore, hash_secret
 from serve.api.ratelimit import ClientAddress, ConcurrencyLimit, RateLimiter
 from serve.api.routes import make_api
-from serve.engine.snapshot import EngineSnapshot, Signal
 from serve.ingress_env import ingress_env
+from tests.serve_support import NoEngine
 
 CLIENT_ID = "desk"
 CLIENT_SECRET = "the-right-secret-" + "s" * 30
 ADDRESS_A = ("203.0.113.7", 40000)
 ADDRESS_B = ("198.51.100.9", 40001)
-
-
-class NoEngine:
-    """A backend that never reports: /token needs no engine."""
-
-    def snapshot(self) -> EngineSnapshot | None:
-        return None
-
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        raise AssertionError("not called")
-
-    async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
-        raise AssertionError("not called")
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
