@@ -21,11 +21,11 @@ import psutil
 import pytest
 import yaml
 
-from cluster.processes import gone, listeners, port_is_free
 from cluster.ray_runtime import free_port
 from configs.schema import JwtConfig
 from serve.api.auth import TokenService
 from tests.conftest import REPO
+from tests.process_support import named, process_tree, wait_all_gone
 from tests.serve_support import MODEL_NAME, register_model
 
 pytestmark = pytest.mark.integration
@@ -52,8 +52,7 @@ class Service:
 
     def processes(self) -> list[psutil.Process]:
         """The driver, everything it started, and the HAProxy serving its port."""
-        driver = psutil.Process(self.driver.pid)
-        return [driver, *driver.children(recursive=True), *listeners(self.port)]
+        return process_tree(self.driver.pid, self.port)
 
     def wait_for_signal(self, token: str, timeout_s: float = 240.0) -> dict[str, object]:
         deadline = time.monotonic() + timeout_s
@@ -75,19 +74,6 @@ class Service:
                 last = repr(error)
             time.sleep(1.0)
         raise AssertionError(f"no signal in {timeout_s:.0f} s: {last}")
-
-
-def wait_all_gone(processes: list[psutil.Process], port: int | None, timeout_s: float) -> float:
-    """Seconds until every process has ended and the port (if any) is free; fails after
-    `timeout_s` seconds."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        free = port is None or port_is_free("127.0.0.1", port)
-        if all(gone(p) for p in processes) and free:
-            return time.monotonic() - started
-        time.sleep(0.25)
-    left = [p for p in processes if not gone(p)]
-    raise AssertionError(f"still running after {timeout_s:.0f} s: {left}")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +119,7 @@ def test_sigterm_to_the_group_leaves_nothing_and_the_port_is_reused(
     services.append(first)
     first.wait_for_signal(token)
     processes = first.processes()
-    assert any("haproxy" in p.name() for p in processes), "HAProxy serves the port"
+    assert named(processes, "haproxy"), "HAProxy serves the port"
     os.killpg(first.driver.pid, signal.SIGTERM)
     seconds = wait_all_gone(processes, port, STOP_WITHIN_S)
     print(f"all processes gone {seconds:.1f} s after SIGTERM")
@@ -151,7 +137,7 @@ def test_a_start_after_the_driver_was_killed_serves_on_the_same_port(
     first = Service(config, port, tmp_path / "first.log")
     services.append(first)
     first.wait_for_signal(token)
-    haproxies = [p for p in first.processes() if "haproxy" in p.name()]
+    haproxies = named(first.processes(), "haproxy")
     assert haproxies, "HAProxy serves the port"
     first.driver.kill()
     first.driver.wait()
