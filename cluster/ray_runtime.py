@@ -27,6 +27,7 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
     With none of them set a local Ray is started with the configured CPU count. Returns the
     cluster's resources. Calling it again in the same process reuses the connection.
     """
+    global _started_local
     config = config or RayConfig()
     target = cluster_address(config, address)
     if not ray.is_initialized():
@@ -46,7 +47,7 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
                 if config.object_store_memory_mb
                 else None,
             )
-            _LOCAL.append(True)
+            _started_local = True
             # ray.init replaces a SIGTERM handler of ours with a plain exit, which would skip
             # the caller's shutdown path (stopping Serve); the default action it may replace.
             if handler not in (signal.SIG_DFL, None) and threading.current_thread() is (
@@ -71,13 +72,13 @@ def dashboard_url() -> str:
 
 # Environment variables `connect` set for the local Ray it started; `shutdown` removes them.
 _PINNED: list[str] = []
-# Holds one entry while this process runs a local Ray that `connect` started.
-_LOCAL: list[bool] = []
+# True while this process runs a local Ray that `connect` started.
+_started_local = False
 
 
 def started_local_ray() -> bool:
     """Whether this process started the Ray it is connected to (which ends with it)."""
-    return ray.is_initialized() and bool(_LOCAL)
+    return ray.is_initialized() and _started_local
 
 
 def local_ray_lost_processes(wait_s: float = 1.0) -> bool:
@@ -123,8 +124,9 @@ def _pin_state_api_address() -> int | None:
 
 def shutdown() -> None:
     """Disconnect from Ray (stops a local Ray this process started)."""
+    global _started_local
     if ray.is_initialized():
         ray.shutdown()
     while _PINNED:
         os.environ.pop(_PINNED.pop(), None)
-    _LOCAL.clear()
+    _started_local = False

@@ -30,7 +30,7 @@ from market.features.spark_engine import (
     compute_features_spark,
 )
 from market.klines import ONE_MINUTE_MS
-from market.lake import SILVER_STATE_FILE, Lake
+from market.lake import Lake
 from market.validation.spark_rules import parse_and_validate
 
 if TYPE_CHECKING:
@@ -66,8 +66,7 @@ def lake_paths(lake: str | Path) -> tuple[Path, Path, Path]:
     return zones.bronze, zones.silver, zones.quarantine
 
 
-def _state(silver: Path) -> dict[str, Any]:
-    path = silver / SILVER_STATE_FILE
+def _state(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
@@ -87,9 +86,9 @@ def plan_changes(lake: str | Path) -> tuple[dict[str, str | None], list[str], di
 
     Returns (symbol -> first month to rewrite, unchanged symbols, symbol -> its part keys).
     """
-    bronze, silver, _ = lake_paths(lake)
+    bronze, _, _ = lake_paths(lake)
     store = BronzeStore(lake)
-    state = _state(silver)
+    state = _state(Lake.at(lake).silver_state_file)
     same_spec = state.get("spec_hash") == spec.spec_hash()
     done: dict[str, list[str]] = state.get("symbols", {}) if same_spec else {}
     by_symbol: dict[str, list[PartInfo]] = {}
@@ -236,12 +235,13 @@ def build_silver(spark: SparkSession, lake: str | Path) -> SilverSummary:
         summary.months_written.setdefault(row["symbol"], []).append(row["month"])
 
     _write_json_atomic(silver / SPEC_FILE, {**_spec_identity(), "spec": spec.spec_document()})
-    previous = _state(silver)
+    state_file = Lake.at(lake).silver_state_file
+    previous = _state(state_file)
     done = (
         dict(previous.get("symbols", {})) if previous.get("spec_hash") == spec.spec_hash() else {}
     )
     done.update({s: keys[s] for s in symbols})
-    _write_json_atomic(silver / SILVER_STATE_FILE, {"spec_hash": spec.spec_hash(), "symbols": done})
+    _write_json_atomic(state_file, {"spec_hash": spec.spec_hash(), "symbols": done})
     summary.seconds = time.perf_counter() - started
     return summary
 
