@@ -42,6 +42,14 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(json.dumps(summary, default=str, sort_keys=True), flush=True)
 
 
+def summary_stays_last() -> None:
+    """Send everything this process writes to stdout from now on to stderr, so the JSON summary
+    already printed stays stdout's last line while the job goes on serving: Ray forwards its
+    workers' and raylet's messages (a Serve shutdown's among them) to the driver's stdout."""
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
 def run(main: Callable[[], int], job: str) -> NoReturn:
     """Exit with `main()`'s status. SIGTERM (a container or systemd stop) is raised like Ctrl-C,
     so the job's cleanup (`finally` blocks: stopping Serve) runs either way; the job then says

@@ -8,7 +8,7 @@ import sys
 
 from cluster.ray_runtime import cluster_address
 from configs.schema import DEFAULT_SERVE_CONFIG, ServeConfig, load_config
-from jobs._cli import base_parser, print_summary, run, setup_logging
+from jobs._cli import base_parser, print_summary, run, setup_logging, summary_stays_last
 from serve.deploy import deploy, resolve_config, serve_until_stopped
 
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
+    summary_stays_last()
     serve_until_stopped(shutdown=True)
 
 

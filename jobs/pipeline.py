@@ -26,7 +26,7 @@ from configs.schema import (
     TuneJobConfig,
     load_config,
 )
-from jobs._cli import base_parser, print_summary, run, setup_logging
+from jobs._cli import base_parser, print_summary, run, setup_logging, summary_stays_last
 from market.ingest import run_ingest
 from market.lake import Lake
 from serve.deploy import deploy, feed_for, resolve_config, serve_until_stopped, wait_until_ok
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if served is not None:
         print_guide(served, stages.seconds)
         if not args.exit:
+            summary_stays_last()
             keep_serving(config, lake, registry, local=not args.address)
     return 0
 

@@ -49,6 +49,24 @@ def test_a_signal_runs_the_cleanup_and_exits_with_the_shell_status(name: str, st
     assert "Traceback" not in result.stderr
 
 
+def test_output_after_the_summary_goes_to_stderr_so_the_summary_stays_last() -> None:
+    # What Ray forwards to a serving driver is written to its stdout by Python and by C++.
+    job = (
+        "import os\n"
+        "from jobs._cli import print_summary, summary_stays_last\n"
+        "print('before')\n"
+        "print_summary({'job': 'demo'})\n"
+        "summary_stays_last()\n"
+        "print('(raylet) forwarded', flush=True)\n"
+        "os.write(1, b'written to fd 1\\n')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", job], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.splitlines() == ["before", '{"job": "demo"}']
+    assert result.stderr.splitlines() == ["(raylet) forwarded", "written to fd 1"]
+
+
 def test_serve_until_stopped_repeats_until_interrupted_then_propagates() -> None:
     calls: list[int] = []
 
