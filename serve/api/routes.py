@@ -35,13 +35,16 @@ from serve.api.clients import ClientStore
 from serve.api.metrics import MEDIA_TYPE, ApiMetrics
 from serve.api.ratelimit import ClientAddress, ConcurrencyLimit, RateLimiter
 from serve.api.schemas import (
+    FORM,
     CurrentModel,
     ErrorBody,
     Health,
     HistoryOut,
     Ready,
     TokenOut,
+    TokenRequest,
     error_responses,
+    request_body,
 )
 from serve.engine.snapshot import (
     EngineSnapshot,
@@ -292,7 +295,12 @@ def make_api(
         except NoModelError as error:
             raise no_model(error) from None
 
-    @api.post("/token", response_model=TokenOut, responses=error_responses(401, 403, 413, 422, 429))
+    @api.post(
+        "/token",
+        response_model=TokenOut,
+        responses=error_responses(401, 403, 413, 422, 429),
+        openapi_extra=request_body(TokenRequest, FORM),
+    )
     async def token(request: Request, response: Response) -> TokenOut:
         body = await _read_body(request, 8192)
         form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
@@ -361,6 +369,7 @@ def make_api(
         response_model=Signal,
         responses=error_responses(401, 403, 413, 422, 429, 503),
         dependencies=[Depends(authorised(SCOPE_PREDICT))],
+        openapi_extra=request_body(PredictIn, "application/json"),
     )
     async def predict(request: Request) -> Signal:
         body = await _read_body(request, config.max_body_bytes)
