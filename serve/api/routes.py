@@ -252,8 +252,12 @@ def make_api(
     @api.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
+        # The routing error's headers are kept: a 405 must name the allowed methods (`Allow`).
         return error_response(
-            error.status_code, codes.get(error.status_code, "http_error"), str(error.detail)
+            error.status_code,
+            codes.get(error.status_code, "http_error"),
+            str(error.detail),
+            dict(error.headers or {}),
         )
 
     @api.exception_handler(Exception)

@@ -150,3 +150,14 @@ def test_request_bodies_are_documented(api_config: ServeConfig) -> None:
     assert set(bar["required"]) == set(BarIn.model_fields)
     assert bar["properties"]["open_time"]["exclusiveMaximum"] == MICROSECOND_THRESHOLD
     assert bar["properties"]["close"]["exclusiveMinimum"] == 0
+
+
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_ones(api_config: ServeConfig) -> None:
+    tokens = TokenService(api_config.auth.jwt, secret="openapi-secret-" + "x" * 40)
+    api = make_api(NoEngine(), api_config, tokens, ClientStore.load(api_config.auth.clients_file))
+    client = TestClient(api)
+    for method, path, allowed in (("GET", "/token", "POST"), ("DELETE", "/signal", "GET")):
+        response = client.request(method, path)
+        assert response.status_code == 405
+        assert response.json() == {"error": "method_not_allowed", "detail": "Method Not Allowed"}
+        assert response.headers["Allow"] == allowed
