@@ -117,13 +117,17 @@ def no_model(error: NoModelError) -> ApiError:
     return ApiError(503, "no_model", LOAD_FAILED if error.load_error else str(error))
 
 
+INT64_LIMIT = 2**63
+"""Integers at or past this do not fit the engine's Int64 columns."""
+
+
 class BarIn(BaseModel):
     """One closed 1-minute bar supplied to `/predict`; `open_time` in epoch milliseconds.
 
     Every number must be finite (JSON `Infinity`/`NaN`, the string "inf" and overflowing
     literals such as 1e999 are refused). `open_time` lies below 1e14: Binance's microsecond
     timestamps begin there (`market.klines`), and larger values overflow the engine's Int64
-    times and calendar dates.
+    times and calendar dates. `trades` lies below 2**63: the engine holds it as Int64.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -135,7 +139,7 @@ class BarIn(BaseModel):
     close: float = Field(gt=0)
     volume: float = Field(ge=0)
     quote_volume: float = Field(ge=0)
-    trades: int = Field(ge=0)
+    trades: int = Field(ge=0, lt=INT64_LIMIT)
     taker_buy_base: float = Field(ge=0)
     taker_buy_quote: float = Field(ge=0)
 

@@ -149,6 +149,7 @@ def test_request_bodies_are_documented(api_config: ServeConfig) -> None:
     assert bar["additionalProperties"] is False
     assert set(bar["required"]) == set(BarIn.model_fields)
     assert bar["properties"]["open_time"]["exclusiveMaximum"] == MICROSECOND_THRESHOLD
+    assert bar["properties"]["trades"]["exclusiveMaximum"] == 2**63
     assert bar["properties"]["close"]["exclusiveMinimum"] == 0
 
 
