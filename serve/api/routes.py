@@ -35,13 +35,16 @@ from serve.api.clients import ClientStore
 from serve.api.metrics import MEDIA_TYPE, ApiMetrics
 from serve.api.ratelimit import ClientAddress, ConcurrencyLimit, RateLimiter
 from serve.api.schemas import (
+    FORM,
     CurrentModel,
     ErrorBody,
     Health,
     HistoryOut,
     Ready,
     TokenOut,
+    TokenRequest,
     error_responses,
+    request_body,
 )
 from serve.engine.snapshot import (
     EngineSnapshot,
@@ -114,13 +117,17 @@ def no_model(error: NoModelError) -> ApiError:
     return ApiError(503, "no_model", LOAD_FAILED if error.load_error else str(error))
 
 
+INT64_LIMIT = 2**63
+"""Integers at or past this do not fit the engine's Int64 columns."""
+
+
 class BarIn(BaseModel):
     """One closed 1-minute bar supplied to `/predict`; `open_time` in epoch milliseconds.
 
     Every number must be finite (JSON `Infinity`/`NaN`, the string "inf" and overflowing
     literals such as 1e999 are refused). `open_time` lies below 1e14: Binance's microsecond
     timestamps begin there (`market.klines`), and larger values overflow the engine's Int64
-    times and calendar dates.
+    times and calendar dates. `trades` lies below 2**63: the engine holds it as Int64.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -132,7 +139,7 @@ class BarIn(BaseModel):
     close: float = Field(gt=0)
     volume: float = Field(ge=0)
     quote_volume: float = Field(ge=0)
-    trades: int = Field(ge=0)
+    trades: int = Field(ge=0, lt=INT64_LIMIT)
     taker_buy_base: float = Field(ge=0)
     taker_buy_quote: float = Field(ge=0)
 
@@ -249,8 +256,12 @@ def make_api(
     @api.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
+        # The routing error's headers are kept: a 405 must name the allowed methods (`Allow`).
         return error_response(
-            error.status_code, codes.get(error.status_code, "http_error"), str(error.detail)
+            error.status_code,
+            codes.get(error.status_code, "http_error"),
+            str(error.detail),
+            dict(error.headers or {}),
         )
 
     @api.exception_handler(Exception)
@@ -292,7 +303,12 @@ def make_api(
         except NoModelError as error:
             raise no_model(error) from None
 
-    @api.post("/token", response_model=TokenOut, responses=error_responses(401, 403, 413, 422, 429))
+    @api.post(
+        "/token",
+        response_model=TokenOut,
+        responses=error_responses(401, 403, 413, 422, 429),
+        openapi_extra=request_body(TokenRequest, FORM),
+    )
     async def token(request: Request, response: Response) -> TokenOut:
         body = await _read_body(request, 8192)
         form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
@@ -361,6 +377,7 @@ def make_api(
         response_model=Signal,
         responses=error_responses(401, 403, 413, 422, 429, 503),
         dependencies=[Depends(authorised(SCOPE_PREDICT))],
+        openapi_extra=request_body(PredictIn, "application/json"),
     )
     async def predict(request: Request) -> Signal:
         body = await _read_body(request, config.max_body_bytes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from serve.engine.snapshot import ModelInfo, SignalName
 
@@ -39,6 +39,42 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {
         status: {"model": ErrorBody, "description": ERROR_MEANINGS[status]} for status in statuses
     }
+
+
+class TokenRequest(BaseModel):
+    """The form of POST /token (`application/x-www-form-urlencoded`). Documentation only: the
+    handler reads the form itself, after the body size limit."""
+
+    grant_type: Literal["client_credentials"]
+    client_id: str = Field(min_length=1)
+    client_secret: str = Field(min_length=1)
+    scope: str = Field(
+        default="", description="space-separated scopes to ask for; all the client's if empty"
+    )
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def request_body(model: type[BaseModel], media_type: str) -> dict[str, Any]:
+    """The `openapi_extra` of a route that reads and checks its body itself (after authorisation
+    and the body size limit, so FastAPI must not parse it first): the document states the body
+    `model` describes. Nested models are inlined: the `#/$defs/...` references pydantic writes
+    would resolve against the whole document, where nothing is at `$defs`."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": inline(schema)}}}}
 
 
 class TokenOut(BaseModel):

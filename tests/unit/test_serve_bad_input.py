@@ -128,6 +128,21 @@ def test_predict_bounds_open_time(served: Served, first_open: int) -> None:
     )
 
 
+@pytest.mark.parametrize("trades", [2**63, 2**64, 10**40])
+def test_predict_bounds_trades_to_int64(served: Served, trades: int) -> None:
+    """A trade count past Int64 is refused as input, not a server error in the engine."""
+    bars = client_bars(served.engine)
+    bars[-1]["trades"] = trades
+    response = post_predict(served, bars)
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "error": "invalid_request",
+        "detail": f"bars.{len(bars) - 1}.trades: Input should be less than {2**63}",
+    }
+    bars[-1]["trades"] = 2**63 - 1
+    assert post_predict(served, bars).status_code == 200
+
+
 def test_predict_accepts_the_last_millisecond_time(served: Served) -> None:
     bars = client_bars(served.engine)
     last = MICROSECOND_THRESHOLD - ONE_MINUTE_MS

@@ -3,6 +3,7 @@ models carry exactly the fields the engine and the Gold store produce, in wire o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from configs.schema import SYMBOL_PATTERN, AuthConfig, GoldConfig, JwtConfig, ServeConfig
+from market.klines import MICROSECOND_THRESHOLD
 from serve.api.auth import TokenService
 from serve.api.clients import ClientStore
 from serve.api.metrics import MEDIA_TYPE
-from serve.api.routes import ROUTES, make_api
+from serve.api.routes import ROUTES, BarIn, make_api
 from serve.api.schemas import ErrorBody, HistoryItem
 from serve.engine.gold import GoldStore, SignalRecord
 from tests.serve_support import NoEngine
@@ -122,3 +124,41 @@ def test_query_parameters_state_their_constraints(api_config: ServeConfig) -> No
     assert {"type": "string", "pattern": SYMBOL_PATTERN} in history["schema"]["anyOf"]
     limit = parameter("/signals/history", "limit")["schema"]
     assert (limit["minimum"], limit["maximum"]) == (1, 1000)
+
+
+def test_request_bodies_are_documented(api_config: ServeConfig) -> None:
+    """/token and /predict read their bodies themselves, yet the document states them: the form
+    of the client-credentials grant and the bars, with every bound of `BarIn` and no reference
+    left dangling."""
+    paths = openapi(api_config)["paths"]
+    token = paths["/token"]["post"]["requestBody"]
+    assert token["required"] is True
+    form = token["content"]["application/x-www-form-urlencoded"]["schema"]
+    assert set(form["required"]) == {"grant_type", "client_id", "client_secret"}
+    assert form["properties"]["grant_type"]["const"] == "client_credentials"
+    assert set(form["properties"]) == {"grant_type", "client_id", "client_secret", "scope"}
+
+    predict = paths["/predict"]["post"]["requestBody"]
+    assert predict["required"] is True
+    body = predict["content"]["application/json"]["schema"]
+    assert "$ref" not in json.dumps(body) and "$defs" not in body
+    assert body["additionalProperties"] is False
+    assert body["properties"]["symbol"]["pattern"] == SYMBOL_PATTERN
+    assert body["properties"]["bars"]["minItems"] == 1
+    bar = body["properties"]["bars"]["items"]
+    assert bar["additionalProperties"] is False
+    assert set(bar["required"]) == set(BarIn.model_fields)
+    assert bar["properties"]["open_time"]["exclusiveMaximum"] == MICROSECOND_THRESHOLD
+    assert bar["properties"]["trades"]["exclusiveMaximum"] == 2**63
+    assert bar["properties"]["close"]["exclusiveMinimum"] == 0
+
+
+def test_a_wrong_method_is_a_json_405_naming_the_allowed_ones(api_config: ServeConfig) -> None:
+    tokens = TokenService(api_config.auth.jwt, secret="openapi-secret-" + "x" * 40)
+    api = make_api(NoEngine(), api_config, tokens, ClientStore.load(api_config.auth.clients_file))
+    client = TestClient(api)
+    for method, path, allowed in (("GET", "/token", "POST"), ("DELETE", "/signal", "GET")):
+        response = client.request(method, path)
+        assert response.status_code == 405
+        assert response.json() == {"error": "method_not_allowed", "detail": "Method Not Allowed"}
+        assert response.headers["Allow"] == allowed
