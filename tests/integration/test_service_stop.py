@@ -25,6 +25,7 @@ from cluster.processes import gone, listeners, port_is_free
 from cluster.ray_runtime import free_port
 from configs.schema import JwtConfig
 from serve.api.auth import TokenService
+from serve.api.clients import ClientStore
 from tests.conftest import REPO
 from tests.serve_support import MODEL_NAME, register_model
 
@@ -105,6 +106,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "gold": {"url": f"sqlite:///{tmp / 'gold.sqlite'}"},
     }
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
+    ClientStore.load(tmp / "clients.yaml").add("tester", ["signals:read"])
     token, _ = TokenService.from_config(JwtConfig.model_validate(jwt)).mint(
         "tester", ["signals:read"]
     )
