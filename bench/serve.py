@@ -69,8 +69,14 @@ def bench_config(tmp: Path, port: int, mode: str) -> ServeConfig:
 
 
 def token(config: ServeConfig) -> str:
+    """A token of the benchmark client, registered first if needed: the API refuses the
+    tokens of clients its clients file does not list."""
     from serve.api.auth import TokenService
+    from serve.api.clients import ClientStore
 
+    store = ClientStore.load(config.auth.clients_file)
+    if "bench" not in store:
+        store.add("bench", ["signals:read"])
     value, _ = TokenService.from_config(config.auth.jwt).mint("bench", ["signals:read"], 3600)
     return value
 

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Annotated, Final, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 # Only pydantic and PyYAML at module level: the Airflow DAG imports this module (through
 # cluster.ray_jobs) in an environment that may lack Ray, torch and polars.
@@ -259,13 +266,20 @@ SCOPE_PREDICT: Final = "signals:predict"
 ALL_SCOPES: Final = (SCOPE_READ, SCOPE_PREDICT)
 
 
+MAX_JWT_LEEWAY_S: Final = 300
+"""The largest clock-skew allowance `JwtConfig.leeway_s` may take, in seconds: a token stays
+acceptable until at most this long after its `exp`."""
+
+
 class JwtConfig(StrictModel):
     """JWT signing and verification. Lifetimes and leeway are in seconds.
 
     HS256 reads its secret from the environment variable `secret_env`, else from `secret_file`.
     RS256 verifies with `public_key_file` and signs (POST /token, the mint CLI) with
     `private_key_file`. Only `algorithm` is accepted on verification: `none` and the other
-    family are rejected (no algorithm confusion).
+    family are rejected (no algorithm confusion). No token may live longer than `max_ttl_s`
+    (`exp - iat`): minting refuses a longer lifetime and verification refuses such a token,
+    wherever it was signed.
     """
 
     algorithm: Literal["HS256", "RS256"] = "HS256"
@@ -276,16 +290,38 @@ class JwtConfig(StrictModel):
     audience: str = "quant-ai"
     issuer: str = "quant-ai"
     token_ttl_s: int = Field(default=900, ge=1)
-    leeway_s: int = Field(default=10, ge=0, le=300)
+    max_ttl_s: int = Field(
+        default=86_400,
+        ge=1,
+        description="the longest token lifetime (exp - iat) minted or accepted, in seconds",
+    )
+    leeway_s: int = Field(default=10, ge=0, le=MAX_JWT_LEEWAY_S)
     max_token_bytes: int = Field(default=4096, ge=128)
+
+    @model_validator(mode="after")
+    def _ttl_within_cap(self) -> JwtConfig:
+        if self.token_ttl_s > self.max_ttl_s:
+            raise ValueError(
+                f"token_ttl_s ({self.token_ttl_s}) exceeds max_ttl_s ({self.max_ttl_s})"
+            )
+        return self
 
 
 class AuthConfig(StrictModel):
     """API clients and their limits. `clients_file` is YAML of client ids, scrypt-hashed
-    secrets and scopes (written by `python -m serve.api.tokens add-client`)."""
+    secrets, scopes, disabled flags and revoked token ids (written by
+    `python -m serve.api.tokens`); every replica re-reads it when it changes."""
 
     jwt: JwtConfig = JwtConfig()
     clients_file: str = ".secrets/clients.yaml"
+    clients_reload_interval_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="how often, in seconds, each ingress replica checks the clients file for a "
+        "change (one stat; re-read only when its mtime, size or inode changed); a removed, "
+        "disabled or revoked client or token is refused within this time; 0 checks on every "
+        "request",
+    )
     rate_limit_per_minute: float = Field(default=1200.0, gt=0, description="per client")
     rate_limit_burst: int = Field(default=100, ge=1, description="requests in one burst")
     token_rate_limit_per_minute_per_address: float = Field(

@@ -91,7 +91,8 @@ def serve_stage(
 ) -> dict[str, Any]:
     """Deploy the API, mint an operator token, call /signal for each symbol."""
     from serve.api.auth import TokenService
-    from serve.api.tokens import ensure_dev_secrets
+    from serve.api.clients import ClientStore
+    from serve.api.tokens import ensure_dev_secrets, token_subject
 
     assert config.serve is not None
     serve_config = load_config(config.serve, ServeConfig)
@@ -104,7 +105,12 @@ def serve_stage(
     created = ensure_dev_secrets(serve_config.auth)
     deployed = deploy(serve_config, address)
     tokens = TokenService.from_config(serve_config.auth.jwt)
-    token, _ = tokens.mint("make-run", ["signals:read"])
+    # The API accepts only tokens of registered, enabled clients: mint for one of them.
+    subject = token_subject(ClientStore.load(serve_config.auth.clients_file), "signals:read")
+    if subject is None:
+        say(f"no enabled client with signals:read in {serve_config.auth.clients_file}")
+        subject = "none"
+    token, _ = tokens.mint(subject, ["signals:read"])
     headers = {"Authorization": f"Bearer {token}"}
     answers: dict[str, Any] = {}
     # Not ready within a minute (features still warming up): the calls below then show why.
@@ -243,7 +249,7 @@ def print_guide(served: dict[str, Any], seconds: dict[str, float]) -> None:
         f"  metrics:         {url}/metrics",
         f"  Ray dashboard:   {dashboard_url()}",
         "  stages (s):      " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
-        "  a token:         TOKEN=$(.venv/bin/python -m serve.api.tokens mint --sub me "
+        "  a token:         TOKEN=$(.venv/bin/python -m serve.api.tokens mint --sub dev "
         "--config configs/serve/local.yaml)",
         f'  try:             curl -H "Authorization: Bearer $TOKEN" '
         f"'{url}/signal?symbol={serve_config.feed.symbols[0]}'",

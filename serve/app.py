@@ -139,7 +139,10 @@ class SignalIngress:
         self.config = ServeConfig.model_validate(config)
         self.backend = HandleBackend(engine, self.config.snapshot_poll_s)
         self.tokens = TokenService.from_config(self.config.auth.jwt)
-        self.clients = ClientStore.load(self.config.auth.clients_file)
+        self.clients = ClientStore.load(
+            self.config.auth.clients_file,
+            reload_interval_s=self.config.auth.clients_reload_interval_s,
+        )
 
     def __serve_build_asgi_app__(self) -> Any:
         return make_api(self.backend, self.config, self.tokens, self.clients)

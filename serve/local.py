@@ -78,5 +78,7 @@ def make_local_api(config: ServeConfig, engine: SignalEngine | None = None) -> A
     """The FastAPI app over an in-process engine (serve it with uvicorn)."""
     backend = LocalBackend(engine or SignalEngine(config))
     tokens = TokenService.from_config(config.auth.jwt)
-    clients = ClientStore.load(config.auth.clients_file)
+    clients = ClientStore.load(
+        config.auth.clients_file, reload_interval_s=config.auth.clients_reload_interval_s
+    )
     return make_api(backend, config, tokens, clients)

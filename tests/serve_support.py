@@ -5,9 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from models.untrained import EAGER_THRESHOLDS, MODEL_NAME, register_model
+from serve.api.clients import ClientEntry, ClientStore
 from serve.engine.snapshot import EngineSnapshot, Signal
 
-__all__ = ["EAGER_THRESHOLDS", "MODEL_NAME", "NoEngine", "register_model"]
+__all__ = ["EAGER_THRESHOLDS", "MODEL_NAME", "NoEngine", "known_clients", "register_model"]
+
+
+def known_clients(*client_ids: str) -> ClientStore:
+    """An in-memory client store listing `client_ids` with every scope and no usable secret:
+    the API accepts only the tokens of clients its store lists."""
+    return ClientStore(
+        ClientEntry(
+            client_id=client_id,
+            secret_hash="not-a-hash",
+            scopes=["signals:read", "signals:predict"],
+        )
+        for client_id in client_ids
+    )
 
 
 class NoEngine:

@@ -3,8 +3,10 @@
 Tokens are short-lived OAuth2-style bearer JWTs: `sub` (the client id), `aud`, `iss`, `iat`,
 `nbf`, `exp` (epoch seconds), `scope` (space-separated) and a random `jti`. Verification accepts
 exactly one algorithm, the configured one, so `alg: none` and HS/RS algorithm confusion are
-rejected. Every failure raises `AuthError`, whose `code` labels `auth_failures_total{reason}` and
-whose `detail` is safe to return to the caller: it never contains the token or a key.
+rejected, and no lifetime (`exp - iat`) over `max_ttl_s`. Whether the token's client is still
+enabled and its `jti` not revoked is the client store's check (`serve.api.clients`). Every
+failure raises `AuthError`, whose `code` labels `auth_failures_total{reason}` and whose `detail`
+is safe to return to the caller: it never contains the token or a key.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
@@ -39,6 +41,7 @@ AuthErrorCode = Literal[
     "invalid_issuer",
     "insufficient_scope",
     "invalid_client",
+    "revoked_token",
 ]
 AUTH_ERROR_CODES: Final[tuple[AuthErrorCode, ...]] = get_args(AuthErrorCode)
 """Every `AuthError.code`: pre-register them as metric labels so a zero shows before a failure."""
@@ -91,12 +94,14 @@ class KeyConfigError(RuntimeError):
 
 @dataclass(frozen=True)
 class Claims:
-    """The verified identity of a request. Times are epoch seconds (UTC)."""
+    """The verified identity of a request. Times are epoch seconds (UTC); `token_id` is the
+    `jti` claim (None for a token without one, which can only be revoked with its client)."""
 
     subject: str
     scopes: frozenset[str]
     issued_at: int
     expires_at: int
+    token_id: str | None = None
 
 
 def _validate_scope_names(scopes: Iterable[str]) -> list[str]:
@@ -215,7 +220,8 @@ class TokenService:
         now: int | None = None,
     ) -> tuple[str, int]:
         """Sign a token for `subject` with `scopes`, valid for `ttl_s` seconds (default
-        `config.token_ttl_s`) from `now` (epoch seconds, default the current time).
+        `config.token_ttl_s`, at most `config.max_ttl_s`, else ValueError) from `now` (epoch
+        seconds, default the current time).
 
         Returns `(token, expires_in)`, `expires_in` in seconds as in an OAuth2 token response.
         """
@@ -228,6 +234,11 @@ class TokenService:
         ttl = self._config.token_ttl_s if ttl_s is None else int(ttl_s)
         if ttl < 1:
             raise ValueError(f"ttl_s must be >= 1 second, got {ttl}")
+        if ttl > self._config.max_ttl_s:
+            raise ValueError(
+                f"ttl_s {ttl} exceeds the maximum token lifetime of {self._config.max_ttl_s} s "
+                "(jwt.max_ttl_s)"
+            )
         issued = int(time.time()) if now is None else int(now)
         payload: dict[str, Any] = {
             "sub": subject,
@@ -243,10 +254,17 @@ class TokenService:
         return token, ttl
 
     def verify(
-        self, authorization: str | None, required_scope: str, now: int | None = None
+        self,
+        authorization: str | None,
+        required_scope: str,
+        now: int | None = None,
+        *,
+        still_valid: Callable[[Claims], None] | None = None,
     ) -> Claims:
         """Check an `Authorization` header value ("Bearer <jwt>") and that the token grants
-        `required_scope`. `now` is epoch seconds (default the current time).
+        `required_scope`. `now` is epoch seconds (default the current time). `still_valid`,
+        if given, is called with the verified claims before the scope is checked and raises
+        `AuthError` to refuse the token (revocation: a revoked token is a 401 whatever it grants).
 
         Raises `AuthError` (401, or 403 for a valid token lacking the scope).
         """
@@ -262,6 +280,8 @@ class TokenService:
             )
         payload = self._decode(token)
         claims = self._check_claims(payload, int(time.time()) if now is None else int(now))
+        if still_valid is not None:
+            still_valid(claims)
         if required_scope not in claims.scopes:
             raise AuthError(
                 403, "insufficient_scope", f"this endpoint needs the {required_scope!r} scope"
@@ -319,7 +339,8 @@ class TokenService:
         return payload
 
     def _check_claims(self, payload: dict[str, Any], now: int) -> Claims:
-        """Types of the claims and the time window, all in epoch seconds with `leeway_s`."""
+        """Types of the claims, the lifetime cap and the time window, all in epoch seconds
+        (the window with `leeway_s`)."""
         leeway = self._config.leeway_s
         exp = _numeric_date(payload, "exp")
         iat = _numeric_date(payload, "iat")
@@ -331,6 +352,17 @@ class TokenService:
         if not isinstance(scope, str):
             raise AuthError(
                 401, "invalid_token", "the 'scope' claim must be a space-separated string"
+            )
+        token_id = payload.get("jti")
+        if token_id is not None and (not isinstance(token_id, str) or not token_id):
+            raise AuthError(401, "invalid_token", "the 'jti' claim must be a non-empty string")
+        # A token signed elsewhere with the same key (another minting tool, a leaked secret
+        # used once) may not outlive what this service would mint; no leeway: not a clock matter.
+        if exp - iat > self._config.max_ttl_s:
+            raise AuthError(
+                401,
+                "invalid_token",
+                f"the token's lifetime exceeds the maximum of {self._config.max_ttl_s} s",
             )
         # Same comparison as PyJWT/RFC 7519: expired once now >= exp (plus leeway for skew).
         if exp <= now - leeway:
@@ -345,7 +377,37 @@ class TokenService:
             scopes=frozenset(scope.split()),
             issued_at=iat,
             expires_at=exp,
+            token_id=token_id,
         )
+
+
+@dataclass(frozen=True)
+class TokenIdentity:
+    """What revoking one token needs: its `jti` and `exp` (epoch seconds), either may be
+    missing from a token."""
+
+    token_id: str | None
+    expires_at: int | None
+
+
+def read_token_identity(token: str) -> TokenIdentity:
+    """`jti` and `exp` of a JWT string, without checking its signature: an operator pastes a
+    token to revoke it, and a forged token is refused on verification whatever its `jti`.
+    Raises ValueError when `token` is not a JWT."""
+    try:
+        payload: dict[str, Any] = jwt.decode(
+            token.strip(), options={"verify_signature": False, "verify_exp": False}
+        )
+    except jwt.InvalidTokenError:
+        raise ValueError("not a JWT") from None
+    token_id = payload.get("jti")
+    exp = payload.get("exp")
+    return TokenIdentity(
+        token_id=token_id if isinstance(token_id, str) and token_id else None,
+        expires_at=math.floor(exp)
+        if isinstance(exp, int | float) and not isinstance(exp, bool) and math.isfinite(exp)
+        else None,
+    )
 
 
 def _bearer_token(authorization: str | None) -> str:

@@ -20,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from serve.api.auth import AUTH_ERROR_CODES
 from serve.engine.snapshot import EngineSnapshot
 
 PREFIX = "quant_ai"
@@ -172,6 +173,10 @@ class ApiMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # Every reason exported from the start: a rate() over a series that appears only with
+        # its first failure misses that failure.
+        for reason in AUTH_ERROR_CODES:
+            self.auth_failures.labels(reason)
         self.registry.register(SnapshotCollector(snapshot, clock))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:

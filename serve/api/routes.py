@@ -270,7 +270,10 @@ def make_api(
         return error_response(500, "internal_error", INTERNAL_ERROR)
 
     def authorise(request: Request, scope: str) -> Claims:
-        claims = tokens.verify(request.headers.get("authorization"), scope)
+        # The client store's check runs on signed claims only, so forged tokens never reach it.
+        claims = tokens.verify(
+            request.headers.get("authorization"), scope, still_valid=clients.check_token
+        )
         retry_after = limiter.check(f"sub:{claims.subject}")
         if retry_after is not None:
             raise ApiError(

@@ -134,7 +134,8 @@ def test_pipeline_ingests_trains_gates_serves_and_stops_on_a_signal(
     try:
         wait_for(tmp_path / "deploy.log", "Ctrl-C to stop", deploy, timeout_s=300)
         jwt = JwtConfig.model_validate(yaml.safe_load(serve_path.read_text())["auth"]["jwt"])
-        token, _ = TokenService.from_config(jwt).mint("e2e", ["signals:read"])
+        # The pipeline's first run registered the dev client; the API accepts only clients' tokens.
+        token, _ = TokenService.from_config(jwt).mint("dev", ["signals:read"])
         symbol = pipeline["ingest"]["symbols"][0]
         deadline = time.monotonic() + 120
         while True:

@@ -80,10 +80,11 @@ def token(
     drop: tuple[str, ...] = (),
     algorithm: str = "HS256",
     key: Any = None,
+    subject: str = "full",
 ) -> str:
     now = int(time.time()) + issued_offset_s
     claims = {
-        "sub": "tester",
+        "sub": subject,
         "aud": audience,
         "iss": ISSUER,
         "iat": now,
@@ -250,6 +251,36 @@ def test_token_endpoint_errors(service: Service) -> None:
     assert_error(service.client.post("/token", data=too_much), 403, "insufficient_scope")
 
 
+def test_client_changes_reach_every_replica(service: Service) -> None:
+    """The clients file is shared by the two ingress replicas (two processes): a client added
+    after the start gets a token, and once it is disabled every replica refuses that token and
+    its POST /token within the reload interval (1 s by default)."""
+    path = service.registry.parent / "clients.yaml"
+    secret = ClientStore.load(path).add("late", ["signals:read"])
+    form = {"grant_type": "client_credentials", "client_id": "late", "client_secret": secret}
+    granted = service.wait_for(
+        lambda: (r := service.client.post("/token", data=form)).status_code == 200 and r,
+        timeout_s=10,
+        what="the new client to be accepted",
+    )
+    late = bearer(granted.json()["access_token"])
+    assert service.get("/signal?symbol=SIMAAA", headers=late).is_success
+    ClientStore.load(path).set_disabled("late", True)
+    started = time.monotonic()
+
+    def all_refused() -> bool:
+        # Requests spread over both replicas: eight in a row refused means each one has reloaded.
+        answers = [service.get("/signal?symbol=SIMAAA", headers=late) for _ in range(8)]
+        return all(a.status_code == 401 for a in answers)
+
+    service.wait_for(all_refused, timeout_s=10, what="every replica to refuse the token")
+    assert time.monotonic() - started < 5
+    revoked = service.get("/signal?symbol=SIMAAA", headers=late)
+    assert_error(revoked, 401, "revoked_token")
+    assert revoked.headers["WWW-Authenticate"].startswith("Bearer")
+    assert_error(service.client.post("/token", data=form), 401, "invalid_client")
+
+
 # -- /signal and auth failures ---------------------------------------------------------------
 
 
@@ -298,6 +329,8 @@ def unsigned_token() -> str:
         (lambda: bearer(token(secret="forged-" + "y" * 40)), 401, "invalid_token"),
         (lambda: bearer(unsigned_token()), 401, "invalid_token"),
         (lambda: bearer(token(drop=("exp",))), 401, "invalid_token"),
+        (lambda: bearer(token(lifetime_s=86_401)), 401, "invalid_token"),
+        (lambda: bearer(token(subject="nobody")), 401, "revoked_token"),
         (lambda: bearer("a" * 10_000), 401, "token_too_large"),
     ],
     ids=[
@@ -312,6 +345,8 @@ def unsigned_token() -> str:
         "forged",
         "alg-none",
         "missing-exp",
+        "lifetime-over-cap",
+        "unknown-client",
         "oversized",
     ],
 )

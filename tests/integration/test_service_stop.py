@@ -24,6 +24,7 @@ import yaml
 from cluster.ray_runtime import free_port
 from configs.schema import JwtConfig
 from serve.api.auth import TokenService
+from serve.api.clients import ClientStore
 from tests.conftest import REPO
 from tests.process_support import named, process_tree, wait_all_gone
 from tests.serve_support import MODEL_NAME, register_model
@@ -91,6 +92,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         "gold": {"url": f"sqlite:///{tmp / 'gold.sqlite'}"},
     }
     (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
+    ClientStore.load(tmp / "clients.yaml").add("tester", ["signals:read"])
     token, _ = TokenService.from_config(JwtConfig.model_validate(jwt)).mint(
         "tester", ["signals:read"]
     )

@@ -144,15 +144,16 @@ def test_mint_verify_round_trip(kind: str, request: pytest.FixtureRequest) -> No
     token, expires_in = service.mint("alice", [SCOPE_PREDICT, SCOPE_READ], now=NOW)
     assert expires_in == 900
     claims = service.verify(f"Bearer {token}", SCOPE_READ, now=NOW + 5)
+    raw = jwt.decode(token, options={"verify_signature": False})
     assert claims == Claims(
         subject="alice",
         scopes=frozenset({SCOPE_READ, SCOPE_PREDICT}),
         issued_at=NOW,
         expires_at=NOW + 900,
+        token_id=raw["jti"],
     )
     header = jwt.get_unverified_header(token)
     assert header["alg"] == ("HS256" if kind == "hs" else "RS256")
-    raw = jwt.decode(token, options={"verify_signature": False})
     assert raw["scope"] == "signals:predict signals:read"  # OAuth2 space-separated
     assert raw["aud"] == raw["iss"] == "quant-ai"
     assert raw["nbf"] == raw["iat"] == NOW
@@ -518,6 +519,7 @@ def test_auth_error_statuses() -> None:
         "invalid_issuer",
         "insufficient_scope",
         "invalid_client",
+        "revoked_token",
     }
     for code in AUTH_ERROR_CODES:
         status = 403 if code == "insufficient_scope" else 401
@@ -804,7 +806,7 @@ def test_cli_init_dev_then_mint(
 
 def test_cli_mint_default_scope(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _run(["init-dev"], capsys)
-    code, out, _ = _run(["mint", "--sub", "ops"], capsys)
+    code, out, _ = _run(["mint", "--sub", "dev"], capsys)
     assert code == 0
     claims = TokenService.from_config(AuthConfig().jwt).verify(f"Bearer {out.strip()}", SCOPE_READ)
     assert claims.scopes == frozenset({SCOPE_READ})
@@ -859,9 +861,9 @@ def test_cli_uses_config_and_env(
     assert created["clients_file"] == "creds/clients.yaml"
     assert (workdir / "creds" / "clients.yaml").exists()
 
-    code, out, _ = _run(["mint", "--sub", "x", "--config", str(config)], capsys)
+    code, out, _ = _run(["mint", "--sub", "dev", "--config", str(config)], capsys)
     service = TokenService(JwtConfig(audience="aud-x", issuer="iss-x"), secret=SECRET)
-    assert service.verify(f"Bearer {out.strip()}", SCOPE_READ).subject == "x"
+    assert service.verify(f"Bearer {out.strip()}", SCOPE_READ).subject == "dev"
 
 
 def test_ensure_dev_secrets_rs256_creates_no_secret(workdir: Path) -> None:

@@ -32,6 +32,7 @@ from cluster.monitoring_assets import (
     rule_paths,
 )
 from configs.schema import BacktestConfig
+from serve.api.auth import AUTH_ERROR_CODES
 from serve.api.metrics import METRIC_NAMES, ApiMetrics
 from serve.engine.snapshot import (
     ConfidenceHistogram,
@@ -402,6 +403,15 @@ def test_metric_types_match_what_the_api_renders() -> None:
     assert exported_sample_names() <= rendered
     # what else is rendered is only prometheus_client's `_created` timestamps
     assert {n for n in rendered - exported_sample_names() if not n.endswith("_created")} == set()
+
+
+def test_every_auth_failure_reason_is_exported_from_the_start() -> None:
+    """A rate() over a series that appears with its first failure misses that failure: every
+    reason is a zero before anything fails."""
+    metrics = ApiMetrics(lambda: None, lambda: 0.0)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    samples = [s for s in families["quant_ai_auth_failures"].samples if s.name.endswith("_total")]
+    assert {s.labels["reason"]: s.value for s in samples} == dict.fromkeys(AUTH_ERROR_CODES, 0.0)
 
 
 def test_quant_ai_names_referenced_are_exported() -> None:

@@ -16,13 +16,12 @@ from ray.exceptions import RayTaskError
 from configs.schema import ServeConfig
 from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS
 from serve.api.auth import TokenService
-from serve.api.clients import ClientStore
 from serve.api.routes import make_api
 from serve.app import HandleBackend
 from serve.engine.engine import SignalEngine
 from serve.engine.snapshot import NO_MODEL_DETAIL, EngineSnapshot, InvalidBarsError, Signal
 from serve.local import LocalBackend
-from tests.serve_support import register_model
+from tests.serve_support import known_clients, register_model
 from tests.unit.test_serve_engine import FakeClock, config_for
 
 SERVER_PATH = "/srv/quant-ai/registry/quant-ai/v0002/model.pt"
@@ -44,7 +43,7 @@ class Served:
 
 def serve(backend: Any, engine: SignalEngine, config: ServeConfig) -> Served:
     tokens = TokenService.from_config(config.auth.jwt)
-    api = make_api(backend, config, tokens, ClientStore.load(config.auth.clients_file))
+    api = make_api(backend, config, tokens, known_clients("tester"))
     return Served(TestClient(api, raise_server_exceptions=False), tokens, engine, config)
 
 

@@ -16,12 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from configs.schema import AuthConfig, FeedConfig, GoldConfig, JwtConfig, ServeConfig, SimConfig
 from serve.api.auth import TokenService
-from serve.api.clients import ClientStore
 from serve.api.routes import make_api
 from serve.engine.engine import SignalEngine
 from serve.engine.snapshot import NoModelError, UnknownSymbolError
 from serve.local import LocalBackend
-from tests.serve_support import register_model
+from tests.serve_support import known_clients, register_model
 
 SECRET = "unit-secret-" + "z" * 40
 
@@ -108,12 +107,11 @@ def test_stale_feed_turns_signals_neutral_and_readiness_off(tmp_path: Path) -> N
     engine = SignalEngine(config, clock=clock)
     backend = LocalBackend(engine)
     backend.step()
-    ClientStore.load(config.auth.clients_file)
     api = make_api(
         backend,
         config,
         TokenService.from_config(config.auth.jwt),
-        ClientStore.load(config.auth.clients_file),
+        known_clients("tester"),
         clock=clock,
     )
     token, _ = TokenService.from_config(config.auth.jwt).mint("tester", ["signals:read"])
@@ -158,7 +156,7 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path: Path) -> None:
     backend = LocalBackend(engine)
     backend.step()
     tokens = TokenService.from_config(config.auth.jwt)
-    api = make_api(backend, config, tokens, ClientStore.load(config.auth.clients_file), clock=clock)
+    api = make_api(backend, config, tokens, known_clients("client-a", "client-b"), clock=clock)
     client = TestClient(api)
     first, _ = tokens.mint("client-a", ["signals:read"])
     second, _ = tokens.mint("client-b", ["signals:read"])
@@ -186,7 +184,7 @@ def test_engine_and_api_apply_one_staleness_rule(tmp_path: Path) -> None:
     backend = LocalBackend(engine)
     backend.step()
     tokens = TokenService.from_config(config.auth.jwt)
-    api = make_api(backend, config, tokens, ClientStore.load(config.auth.clients_file), clock=clock)
+    api = make_api(backend, config, tokens, known_clients("tester"), clock=clock)
     token, _ = tokens.mint("tester", ["signals:read"])
     client = TestClient(api)
     clock.now += 1140.0 + 5  # past the replay's last bar: no new bar from here on
