@@ -99,7 +99,6 @@ TOKEN_EXAMPLES = 40
 CLIENT_ID = "fuzz-desk"
 CLIENT_SECRET = "fuzz-client-secret-" + "q" * 30
 GARBAGE_TOKEN = "garbage-bearer-" + "g" * 40
-SUBJECT = "fuzzer"
 
 # scrypt's cost is read from each stored hash: a cheap one keeps POST /token fast to fuzz, and
 # the handling around the check is what is under test. Unknown ids are checked against the
@@ -147,7 +146,7 @@ class World:
         scopes = (
             ALL_SCOPES if name == "all-scopes" else [s for s in ALL_SCOPES if f"lacks-{s}" != name]
         )
-        token, _ = self.tokens.mint(SUBJECT, scopes)
+        token, _ = self.tokens.mint(CLIENT_ID, scopes)
         return Caller(name, f"Bearer {token}")
 
     def schema(self) -> Any:
