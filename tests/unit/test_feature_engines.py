@@ -1,4 +1,9 @@
-"""The feature spec in two engines: parity, causality, TA-Lib agreement, warm-up and gaps."""
+"""The feature spec in two engines: parity, causality, TA-Lib agreement, warm-up and gaps.
+
+The batch (polars) engine computes rolling windows over the whole sorted frame at once, in
+blocks, and the recursive features per segment; the tests below also hold it to the rules that
+make this equal to computing every segment on its own.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import polars as pl
 import pytest
 import talib
 
-from market.features import spec
+from market.features import polars_engine, spec
 from market.features.numpy_kernel import compute_symbol_features
 from market.features.polars_engine import compute_features
 from market.klines import ONE_MINUTE_MS
@@ -87,6 +92,12 @@ def test_indicators_agree_with_talib(real_features: pl.DataFrame) -> None:
         "bb_pctb_20": (close - lower) / (upper - lower),
         "bb_width_20": (upper - lower) / middle,
     }
+    for k in spec.RETURN_LAGS:
+        reference[f"ret_{k}"] = np.log(talib.ROCR(close, k))
+    ret_1 = np.log(talib.ROCR(close, 1))
+    for k in spec.REALISED_VOL_WINDOWS:
+        # TA-Lib's STDDEV is the population std; the spec's is the sample std.
+        reference[f"rv_{k}"] = talib.STDDEV(ret_1, k, 1.0) * np.sqrt(k / (k - 1))
     for name, expected in reference.items():
         ours = real_features[name].to_numpy().astype(float)[spec.WARMUP_BARS :]
         theirs = expected[spec.WARMUP_BARS :]
@@ -167,3 +178,105 @@ def test_hourly_outages_make_segments_exactly_at_the_gaps(real_hours_path: Path)
         assert j is not None and segment[j] == segment[i]
     for b in expected_breaks:
         assert not has_target[max(0, b - 10) : b].any(), "a target reaches across an outage"
+
+
+FEATURE_AND_TARGET_COLUMNS = [*spec.FEATURE_COLUMNS, *spec.TARGET_COLUMNS]
+
+
+def assert_same_features(a: pl.DataFrame, b: pl.DataFrame, rel: float = 0.0) -> None:
+    """Same rows, same nulls, values equal (within `rel` relative when given)."""
+    assert a.select("symbol", "open_time").equals(b.select("symbol", "open_time"))
+    for name in FEATURE_AND_TARGET_COLUMNS:
+        x, y = a[name], b[name]
+        assert x.dtype == y.dtype, name
+        assert x.is_null().equals(y.is_null()), f"{name}: null patterns differ"
+        xv = x.drop_nulls().cast(pl.Float64).to_numpy()
+        yv = y.drop_nulls().cast(pl.Float64).to_numpy()
+        np.testing.assert_allclose(xv, yv, rtol=rel, atol=0.0, err_msg=name)
+
+
+def test_each_segment_gets_the_features_it_would_get_alone() -> None:
+    """A missing minute resets every window: the bars before a gap never reach past it, and
+    the bars of other symbols never reach into a symbol's rows."""
+    bars = sim_bars(days=3, gap_rate=0.002, seed=9)
+    features = compute_features(bars)
+    long_segments = 0
+    for (symbol, _), group in features.group_by(["symbol", "segment"]):
+        times = group["open_time"].implode()
+        own_bars = bars.filter((pl.col("symbol") == symbol) & pl.col("open_time").is_in(times))
+        alone = compute_features(own_bars)
+        assert alone["segment"].unique().to_list() == [1]
+        assert_same_features(group.sort("open_time"), alone, rel=1e-12)
+        long_segments += group.height > spec.WARMUP_BARS
+    assert long_segments >= 4, "the simulator should give several segments past the warm-up"
+
+
+def test_features_restart_their_warm_up_after_every_gap() -> None:
+    features = compute_features(sim_bars(days=3, gap_rate=0.002, seed=9))
+    position = pl.int_range(pl.len()).over("symbol", "segment")
+    ranked = features.with_columns(position.alias("position"))
+    warm = ranked.filter(pl.col("position") >= spec.WARMUP_BARS)
+    cold = ranked.filter(pl.col("position") < spec.WARMUP_BARS)
+    assert warm.height > 0 and cold.height > 0
+    assert warm.select(pl.col(list(spec.FEATURE_COLUMNS)).null_count()).sum_horizontal().item() == 0
+    assert np.isfinite(warm.select(spec.FEATURE_COLUMNS).to_numpy()).all()
+    assert (
+        cold.select(pl.col(list(spec.FEATURE_COLUMNS)).is_not_null().sum()).sum_horizontal().item()
+        == 0
+    )
+
+
+def test_block_boundaries_do_not_change_any_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    bars = sim_bars(days=2, gap_rate=0.002, seed=4)
+    whole = compute_features(bars)
+    assert bars.height > 97 * 20
+    monkeypatch.setattr(polars_engine, "_BLOCK_ROWS", 97)
+    assert compute_features(bars).equals(whole)
+
+
+def test_row_order_does_not_change_the_output() -> None:
+    bars = sim_bars(days=2, gap_rate=0.002, seed=4)
+    in_order = compute_features(bars)
+    shuffled = compute_features(bars.sample(fraction=1.0, shuffle=True, seed=1))
+    assert shuffled.equals(in_order)
+    # Sorted by time first and symbol second: the symbols interleave.
+    assert compute_features(bars.sort("open_time", "symbol")).equals(in_order)
+
+
+def test_symbols_computed_together_equal_symbols_computed_apart() -> None:
+    bars = sim_bars(days=2, gap_rate=0.0, seed=6)
+    together = compute_features(bars)
+    apart = pl.concat(
+        [compute_features(bars.filter(pl.col("symbol") == s)) for s in ("SIMA", "SIMB")]
+    )
+    assert_same_features(together, apart, rel=1e-12)
+
+
+def test_a_400_bar_call_has_the_silver_columns_warm_up_and_targets() -> None:
+    bars = sim_bars(days=1, gap_rate=0.0).filter(pl.col("symbol") == "SIMA").tail(400)
+    features = compute_features(bars)
+    assert features.columns == [*bars.columns, "segment", *FEATURE_AND_TARGET_COLUMNS]
+    assert features.select(spec.FEATURE_COLUMNS).dtypes == [pl.Float64] * len(spec.FEATURE_COLUMNS)
+    assert features.select(spec.TARGET_COLUMNS).dtypes == [pl.Float64, pl.Float64, pl.Int32]
+    assert features["segment"].dtype == pl.Int64 and features["segment"].unique().to_list() == [1]
+    head = features.head(spec.WARMUP_BARS).select(spec.FEATURE_COLUMNS)
+    assert head.null_count().sum_horizontal().item() == head.height * head.width
+    tail = features.tail(400 - spec.WARMUP_BARS).select(spec.FEATURE_COLUMNS).to_numpy()
+    assert np.isfinite(tail).all()
+    targets = features["target_close_10"]
+    assert targets.tail(spec.HORIZON_BARS).null_count() == spec.HORIZON_BARS
+    assert targets.head(400 - spec.HORIZON_BARS).null_count() == 0
+    assert targets.head(5).to_list() == bars["close"].slice(spec.HORIZON_BARS, 5).to_list()
+    assert_engines_agree(features)
+
+
+@pytest.mark.parametrize("rows", [0, 1, spec.HORIZON_BARS, spec.WARMUP_BARS])
+def test_frames_shorter_than_the_warm_up_have_no_features(rows: int) -> None:
+    bars = sim_bars(days=1, gap_rate=0.0).filter(pl.col("symbol") == "SIMA").head(rows)
+    features = compute_features(bars)
+    assert features.height == rows
+    assert features.columns == [*bars.columns, "segment", *FEATURE_AND_TARGET_COLUMNS]
+    assert features.select(spec.FEATURE_COLUMNS).null_count().sum_horizontal().sum() == (
+        rows * len(spec.FEATURE_COLUMNS)
+    )
+    assert features["target_close_10"].null_count() == rows - max(rows - spec.HORIZON_BARS, 0)

@@ -46,7 +46,7 @@ def check_online_equals_offline(bars: pl.DataFrame, window: int, ends: list[int]
     """Worst scaled difference of the last `window` rows over the bars ending at each of `ends`.
 
     Each online history (the `min_history_bars(window)` bars before an end) runs as a symbol of
-    its own, so one engine call computes them all (a call has a fixed cost of ~0.5 s).
+    its own, so one engine call computes them all.
     """
     bars = bars.sort("open_time")
     offline = compute_features(bars)
