@@ -229,10 +229,34 @@ class ScalingSettings(StrictModel):
 
 
 class GateConfig(StrictModel):
-    """Promotion gate: DSR over all trials and beating buy-and-hold and every baseline."""
+    """Promotion gate: DSR over all trials and beating buy-and-hold and every baseline; the
+    Probability of Backtest Overfitting (CSCV over the completed trials' out-of-sample
+    returns) is computed for every sweep and gates only when `max_pbo` is set."""
 
     min_dsr: float = Field(default=0.95, ge=0, le=1)
     min_trades: int = Field(default=10, ge=0)
+    max_pbo: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="refuse promotion when the sweep's PBO exceeds this probability; None "
+        "(the default) records PBO without gating on it, until a power study calibrates the "
+        "threshold. An undefined PBO (fewer than 2 completed trials) never blocks",
+    )
+    pbo_partitions: int = Field(
+        default=16,
+        ge=2,
+        le=20,
+        description="S, the even number of blocks CSCV cuts the out-of-sample bars into "
+        "(C(S, S/2) splits; fewer are used when a block would hold under 2 bars)",
+    )
+
+    @field_validator("pbo_partitions")
+    @classmethod
+    def _even_partitions(cls, partitions: int) -> int:
+        if partitions % 2:
+            raise ValueError(f"pbo_partitions must be even, got {partitions}")
+        return partitions
 
 
 class TuneJobConfig(StrictModel):

@@ -2,7 +2,10 @@
 
 Conditions, all required: its Deflated Sharpe Ratio over every trial started (early-stopped ones
 included) is at least `min_dsr`; its walk-forward score (mean fold net Sharpe, annualised)
-beats buy-and-hold and every baseline on the same folds; it traded at least `min_trades` times.
+beats buy-and-hold and every baseline on the same folds; it traded at least `min_trades` times;
+and, when `max_pbo` is set, the sweep's Probability of Backtest Overfitting is at most
+`max_pbo` (an undefined PBO, from fewer than two completed trials, does not block: there was
+no choice among records to overfit, and the DSR still counts every trial started).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class GateDecision:
     dsr: float
     n_trials: int
     reasons: list[str] = field(default_factory=list)
+    pbo: float | None = None
     version: str | None = None
     production_before: str | None = None
     production_after: str | None = None
@@ -56,10 +60,12 @@ def apply_gate(
     n_trials: int,
     references: Mapping[str, Evaluation],
     config: GateConfig,
+    pbo: float | None = None,
 ) -> GateDecision:
-    """Decide promotion. `references` holds buy-and-hold and every baseline."""
+    """Decide promotion. `references` holds buy-and-hold and every baseline; `pbo` is the
+    sweep's Probability of Backtest Overfitting (None: undefined or not computed)."""
     if candidate is None:
-        return GateDecision(False, None, float("nan"), n_trials, ["no trial completed"])
+        return GateDecision(False, None, float("nan"), n_trials, ["no trial completed"], pbo=pbo)
     dsr = candidate_dsr(candidate, trial_sharpes_per_bar, n_trials)
     reasons = []
     if not np.isfinite(dsr) or dsr < config.min_dsr:
@@ -76,10 +82,19 @@ def apply_gate(
     trades = candidate.metrics.get("trades", 0.0)
     if trades < config.min_trades:
         reasons.append(f"{trades:.0f} trades < min_trades {config.min_trades}")
+    if config.max_pbo is not None and pbo is not None and pbo > config.max_pbo:
+        reasons.append(
+            f"PBO {pbo:.3f} > max_pbo {config.max_pbo}: the in-sample best trial lands at or "
+            "below the out-of-sample median too often"
+        )
+    passed = "passed: DSR, baselines, buy-and-hold and trade count"
+    if config.max_pbo is not None:
+        passed += ", PBO" if pbo is not None else " (PBO undefined, not gated)"
     return GateDecision(
         promoted=not reasons,
         candidate=candidate.name,
         dsr=float(dsr),
         n_trials=n_trials,
-        reasons=reasons or ["passed: DSR, baselines, buy-and-hold and trade count"],
+        reasons=reasons or [passed],
+        pbo=pbo,
     )

@@ -4,8 +4,9 @@
 (Parquet and CSV, named by `models.runs`), sorted by score (mean fold net Sharpe, annualised
 from 1-minute bars) descending with NaN last. `write_html_report` renders one
 offline-viewable HTML page: the promotion decision and its reasons, the leaderboard, per-trial
-metric charts, equity and drawdown curves of the best candidates against the baselines and
-buy-and-hold, the fold-by-fold table and the regime breakdown.
+metric charts, the Probability of Backtest Overfitting with its CSCV logit histogram, equity
+and drawdown curves of the best candidates against the baselines and buy-and-hold, the
+fold-by-fold table and the regime breakdown.
 
 Units: Sharpe ratios are those the backtest computed (annualised from 1-minute bars unless
 the caller states otherwise); returns, drawdowns, hit rates and turnover are fractions as
@@ -45,6 +46,7 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
 
+from models.pbo import PboResult
 from models.runs import BUY_AND_HOLD, COMPLETED, EARLY_STOPPED, ERRORED, RunDir
 
 DEFAULT_MAX_POINTS = 5_000
@@ -71,6 +73,7 @@ SECTION_HEADINGS: tuple[str, ...] = (
     "Promotion decision",
     "Leaderboard",
     "Per-trial metrics",
+    "Backtest overfitting",
     "Equity curves",
     "Drawdowns",
     "Fold-by-fold results",
@@ -292,6 +295,7 @@ def write_html_report(
     fold_table: pd.DataFrame,
     regime_table: pd.DataFrame,
     gate: Mapping[str, Any],
+    pbo: PboResult | None = None,
     notes: Sequence[str] = (),
     generated_at: datetime | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
@@ -306,6 +310,8 @@ def write_html_report(
     `regime_table`: one row per (model, fold) and (model, regime); the model is read from the
     first of the columns model/name/candidate/trial_id present. `gate`: the promotion decision
     (`promoted`, `reasons`, and anything else, e.g. version, dsr, thresholds, shown as is).
+    `pbo`: the sweep's CSCV result (None: not computed), shown as its value and a histogram of
+    the split logits.
     `notes` are listed at the end. `generated_at` defaults to now (UTC). Curves are plotted
     with at most `max_points` points each (`downsample_minmax`); `log_y` draws equity on a
     log axis when every value is positive. Missing or empty inputs render as a message in
@@ -325,6 +331,7 @@ def write_html_report(
         _section_gate(gate),
         _section_leaderboard(board),
         _section_trial_metrics(leaderboard),
+        _section_pbo(pbo),
         _section_equity(curves, plotted, log_y),
         _section_drawdowns(drawdowns),
         _section_table(
@@ -517,6 +524,41 @@ def _section_trial_metrics(leaderboard: pd.DataFrame) -> str:
         + "</p>"
     )
     return _section(heading, caption + _figure_html(figure, "fig-trials"))
+
+
+def _section_pbo(pbo: PboResult | None) -> str:
+    heading = "Backtest overfitting"
+    if pbo is None:
+        return _section(
+            heading, _empty("The Probability of Backtest Overfitting was not computed.")
+        )
+    if pbo.pbo is None:
+        return _section(
+            heading,
+            _empty(f"PBO undefined: {pbo.reason or 'no reason given'}."),
+        )
+    caption = (
+        f"<p>Probability of Backtest Overfitting: <b>{pbo.pbo:.3f}</b> (CSCV over {pbo.trials} "
+        f"completed trials' out-of-sample net per-bar returns, {pbo.bars} bars in "
+        f"S = {pbo.partitions} blocks, {pbo.splits} splits). PBO is the share of splits in "
+        "which the trial with the best in-sample Sharpe ratio ranks at or below the median "
+        "out of sample (logit &lt;= 0); near 0.5 means the ranking carries no information.</p>"
+    )
+    figure = go.Figure(
+        go.Histogram(
+            x=pbo.logits,
+            marker={"color": _PALETTE[0]},
+            hovertemplate="logit %{x}<br>%{y} splits<extra></extra>",
+        )
+    )
+    figure.add_vline(x=0.0, line={"color": "#d62728", "dash": "dash"})
+    figure.update_layout(
+        height=320,
+        xaxis={"title": {"text": "logit of the in-sample winner's out-of-sample relative rank"}},
+        yaxis={"title": {"text": "splits"}},
+        bargap=0.05,
+    )
+    return _section(heading, caption + _figure_html(figure, "fig-pbo"))
 
 
 def curve_traces(

@@ -80,6 +80,42 @@ class TrialRecord:
 
 
 @dataclass(frozen=True)
+class TrialReturns:
+    """Several records' out-of-sample returns side by side: `returns[t, n]` is record n's
+    portfolio net per-bar simple return at UTC minute `open_time_ms[t]` (epoch ms). Only the
+    minutes every record was scored on are kept, ascending; the columns follow `names`."""
+
+    names: tuple[str, ...]
+    open_time_ms: np.ndarray  # int64, (T,)
+    returns: np.ndarray  # float64, (T, N)
+
+
+def aligned_returns(evaluations: Sequence[Evaluation]) -> TrialReturns:
+    """The T x N matrix of the records' per-bar net returns on their shared minutes.
+
+    The trials of one sweep are scored on the same test minutes, so nothing is dropped there;
+    intersecting keeps the matrix well-defined for records of differing coverage.
+    """
+    if not evaluations:
+        return TrialReturns((), np.zeros(0, dtype=np.int64), np.zeros((0, 0)))
+    shared = np.asarray(evaluations[0].open_time_ms, dtype=np.int64)
+    for evaluation in evaluations[1:]:
+        shared = np.intersect1d(shared, np.asarray(evaluation.open_time_ms, dtype=np.int64))
+    columns = []
+    for evaluation in evaluations:
+        times = np.asarray(evaluation.open_time_ms, dtype=np.int64)
+        # Records are on an ascending timeline (np.unique built it), so searchsorted finds them.
+        columns.append(
+            np.asarray(evaluation.returns, dtype=np.float64)[np.searchsorted(times, shared)]
+        )
+    return TrialReturns(
+        names=tuple(e.name for e in evaluations),
+        open_time_ms=shared,
+        returns=np.column_stack(columns),
+    )
+
+
+@dataclass(frozen=True)
 class TrialDir:
     """One trial's directory (or a training checkpoint, or a reference, laid out the same way).
 
@@ -175,6 +211,11 @@ class RunDir:
         """The record directory of reference `name` (BUY_AND_HOLD, `baseline:<model>`); its
         loaded Evaluation is named `name`."""
         return TrialDir(self.references / reference_dir_name(name), record_name=name)
+
+    def trial_returns(self, trial_ids: Sequence[str]) -> TrialReturns:
+        """The stored out-of-sample returns of `trial_ids`, one column each in that order, on
+        the minutes all of them were scored on (the matrix CSCV takes)."""
+        return aligned_returns([self.trial(tid).load().evaluation for tid in trial_ids])
 
     def reference_names(self) -> list[str]:
         """The names of the reference records stored in the run, sorted; empty for a run

@@ -2,7 +2,9 @@
 
 This is what `jobs.tune` runs. The best completed trial (highest walk-forward score) is always
 registered as a new version, with its metrics and the gate's decision, so that a rejected
-candidate stays inspectable; only a passing one moves the `production` alias.
+candidate stays inspectable; only a passing one moves the `production` alias. Every sweep also
+gets its Probability of Backtest Overfitting (`models.pbo`, CSCV over the completed trials'
+out-of-sample per-bar net returns), in the summary, the registered metadata and the report.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from models.evaluation import (
 )
 from models.folds import Fold, make_folds
 from models.gate import GateDecision, apply_gate, candidate_dsr
+from models.pbo import PboResult, probability_of_backtest_overfitting
 from models.registry import PRODUCTION, ModelRegistry, current_git_commit
 from models.report import LEADERBOARD_METRICS, write_html_report, write_leaderboard
-from models.runs import BUY_AND_HOLD, COMPLETED, RunDir
+from models.runs import BUY_AND_HOLD, COMPLETED, RunDir, aligned_returns
 from models.sweep import HYPERPARAMETERS, TrialOutcome, run_sweep
 
 
@@ -76,6 +79,12 @@ def leaderboard_frame(outcomes: list[TrialOutcome], dsr: dict[str, float]) -> pd
     return pd.DataFrame(rows)
 
 
+def sweep_pbo(records: list[Evaluation], partitions: int) -> PboResult:
+    """PBO by CSCV over the completed trials' out-of-sample per-bar net returns (T bars x N
+    trials on their shared test minutes), with `partitions` blocks asked for."""
+    return probability_of_backtest_overfitting(aligned_returns(records).returns, partitions)
+
+
 def run_selection(
     lake: str,
     registry_uri: str,
@@ -113,7 +122,13 @@ def run_selection(
     trial_srs = [r.metrics["sharpe_per_bar"] for r in records.values()]
     dsr = {tid: candidate_dsr(r, trial_srs, len(outcomes)) for tid, r in records.items()}
     best = max(records.values(), key=lambda r: r.score, default=None)
-    decision = apply_gate(best, trial_srs, len(outcomes), references, job.gate)
+    pbo = sweep_pbo(list(records.values()), job.gate.pbo_partitions)
+    progress(
+        f"PBO {pbo.pbo:.3f} over {pbo.trials} trials, S={pbo.partitions}"
+        if pbo.pbo is not None
+        else f"PBO undefined: {pbo.reason}"
+    )
+    decision = apply_gate(best, trial_srs, len(outcomes), references, job.gate, pbo.pbo)
 
     registry = ModelRegistry(registry_uri)
     decision.production_before = registry.get_alias(job.model_name, PRODUCTION)
@@ -121,7 +136,7 @@ def run_selection(
     if best is not None:
         best_outcome = next(o for o in completed if o.trial_id == best.name)
         decision.version = _register(
-            registry, job, arrays, folds, best, best_outcome, decision, references, run
+            registry, job, arrays, folds, best, best_outcome, decision, references, run, pbo
         )
         if decision.promoted:
             registry.set_alias(
@@ -133,7 +148,7 @@ def run_selection(
             decision.production_after = decision.version
     board = leaderboard_frame(outcomes, dsr)
     leaderboard_paths = write_leaderboard(board, out_dir)
-    report_path = _report(run, board, records, best, references, decision)
+    report_path = _report(run, board, records, best, references, decision, pbo)
     status_counts = {s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}}
     summary = {
         "trials": len(outcomes),
@@ -145,6 +160,8 @@ def run_selection(
         "best_signal_hit_rate": best.metrics.get("signal_hit_rate") if best else None,
         "best_directional_accuracy": best.metrics.get("directional_accuracy") if best else None,
         "references": {name: ref.score for name, ref in references.items()},
+        "pbo": pbo.pbo,
+        "pbo_detail": pbo.summary(),
         "gate": decision.as_dict(),
         "leaderboard": str(leaderboard_paths[0]),
         "report": str(report_path),
@@ -163,6 +180,7 @@ def _register(
     decision: GateDecision,
     references: dict[str, Evaluation],
     run: RunDir,
+    pbo: PboResult,
 ) -> str:
     """Register the best trial's model of the most recent fold (the newest training data)."""
     last = folds[-1]
@@ -181,7 +199,14 @@ def _register(
         "seed": job.seed,
         "metrics": best.metrics,
         "references": {name: ref.score for name, ref in references.items()},
-        "gate": {"promoted": decision.promoted, "dsr": decision.dsr, "reasons": decision.reasons},
+        "gate": {
+            "promoted": decision.promoted,
+            "dsr": decision.dsr,
+            "pbo": decision.pbo,
+            "reasons": decision.reasons,
+        },
+        "pbo": pbo.pbo,
+        "pbo_detail": pbo.summary(),
         "backtest": job.backtest.model_dump(mode="json"),
         "git_commit": current_git_commit(),
     }
@@ -208,6 +233,7 @@ def _report(
     best: Evaluation | None,
     references: dict[str, Evaluation],
     decision: GateDecision,
+    pbo: PboResult,
 ) -> Path:
     top = sorted(records.values(), key=lambda r: r.score, reverse=True)[:3]
     shown = [*top, *references.values()]
@@ -222,6 +248,7 @@ def _report(
         fold_table=fold_table,
         regime_table=regime_table,
         gate=decision.as_dict(),
+        pbo=pbo,
         notes=[
             "Sharpe: annualised from 1-minute net returns, sqrt(525,600) (24/7 markets).",
             "A decision at the close of bar t trades at the open of bar t+1.",

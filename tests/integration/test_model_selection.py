@@ -98,6 +98,14 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     metadata = registry.metadata("signal", gate["version"])
     for key in ("feature_spec_hash", "training_data_range", "seed", "metrics", "git_commit"):
         assert key in metadata
+    # PBO over the completed trials: ASHA may leave a single one, and then PBO is undefined
+    completed = summary["trial_status"].get(COMPLETED, 0)
+    assert summary["pbo_detail"]["trials"] == completed
+    if completed >= 2:
+        assert 0.0 <= summary["pbo"] <= 1.0 and summary["pbo_detail"]["splits"] > 0
+    else:
+        assert summary["pbo"] is None and summary["pbo_detail"]["reason"]
+    assert metadata["pbo"] == summary["pbo"] == gate["pbo"]
     assert {"model.pt", "spec.json", "scaler.json"} <= set(metadata["files"])
     # every trial started is on the leaderboard, early-stopped ones included
     leaderboard = board(root / "out")
@@ -118,6 +126,8 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     assert hold.evaluation.score == summary["references"][BUY_AND_HOLD]
     report = RunDir(root / "out").report.read_text()
     assert "PROMOTED" in report and "buy_and_hold" in report
+    shown = 'id="fig-pbo"' if summary["pbo"] is not None else "PBO undefined: "
+    assert "<h2>Backtest overfitting</h2>" in report and shown in report
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -142,6 +152,7 @@ def test_shuffled_labels_give_no_edge(planted_lake: Path, tmp_path: Path) -> Non
 def test_same_seed_and_config_give_the_same_leaderboard(
     planted_lake: Path, planted_run: dict[str, Any], tmp_path: Path
 ) -> None:
-    run_tune(planted_lake, tmp_path / "registry", tmp_path / "out")
+    again = run_tune(planted_lake, tmp_path / "registry", tmp_path / "out")
     first, second = board(planted_run["root"] / "out"), board(tmp_path / "out")
     pd.testing.assert_frame_equal(first, second)
+    assert again["pbo"] == planted_run["summary"]["pbo"]

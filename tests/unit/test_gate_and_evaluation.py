@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
+from pydantic import ValidationError
 
 from configs.schema import BacktestConfig, FoldConfig, GateConfig
 from market.klines import ONE_MINUTE_MS
@@ -11,6 +13,7 @@ from models.dataset import arrays_from_table
 from models.evaluation import Evaluation, OutOfSampleBars, evaluate
 from models.folds import make_folds
 from models.gate import apply_gate
+from models.pbo import probability_of_backtest_overfitting
 from tests.unit.test_model_data import T0, synthetic_table
 
 FOLDS = FoldConfig(train_bars=400, val_bars=100, test_bars=200, embargo_bars=10)
@@ -101,3 +104,49 @@ def test_more_trials_make_the_same_sharpe_harder_to_promote() -> None:
 def test_no_completed_trial_is_not_promoted() -> None:
     decision = apply_gate(None, [], 4, {}, GateConfig())
     assert not decision.promoted and decision.reasons == ["no trial completed"]
+
+
+def test_max_pbo_refuses_an_overfit_sweep_and_says_so() -> None:
+    references = {"buy_and_hold": record("bh", 1.0, 0.001)}
+    strong = record("t1", 9.0, 0.05)
+    srs = [0.05, 0.0, 0.001]
+    gated = GateConfig(max_pbo=0.5)
+    refused = apply_gate(strong, srs, 3, references, gated, pbo=0.7)
+    assert not refused.promoted and refused.pbo == 0.7
+    assert refused.reasons == [
+        "PBO 0.700 > max_pbo 0.5: the in-sample best trial lands at or below the "
+        "out-of-sample median too often"
+    ]
+    passed = apply_gate(strong, srs, 3, references, gated, pbo=0.5)
+    assert passed.promoted and "PBO" in passed.reasons[0]
+    # Disabled by default: the same PBO is recorded but does not block.
+    ungated = apply_gate(strong, srs, 3, references, GateConfig(), pbo=0.9)
+    assert ungated.promoted and ungated.pbo == 0.9
+    # Undefined (fewer than 2 completed trials): nothing to overfit by choosing, not blocked.
+    undefined = apply_gate(strong, srs, 3, references, gated, pbo=None)
+    assert undefined.promoted and "PBO undefined" in undefined.reasons[0]
+
+
+def test_pbo_partitions_must_be_even_and_max_pbo_a_probability() -> None:
+    assert GateConfig().max_pbo is None and GateConfig().pbo_partitions == 16
+    with pytest.raises(ValidationError, match="even"):
+        GateConfig(pbo_partitions=7)
+    with pytest.raises(ValidationError):
+        GateConfig(max_pbo=1.5)
+
+
+def test_sweep_pbo_runs_cscv_on_the_completed_records_side_by_side() -> None:
+    from models.selection import sweep_pbo
+
+    rng = np.random.default_rng(4)
+    minutes = np.arange(300, dtype=np.int64) * ONE_MINUTE_MS
+    matrix = rng.standard_normal((300, 3)) * 1e-3
+    records = [
+        Evaluation(f"t{n}", minutes, matrix[:, n], {}, [], []) for n in range(matrix.shape[1])
+    ]
+    result = sweep_pbo(records, 6)
+    expected = probability_of_backtest_overfitting(matrix, 6)
+    assert result.pbo == expected.pbo and result.partitions == 6
+    np.testing.assert_array_equal(result.logits, expected.logits)
+    assert sweep_pbo(records[:1], 6).pbo is None
+    assert sweep_pbo([], 6).pbo is None

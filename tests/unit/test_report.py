@@ -13,6 +13,7 @@ import plotly.offline
 import pytest
 
 from models import report
+from models.pbo import probability_of_backtest_overfitting
 from models.report import (
     SECTION_HEADINGS,
     downsample_minmax,
@@ -298,3 +299,23 @@ def test_report_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         render(tmp_path, title="second")
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]
     assert path.read_text(encoding="utf-8") == first
+
+
+def test_pbo_section_shows_the_value_and_the_logit_histogram(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    result = probability_of_backtest_overfitting(rng.standard_normal((400, 5)), 8)
+    _, page = render(tmp_path, pbo=result)
+    own = outside_plotly_js(page)
+    assert f"Probability of Backtest Overfitting: <b>{result.pbo:.3f}</b>" in own
+    assert "S = 8 blocks, 70 splits" in own
+    assert 'id="fig-pbo"' in own and own.count("Plotly.newPlot(") == 5
+
+
+def test_pbo_section_says_when_pbo_is_undefined_or_missing(tmp_path: Path) -> None:
+    undefined = probability_of_backtest_overfitting(np.zeros((100, 1)))
+    _, page = render(tmp_path, pbo=undefined)
+    own = outside_plotly_js(page)
+    assert "PBO undefined: 1 trial(s): PBO needs at least 2 to choose among." in own
+    assert 'id="fig-pbo"' not in own
+    _, page = render(tmp_path)
+    assert "was not computed" in outside_plotly_js(page)

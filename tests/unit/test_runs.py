@@ -109,3 +109,22 @@ def test_references_round_trip_with_folds_under_reversible_directory_names(
     assert run.reference_names() == sorted(names)
     with pytest.raises(ValueError, match="non-empty"):
         run.reference("")
+
+
+def test_trial_returns_stack_the_stored_records_on_their_shared_minutes(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    first, second = evaluation("t_1"), evaluation("t_2")
+    second.returns = second.returns * 2.0
+    # t_3 misses the first two minutes: the matrix keeps only the minutes all three share.
+    third = evaluation("t_3")
+    third.open_time_ms, third.returns = third.open_time_ms[2:], -third.returns[2:]
+    for saved in (first, second, third):
+        run.trial(saved.name).save(saved, FOLDS)
+    stacked = run.trial_returns(["t_2", "t_3", "t_1"])
+    assert stacked.names == ("t_2", "t_3", "t_1")
+    np.testing.assert_array_equal(stacked.open_time_ms, first.open_time_ms[2:])
+    assert stacked.returns.shape == (len(first.returns) - 2, 3)
+    np.testing.assert_array_equal(stacked.returns[:, 0], 2.0 * first.returns[2:])
+    np.testing.assert_array_equal(stacked.returns[:, 1], -first.returns[2:])
+    np.testing.assert_array_equal(stacked.returns[:, 2], first.returns[2:])
+    assert run.trial_returns([]).returns.shape == (0, 0)
