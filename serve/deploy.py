@@ -113,11 +113,9 @@ def wait_until_ok(
     timeout_s: float,
     headers: Mapping[str, str] | None = None,
     poll_s: float = 0.5,
-    failed: Callable[[], str | None] | None = None,
 ) -> None:
     """GET `url` every `poll_s` seconds until it answers 200; TimeoutError after `timeout_s`
-    seconds. Connection errors count as "not yet": the server may still be starting. When
-    `failed` returns a message, DeployFailedError with it at once: waiting longer cannot help."""
+    seconds. Connection errors count as "not yet": the server may still be starting."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -125,28 +123,28 @@ def wait_until_ok(
                 return
         except httpx.HTTPError:
             pass
-        if failed is not None and (message := failed()) is not None:
-            raise DeployFailedError(message)
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer 200 in {timeout_s:.0f} s")
         time.sleep(poll_s)
 
 
 def deploy_failure(app_name: str = APP_NAME) -> str | None:
-    """Why Serve gave up on `app_name` (its status DEPLOY_FAILED), with the messages of its
-    failed deployments (a replica constructor's exception); None while it has not."""
+    """Why Serve gave up on `app_name` (its status DEPLOY_FAILED): each failed deployment with
+    the last line of its status message, which is the exception its replica constructor raised
+    (`serve status` shows the whole traceback). None while Serve has not given up."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus, DeploymentStatus
 
     application = serve.status().applications.get(app_name)
     if application is None or application.status != ApplicationStatus.DEPLOY_FAILED:
         return None
-    failed = [
-        f"{name}: {deployment.message}"
-        for name, deployment in application.deployments.items()
-        if deployment.status in (DeploymentStatus.DEPLOY_FAILED, DeploymentStatus.UNHEALTHY)
-    ]
-    return "; ".join([f"Serve application {app_name} failed to deploy", *failed])
+    failed = []
+    for name, deployment in application.deployments.items():
+        if deployment.status in (DeploymentStatus.DEPLOY_FAILED, DeploymentStatus.UNHEALTHY):
+            lines = [line.strip() for line in deployment.message.splitlines() if line.strip()]
+            failed.append(f"{name}: {lines[-1] if lines else deployment.status.value}")
+    summary = f"Serve application {app_name} failed to deploy (`serve status` has the traceback)"
+    return "; ".join([summary, *failed])
 
 
 def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -> dict[str, Any]:
@@ -155,8 +153,9 @@ def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -
     Returns the API's base URL, the application name, the seconds from `serve.run` to the
     first healthy answer and `metrics`: the operator endpoints' metrics URLs that the ingress
     replicas registered in `operator.targets_dir` (empty without one). TimeoutError when
-    /healthz does not answer within `timeout_s` seconds; DeployFailedError at once when Serve gives
-    up on the application (an ingress replica could not bind an operator port, say).
+    /healthz does not answer within `timeout_s` seconds; DeployFailedError with the replicas'
+    exception when Serve gives up on the application (after three failed starts per replica;
+    an ingress replica that finds no free operator port, say).
     """
     from ray import serve
     from ray.serve.schema import LoggingConfig
@@ -171,18 +170,26 @@ def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -
     )
     started = time.perf_counter()
     started_wall = time.time()
-    serve.run(
-        build_app(config),
-        name=APP_NAME,
-        route_prefix="/",
-        blocking=False,
-        # Access logs cost CPU on every request; /metrics counts requests by route and status.
-        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
-    )
+    try:
+        serve.run(
+            build_app(config),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+            # Access logs cost CPU on every request; /metrics counts requests by route and status.
+            logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
+        )
+    except RuntimeError as error:
+        # serve.run waits for the application and, when Serve gives up on it, names only the
+        # deployment; the reason is in that deployment's status.
+        reason = deploy_failure()
+        if reason is None:
+            raise
+        raise DeployFailedError(reason) from error
     # A wildcard bind is reached through loopback from here.
     local_host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     url = f"http://{local_host}:{config.port}"
-    wait_until_ok(f"{url}/healthz", timeout_s, failed=deploy_failure)
+    wait_until_ok(f"{url}/healthz", timeout_s)
     targets_dir = config.operator.targets_dir
     # Replicas write their target file in their constructor, before they serve /healthz.
     targets = read_targets(Path(targets_dir), since=started_wall - 1.0) if targets_dir else []

@@ -28,7 +28,6 @@ from serve.api.metrics import METRIC_NAMES, ApiMetrics
 from serve.api.operator import make_operator_api
 from serve.api.readiness import PUBLIC_REASONS
 from serve.api.routes import make_api
-from serve.deploy import DeployFailedError, wait_until_ok
 from serve.engine.engine import SignalEngine
 from serve.local import LocalBackend, make_local_apps
 from serve.operator import (
@@ -350,15 +349,3 @@ def test_a_wildcard_bind_advertises_the_node_address() -> None:
     assert advertised_host("0.0.0.0", None) == "127.0.0.1"
     assert advertised_host("127.0.0.1", "10.0.0.12") == "127.0.0.1"
     assert OperatorEndpoint("::", 9470, "fd00::5").target == "[fd00::5]:9470"
-
-
-def test_wait_until_ok_stops_at_a_deploy_failure() -> None:
-    started = time.monotonic()
-    with pytest.raises(DeployFailedError, match="constructor failed"):
-        wait_until_ok(
-            f"http://127.0.0.1:{free_range(1)}/healthz",
-            timeout_s=60,
-            poll_s=0.05,
-            failed=lambda: "SignalIngress: constructor failed",
-        )
-    assert time.monotonic() - started < 10
