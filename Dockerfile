@@ -57,6 +57,9 @@ RUN pip install -c constraints.txt --no-deps -e . \
     && chown quant:quant var registry lake .secrets
 
 USER 1000:1000
+# 8000: the signal API; 8265: the Ray dashboard. The operator port (metrics, detailed readiness;
+# serve.operator, 9470-9477) binds 127.0.0.1: set its bind_address to 0.0.0.0 and publish the
+# range to scrape it from outside the container.
 EXPOSE 8000 8265
 
 # Liveness of the Serve application (GET /healthz; no curl in slim images, so Python's urllib).

@@ -410,6 +410,52 @@ class GoldConfig(StrictModel):
     url: str = DEFAULT_GOLD_URL
 
 
+DEFAULT_OPERATOR_TARGETS_DIR: Final = "/tmp/quant-ai/prometheus-targets"
+"""Where ingress replicas write their Prometheus `file_sd` target files by default; the scrape
+config in cluster/monitoring/prometheus/prometheus.yml reads `*.json` from here."""
+
+
+class OperatorConfig(StrictModel):
+    """The operator port of each ingress replica: Prometheus `/metrics` and the detailed
+    `/readyz`, apart from the public API port.
+
+    A node may run several ingress replicas, so each binds the first free port of
+    `port` .. `port + ports_per_node - 1` on `bind_address`, logs it, and writes a Prometheus
+    `file_sd` target file `<targets_dir>/<host>-<port>.json` (removed when the replica stops).
+    """
+
+    bind_address: str = Field(
+        default="127.0.0.1",
+        description="IP address the operator port listens on; 0.0.0.0 or :: for every "
+        "interface (the target file then names the node's IP address)",
+    )
+    port: int = Field(default=9470, ge=1, le=65535, description="first port of the range")
+    ports_per_node: int = Field(
+        default=8, ge=1, le=1024, description="ports tried per node: at most this many replicas"
+    )
+    targets_dir: str | None = Field(
+        default=DEFAULT_OPERATOR_TARGETS_DIR,
+        description="folder of the Prometheus file_sd target files; None writes none",
+    )
+
+    @field_validator("bind_address")
+    @classmethod
+    def _ip_address(cls, address: str) -> str:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"{address!r} is not an IP address") from None
+        return address
+
+    @model_validator(mode="after")
+    def _range_fits(self) -> OperatorConfig:
+        if self.port + self.ports_per_node - 1 > 65535:
+            raise ValueError(
+                f"operator ports {self.port}..{self.port + self.ports_per_node - 1} exceed 65535"
+            )
+        return self
+
+
 class ServeConfig(StrictModel):
     """The Ray Serve application of `python -m jobs.deploy` / `serve deploy`."""
 
@@ -431,6 +477,7 @@ class ServeConfig(StrictModel):
     )
     max_predict_bars: int = Field(default=2000, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    operator: OperatorConfig = OperatorConfig()
     auth: AuthConfig = AuthConfig()
     feed: FeedConfig = FeedConfig()
     gold: GoldConfig = GoldConfig()

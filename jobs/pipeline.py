@@ -246,7 +246,13 @@ def print_guide(served: dict[str, Any], seconds: dict[str, float]) -> None:
         "",
         "Quant-AI is up.",
         f"  API:             {url}   (GET /signal?symbol=..., POST /token, /models/current)",
-        f"  metrics:         {url}/metrics",
+        # The operator endpoints the ingress replicas registered (serve.operator).
+        "  metrics:         "
+        + (
+            ", ".join(served.get("metrics") or [])
+            or f"operator port {serve_config.operator.bind_address}:{serve_config.operator.port}"
+        )
+        + "   (operator port)",
         f"  Ray dashboard:   {dashboard_url()}",
         "  stages (s):      " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
         "  a token:         TOKEN=$(.venv/bin/python -m serve.api.tokens mint --sub dev "

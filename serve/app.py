@@ -1,8 +1,10 @@
 """The Ray Serve application: a FastAPI ingress composed with the signal engine deployment.
 
-    SignalIngress (FastAPI, JWT, rate limit, /metrics)  --handle-->  SignalEngineDeployment
-        answers /signal from a snapshot in memory,                  live bars, production model,
-        refreshed every `snapshot_poll_s`                            Gold store, registry watch
+    SignalIngress (FastAPI, JWT, rate limit)  --handle-->  SignalEngineDeployment
+        answers /signal from a snapshot in memory,        live bars, production model,
+        refreshed every `snapshot_poll_s`;                 Gold store, registry watch
+        operator port (serve.operator): /metrics and
+        the detailed /readyz, one listener per replica
 
 `build_app(config)` returns the bound application for `serve.run`; `app_builder(args)` is the
 import path for a Serve config file (`serve deploy` / `serve run configs/serve/...`), taking the
@@ -17,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+import ray
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
@@ -24,10 +27,13 @@ from ray.serve.handle import DeploymentHandle
 from configs.schema import ServeConfig, load_config
 from serve.api.auth import TokenService
 from serve.api.clients import ClientStore
+from serve.api.metrics import ApiMetrics
+from serve.api.operator import make_operator_api
 from serve.api.routes import make_api
 from serve.engine.engine import SignalEngine
 from serve.engine.signals import bars_frame
 from serve.engine.snapshot import EngineSnapshot, InvalidBarsError, Signal
+from serve.operator import OperatorServer
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +139,13 @@ class HandleBackend:
 @serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class SignalIngress:
-    """The FastAPI ingress: auth, rate limits and metrics here; signals from the snapshot."""
+    """The FastAPI ingress: auth, rate limits and metrics here; signals from the snapshot.
+
+    Each replica serves its metrics and detailed readiness on an operator port of its own
+    (`serve.operator`), started here so that a range without a free port fails the replica
+    with `OperatorPortError`, and stopped by `__del__`, which Serve calls when it stops the
+    replica.
+    """
 
     def __init__(self, engine: DeploymentHandle, config: dict[str, Any]) -> None:
         self.config = ServeConfig.model_validate(config)
@@ -143,9 +155,29 @@ class SignalIngress:
             self.config.auth.clients_file,
             reload_interval_s=self.config.auth.clients_reload_interval_s,
         )
+        self.metrics = ApiMetrics(self.backend.snapshot, time.time)
+        context = serve.get_replica_context()
+        self.operator = OperatorServer(
+            make_operator_api(self.backend.snapshot, self.metrics),
+            self.config.operator,
+            labels={
+                "service": "quant-ai",
+                "app": context.app_name,
+                "deployment": context.deployment,
+                "replica": context.replica_id.unique_id,
+            },
+            node_ip=ray.util.get_node_ip_address(),
+        )
+        self.operator.start()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return make_api(self.backend, self.config, self.tokens, self.clients)
+        return make_api(self.backend, self.config, self.tokens, self.clients, metrics=self.metrics)
+
+    def __del__(self) -> None:
+        # Also reached by garbage collection of a replica whose constructor failed early.
+        operator: OperatorServer | None = getattr(self, "operator", None)
+        if operator is not None:
+            operator.stop()
 
 
 def build_app(config: ServeConfig) -> Any:

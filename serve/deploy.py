@@ -19,6 +19,7 @@ import httpx
 from cluster.ray_runtime import connect, local_ray_lost_processes
 from configs.schema import DEFAULT_GOLD_URL, FeedConfig, GoldConfig, IngestConfig, ServeConfig
 from market.lake import Lake, is_uri
+from serve.operator import read_targets
 
 APP_NAME = "quant-ai"
 
@@ -89,9 +90,22 @@ def absolute_paths(config: ServeConfig) -> ServeConfig:
     feed = config.feed
     if feed.dump_path is not None:
         feed = feed.model_copy(update={"dump_path": _absolute(feed.dump_path)})
+    operator = config.operator
+    if operator.targets_dir is not None:
+        operator = operator.model_copy(update={"targets_dir": _absolute(operator.targets_dir)})
     return config.model_copy(
-        update={"registry": _absolute(config.registry), "auth": auth, "gold": gold, "feed": feed}
+        update={
+            "registry": _absolute(config.registry),
+            "auth": auth,
+            "gold": gold,
+            "feed": feed,
+            "operator": operator,
+        }
     )
+
+
+class DeployFailedError(RuntimeError):
+    """Serve gave up on the application (e.g. a replica constructor kept failing)."""
 
 
 def wait_until_ok(
@@ -114,11 +128,34 @@ def wait_until_ok(
         time.sleep(poll_s)
 
 
+def deploy_failure(app_name: str = APP_NAME) -> str | None:
+    """Why Serve gave up on `app_name` (its status DEPLOY_FAILED): each failed deployment with
+    the last line of its status message, which is the exception its replica constructor raised
+    (`serve status` shows the whole traceback). None while Serve has not given up."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus, DeploymentStatus
+
+    application = serve.status().applications.get(app_name)
+    if application is None or application.status != ApplicationStatus.DEPLOY_FAILED:
+        return None
+    failed = []
+    for name, deployment in application.deployments.items():
+        if deployment.status in (DeploymentStatus.DEPLOY_FAILED, DeploymentStatus.UNHEALTHY):
+            lines = [line.strip() for line in deployment.message.splitlines() if line.strip()]
+            failed.append(f"{name}: {lines[-1] if lines else deployment.status.value}")
+    summary = f"Serve application {app_name} failed to deploy (`serve status` has the traceback)"
+    return "; ".join([summary, *failed])
+
+
 def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -> dict[str, Any]:
     """Start Serve's HTTP proxy on the configured host/port, run the app, wait for /healthz.
 
-    Returns the API's base URL, the application name and the seconds from `serve.run` to the
-    first healthy answer; TimeoutError when /healthz does not answer within `timeout_s` seconds.
+    Returns the API's base URL, the application name, the seconds from `serve.run` to the
+    first healthy answer and `metrics`: the operator endpoints' metrics URLs that the ingress
+    replicas registered in `operator.targets_dir` (empty without one). TimeoutError when
+    /healthz does not answer within `timeout_s` seconds; DeployFailedError with the replicas'
+    exception when Serve gives up on the application (after three failed starts per replica;
+    an ingress replica that finds no free operator port, say).
     """
     from ray import serve
     from ray.serve.schema import LoggingConfig
@@ -132,22 +169,35 @@ def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -
         controller_options={"runtime_env": {"env_vars": ingress_env(config.ingress_mode)}},
     )
     started = time.perf_counter()
-    serve.run(
-        build_app(config),
-        name=APP_NAME,
-        route_prefix="/",
-        blocking=False,
-        # Access logs cost CPU on every request; /metrics counts requests by route and status.
-        logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
-    )
+    started_wall = time.time()
+    try:
+        serve.run(
+            build_app(config),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+            # Access logs cost CPU on every request; /metrics counts requests by route and status.
+            logging_config=LoggingConfig(enable_access_log=False, log_level="WARNING"),
+        )
+    except RuntimeError as error:
+        # serve.run waits for the application and, when Serve gives up on it, names only the
+        # deployment; the reason is in that deployment's status.
+        reason = deploy_failure()
+        if reason is None:
+            raise
+        raise DeployFailedError(reason) from error
     # A wildcard bind is reached through loopback from here.
     local_host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
     url = f"http://{local_host}:{config.port}"
     wait_until_ok(f"{url}/healthz", timeout_s)
+    targets_dir = config.operator.targets_dir
+    # Replicas write their target file in their constructor, before they serve /healthz.
+    targets = read_targets(Path(targets_dir), since=started_wall - 1.0) if targets_dir else []
     return {
         "url": url,
         "app": APP_NAME,
         "seconds_to_healthy": round(time.perf_counter() - started, 2),
+        "metrics": [f"http://{target}/metrics" for target in targets],
     }
 
 

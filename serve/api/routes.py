@@ -8,6 +8,10 @@ memory: no remote call, no model forward per request.
 Every error is JSON `{"error": CODE, "detail": "..."}` (`schemas.ErrorBody`) with the status of
 DESIGN.md §5; nothing reaches a client as a stack trace. Every answer has a response model in
 `serve.api.schemas`, so the OpenAPI document states it and FastAPI checks it.
+
+This is the public port: `/healthz` and a `/readyz` that says only ready or not (with a coarse
+reason). Prometheus `/metrics` and the detailed readiness are on the operator port
+(`serve.api.operator`), which shares this app's `ApiMetrics`.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from configs.schema import SCOPE_PREDICT, SCOPE_READ, SYMBOL_PATTERN, ServeConfi
 from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS
 from serve.api.auth import AuthError, Claims, TokenService
 from serve.api.clients import ClientStore
-from serve.api.metrics import MEDIA_TYPE, ApiMetrics
+from serve.api.metrics import ApiMetrics
 from serve.api.ratelimit import ClientAddress, ConcurrencyLimit, RateLimiter
+from serve.api.readiness import NOT_REPORTED, assess
 from serve.api.schemas import (
     FORM,
     CurrentModel,
@@ -58,7 +63,6 @@ from serve.engine.snapshot import (
 
 log = logging.getLogger(__name__)
 
-NOT_REPORTED = "the signal engine has not reported yet"
 # A failed model load is named, not described: its text holds server paths and exception details,
 # which the engine logs for operators.
 LOAD_FAILED = "the production model could not be loaded; see the service log"
@@ -71,7 +75,6 @@ ROUTES = (
     "/models/current",
     "/healthz",
     "/readyz",
-    "/metrics",
 )
 
 
@@ -209,8 +212,10 @@ def make_api(
     clients: ClientStore,
     *,
     clock: Callable[[], float] = time.time,
+    metrics: ApiMetrics | None = None,
 ) -> FastAPI:
-    """The FastAPI app of the signal API over `backend`."""
+    """The public FastAPI app of the signal API over `backend`; requests are counted into
+    `metrics` (a new `ApiMetrics` when None), which the operator app exposes."""
     limiter = RateLimiter(config.auth.rate_limit_per_minute, config.auth.rate_limit_burst)
     # POST /token is throttled by caller address, not by the client id it names: an id is the
     # caller's to choose (rotating ids would dodge a per-id limit) and a per-id limit would let
@@ -221,7 +226,8 @@ def make_api(
     )
     verifications = ConcurrencyLimit(config.auth.token_max_concurrent_verifications)
     caller_address = ClientAddress(config.auth.trusted_proxies)
-    metrics = ApiMetrics(backend.snapshot, clock)
+    if metrics is None:
+        metrics = ApiMetrics(backend.snapshot, clock)
 
     async def lifespan(_: FastAPI) -> Any:
         await backend.start()
@@ -438,36 +444,12 @@ def make_api(
 
     @api.get("/readyz", response_model=Ready, responses=error_responses(503))
     async def readyz() -> Ready:
-        snap = backend.snapshot()
-        if snap is None:
-            raise ApiError(503, "not_ready", NOT_REPORTED)
-        problems = []
-        model = None
-        try:
-            model = snap.require_model()
-        except NoModelError as error:
-            problems.append(LOAD_FAILED if error.load_error else "no production model loaded")
-        now = clock()
-        for symbol in snap.symbol_names:
-            staleness, stale = snap.staleness(symbol, now)
-            if stale:
-                problems.append(f"{symbol}: stale features ({staleness:.0f} s)")
-        if model is None or problems:
-            raise ApiError(503, "not_ready", "; ".join(problems))
-        return Ready(status="ready", model_version=model.version)
-
-    @api.get(
-        "/metrics",
-        response_class=Response,
-        responses={
-            200: {
-                "description": "Prometheus text exposition",
-                "content": {MEDIA_TYPE: {"schema": {"type": "string"}}},
-            }
-        },
-    )
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=MEDIA_TYPE)
+        # Ready or not, and a reason from a fixed set: the specifics (model version, symbols,
+        # staleness, load errors) are for operators, on the operator port.
+        readiness = assess(backend.snapshot(), clock())
+        if not readiness.ready:
+            raise ApiError(503, "not_ready", readiness.reason or "not ready")
+        return Ready(status="ready")
 
     api.add_middleware(MetricsMiddleware, metrics=metrics)
     return api

@@ -141,5 +141,6 @@ class Health(BaseModel):
 
 
 class Ready(BaseModel):
+    """The public readiness: nothing but the status (the details are on the operator port)."""
+
     status: Literal["ready"]
-    model_version: str

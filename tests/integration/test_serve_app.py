@@ -2,9 +2,11 @@
 
 One application is deployed for the module (local Ray, Serve's HTTP proxy on a free loopback
 port): a simulator replay at 4 bars per second, a registry holding an untrained GRU as
-`production`, a SQLite Gold store, HS256 tokens. Tests call every route and every error of
-DESIGN.md §5, swap the production model under concurrent load, kill an ingress replica under
-load, and parse `/metrics` with prometheus_client's parser.
+`production`, a SQLite Gold store, HS256 tokens, two ingress replicas each with its operator port
+in a free loopback range. Tests call every route and every error of DESIGN.md §5, swap the
+production model under concurrent load, kill an ingress replica under load, and scrape each
+replica's operator `/metrics` with prometheus_client's parser. When Serve shuts down at the end,
+the operator ports must close and the target files go (checked in the fixture's teardown).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from configs.schema import (
     FeedConfig,
     GoldConfig,
     JwtConfig,
+    OperatorConfig,
     RayConfig,
     ServeConfig,
     SimConfig,
@@ -40,6 +43,7 @@ from market.sim_silver import simulated_bars
 from models.registry import ModelRegistry
 from serve.api.clients import ClientStore
 from serve.api.metrics import METRIC_NAMES
+from serve.operator import read_targets
 from tests.serve_support import MODEL_NAME, register_model
 
 pytestmark = pytest.mark.integration
@@ -68,6 +72,25 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_range(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are free now."""
+    for _ in range(50):
+        first = free_port()
+        held: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError("no free port range")
 
 
 def token(
@@ -102,11 +125,24 @@ def bearer(value: str) -> dict[str, str]:
 
 
 class Service:
-    def __init__(self, url: str, registry: Path, secrets: dict[str, str]) -> None:
+    def __init__(
+        self, url: str, registry: Path, secrets: dict[str, str], operator: OperatorConfig
+    ) -> None:
         self.url = url
         self.registry = registry
         self.secrets = secrets
+        self.operator = operator
         self.client = httpx.Client(base_url=url, timeout=30.0)
+
+    def operator_targets(self) -> list[str]:
+        """host:port of every ingress replica's operator endpoint, from its target file."""
+        return read_targets(Path(str(self.operator.targets_dir)))
+
+    def scrape(self, target: str) -> str:
+        return httpx.get(f"http://{target}/metrics", timeout=10.0).text
+
+    def scrape_all(self) -> list[str]:
+        return [self.scrape(target) for target in self.operator_targets()]
 
     def get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self.client.get(path, **kwargs)
@@ -144,6 +180,9 @@ def serve_config(tmp: Path, port: int, **feed: Any) -> ServeConfig:
         snapshot_poll_s=0.2,
         max_predict_bars=1000,
         max_body_bytes=200_000,
+        operator=OperatorConfig(
+            port=free_range(4), ports_per_node=4, targets_dir=str(tmp / "prometheus-targets")
+        ),
         auth=AuthConfig(
             jwt=JwtConfig(
                 secret_env="QUANT_AI_TEST_UNSET_SECRET", secret_file=str(tmp / "jwt_secret")
@@ -173,14 +212,35 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     }
     port = free_port()
     config = serve_config(tmp, port)
+    targets_dir = Path(str(config.operator.targets_dir))
+    operator_ports = range(config.operator.port, config.operator.port + 4)
     try:
-        deploy(config, address=None)
-        svc = Service(f"http://127.0.0.1:{port}", tmp / "registry", secrets)
+        deployed = deploy(config, address=None)
+        svc = Service(f"http://127.0.0.1:{port}", tmp / "registry", secrets, config.operator)
+        assert len(deployed["metrics"]) == 2, deployed
         svc.wait_for(lambda: _ok(svc, "/readyz"), timeout_s=180, what="the service to become ready")
         yield svc
     finally:
         serve.shutdown()
         shutdown()
+    # Serve stops each replica through its __del__: listener closed, target file removed.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        listening = [p for p in operator_ports if _accepts(p)]
+        files = sorted(targets_dir.glob("*.json"))
+        if not listening and not files:
+            break
+        time.sleep(0.5)
+    assert not listening, f"operator ports still open after Serve shut down: {listening}"
+    assert not files, f"target files left after Serve shut down: {files}"
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _ok(svc: Service, path: str) -> bool:
@@ -210,7 +270,42 @@ def real_bars(n: int, start_day: date = date(2024, 5, 1)) -> list[dict[str, Any]
 def test_health_and_readiness(service: Service) -> None:
     assert service.get("/healthz").json() == {"status": "ok"}
     ready = service.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+
+
+def test_operator_port_of_each_replica(service: Service) -> None:
+    """Each of the two ingress replicas has its own operator endpoint in the configured range;
+    the API port has no /metrics; request counters move on the replicas that served them."""
+    assert_error(service.get("/metrics"), 404, "not_found")
+    targets = service.operator_targets()
+    first = service.operator.port
+    assert len(targets) == 2
+    assert {int(t.rsplit(":", 1)[1]) for t in targets} <= set(range(first, first + 4))
+    for target in targets:
+        detail = httpx.get(f"http://{target}/readyz", timeout=10.0)
+        assert detail.status_code == 200, detail.text
+        body = detail.json()
+        assert body["ready"] is True and body["model_version"]
+        assert [s["symbol"] for s in body["symbols"]] == SYMBOLS
+
+    def history_422s() -> float:
+        total = 0.0
+        for text in service.scrape_all():
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if (
+                        sample.name == "quant_ai_http_requests_total"
+                        and sample.labels["route"] == "/signals/history"
+                        and sample.labels["status"] == "422"
+                    ):
+                        total += sample.value
+        return total
+
+    before = history_422s()
+    headers = bearer(token())
+    for _ in range(6):
+        assert_error(service.get("/signals/history?limit=0", headers=headers), 422)
+    assert history_422s() == before + 6
 
 
 def test_unknown_route_is_a_json_404(service: Service) -> None:
@@ -476,22 +571,36 @@ def test_models_current(service: Service) -> None:
 def test_metrics_parse_and_name_every_metric(service: Service) -> None:
     service.get("/signal?symbol=SIMAAA", headers={})  # one auth failure at least
 
-    def metrics_with_outcomes() -> str | None:
-        text = service.get("/metrics").text
-        return text if "quant_ai_realised_signals_total" in text else None
+    # Every name but the auth failure counter, which a replica has once it refused a request.
+    expected = [name for name in METRIC_NAMES if name != "quant_ai_auth_failures_total"]
 
-    text = service.wait_for(metrics_with_outcomes, timeout_s=60, what="outcomes in /metrics")
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    exported = set()
-    for family in families.values():
-        for sample in family.samples:
-            exported.add(sample.name)
-    for name in METRIC_NAMES:
-        stems = {name, name + "_total", name + "_bucket", name + "_info"}
-        assert stems & exported, f"{name} not exported"
-    failures = [s for s in families["quant_ai_auth_failures"].samples if s.name.endswith("_total")]
-    assert any(s.labels["reason"] == "missing_token" and s.value >= 1 for s in failures)
-    assert families["quant_ai_model_loaded"].samples[0].value == 1.0
+    def exports_all(text: str) -> bool:
+        exported = exported_sample_names(text)
+        return all(
+            {name, name + "_total", name + "_bucket", name + "_info"} & exported
+            for name in expected
+        )
+
+    def metrics_with_outcomes() -> list[str] | None:
+        texts = service.scrape_all()
+        return texts if all(exports_all(t) for t in texts) else None
+
+    texts = service.wait_for(metrics_with_outcomes, timeout_s=60, what="outcomes in /metrics")
+    missing_tokens = 0.0
+    for text in texts:
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        exported = {sample.name for family in families.values() for sample in family.samples}
+        for name in expected:
+            stems = {name, name + "_total", name + "_bucket", name + "_info"}
+            assert stems & exported, f"{name} not exported"
+        assert families["quant_ai_model_loaded"].samples[0].value == 1.0
+        if "quant_ai_auth_failures" in families:
+            missing_tokens += sum(
+                s.value
+                for s in families["quant_ai_auth_failures"].samples
+                if s.name.endswith("_total") and s.labels["reason"] == "missing_token"
+            )
+    assert missing_tokens >= 1
 
 
 # -- hot swap and replica failure ------------------------------------------------------------
@@ -597,6 +706,20 @@ def test_killed_ingress_replica_is_restarted(service: Service) -> None:
         what="Serve to restart the ingress replica",
     )
     service.wait_for(lambda: _ok(service, "/readyz"), timeout_s=60, what="readiness")
+    # The new replica has an operator endpoint again (the killed one's file replaced or pruned).
+    service.wait_for(
+        lambda: _all_scrapeable(service), timeout_s=60, what="two scrapeable operator endpoints"
+    )
+
+
+def _all_scrapeable(service: Service) -> bool:
+    targets = service.operator_targets()
+    try:
+        return len(targets) == 2 and all(
+            "quant_ai_model_loaded" in service.scrape(t) for t in targets
+        )
+    except httpx.HTTPError:
+        return False
 
 
 # -- monitoring assets against what really runs ----------------------------------------------
@@ -624,7 +747,9 @@ def test_every_metric_in_dashboards_and_rules_is_exported(service: Service) -> N
     ours = {name for name in referenced if name.startswith("quant_ai_")}
     ray_names = {name for name in referenced if name.startswith("ray_")} - RAY_CONDITIONAL_METRICS
     assert ours and ray_names
-    api = exported_sample_names(service.get("/metrics").text)
+    api: set[str] = set()
+    for text in service.scrape_all():
+        api |= exported_sample_names(text)
     assert ours <= api, f"referenced but not exported by the API: {sorted(ours - api)}"
 
     port = global_worker.node.metrics_export_port

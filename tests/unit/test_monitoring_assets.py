@@ -31,7 +31,7 @@ from cluster.monitoring_assets import (
     rule_metric_names,
     rule_paths,
 )
-from configs.schema import BacktestConfig
+from configs.schema import BacktestConfig, OperatorConfig
 from serve.api.auth import AUTH_ERROR_CODES
 from serve.api.metrics import METRIC_NAMES, ApiMetrics
 from serve.engine.snapshot import (
@@ -224,7 +224,10 @@ def test_scrape_config() -> None:
     assert set(jobs) == {"quant-ai-api", "ray"}
     api = jobs["quant-ai-api"]
     assert api.get("metrics_path", "/metrics") == "/metrics"
-    assert api["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    # The operator endpoints of the ingress replicas, from the target files they write.
+    assert "static_configs" not in api
+    (targets,) = api["file_sd_configs"]
+    assert targets["files"] == [f"{OperatorConfig().targets_dir}/*.json"]
     (sd,) = jobs["ray"]["file_sd_configs"]
     assert sd["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
 

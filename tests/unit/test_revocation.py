@@ -32,6 +32,8 @@ from configs.schema import (
 from serve.api import tokens as cli
 from serve.api.auth import AuthError, Claims, TokenService, read_token_identity
 from serve.api.clients import ClientStore, RevokedToken, verify_secret
+from serve.api.metrics import ApiMetrics
+from serve.api.operator import make_operator_api
 from serve.api.routes import make_api
 from tests.serve_support import NoEngine
 
@@ -75,7 +77,12 @@ class Deployment:
             self.clients_file, reload_interval_s=INTERVAL_S, clock=self.clock
         )
         self.tokens = TokenService.from_config(self.config.auth.jwt)
-        self.client = TestClient(make_api(NoEngine(), self.config, self.tokens, self.store))
+        backend = NoEngine()
+        metrics = ApiMetrics(backend.snapshot, time.time)
+        self.client = TestClient(
+            make_api(backend, self.config, self.tokens, self.store, metrics=metrics)
+        )
+        self.operator = TestClient(make_operator_api(backend.snapshot, metrics))
 
     def cli(self, *argv: str) -> int:
         return cli.main([*argv, "--config", str(self.config_file)])
@@ -123,8 +130,9 @@ def dep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Deployment:
     return Deployment(tmp_path, monkeypatch)
 
 
-def auth_failures(client: TestClient) -> dict[str, float]:
-    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+def auth_failures(operator: TestClient) -> dict[str, float]:
+    """`quant_ai_auth_failures_total` by reason, as the operator port exports it."""
+    families = {f.name: f for f in text_string_to_metric_families(operator.get("/metrics").text)}
     return {
         s.labels["reason"]: s.value
         for s in families["quant_ai_auth_failures"].samples
@@ -138,14 +146,14 @@ def auth_failures(client: TestClient) -> dict[str, float]:
 def test_removed_client_is_refused_once_the_file_is_reloaded(dep: Deployment) -> None:
     token = dep.token()
     assert dep.models(token).status_code == ACCEPTED
-    assert auth_failures(dep.client)["revoked_token"] == 0  # pre-registered label
+    assert auth_failures(dep.operator)["revoked_token"] == 0  # pre-registered label
     assert dep.cli("remove-client", "--id", "desk") == 0
     assert "desk" not in ClientStore.load(dep.clients_file)
     dep.wait_reload()
     answer = dep.models(token)
     assert refused(answer), answer.text
     assert answer.json()["detail"] == "the token's client has been removed or disabled"
-    assert auth_failures(dep.client)["revoked_token"] == 1
+    assert auth_failures(dep.operator)["revoked_token"] == 1
     # Its secret no longer buys a token either; the other client is untouched.
     assert dep.post_token("desk").json()["error"] == "invalid_client"
     assert dep.models(dep.token("other")).status_code == ACCEPTED

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,8 @@ from ray.exceptions import RayTaskError
 from configs.schema import ServeConfig
 from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS
 from serve.api.auth import TokenService
+from serve.api.metrics import ApiMetrics
+from serve.api.operator import make_operator_api
 from serve.api.routes import make_api
 from serve.app import HandleBackend
 from serve.engine.engine import SignalEngine
@@ -297,11 +300,14 @@ def test_no_model_answers_name_no_server_path(
         assert response.json() == {"error": "no_model", "detail": detail}
     ready = bare.client.get("/readyz")
     assert ready.status_code == 503
-    assert SERVER_PATH not in ready.text
-    assert ready.json()["detail"].startswith(
-        LOAD_FAILED if load_error else "no production model loaded"
-    )
-    assert SERVER_PATH not in bare.client.get("/metrics").text
+    assert ready.json() == {"error": "not_ready", "detail": "no production model loaded"}
+    backend = FailingBackend(snapshot, AssertionError())
+    assert SERVER_PATH not in ApiMetrics(backend.snapshot, time.time).render().decode()
+    # The operator port is for operators: its readiness carries the load error as it came.
+    detail = TestClient(
+        make_operator_api(backend.snapshot, ApiMetrics(backend.snapshot, time.time))
+    ).get("/readyz")
+    assert detail.status_code == 503 and detail.json()["load_error"] == load_error
 
 
 # -- authentication comes first --------------------------------------------------------------

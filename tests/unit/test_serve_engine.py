@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from configs.schema import AuthConfig, FeedConfig, GoldConfig, JwtConfig, ServeConfig, SimConfig
 from serve.api.auth import TokenService
+from serve.api.metrics import ApiMetrics
+from serve.api.operator import make_operator_api
 from serve.api.routes import make_api
 from serve.engine.engine import SignalEngine
 from serve.engine.snapshot import NoModelError, UnknownSymbolError
@@ -107,13 +109,16 @@ def test_stale_feed_turns_signals_neutral_and_readiness_off(tmp_path: Path) -> N
     engine = SignalEngine(config, clock=clock)
     backend = LocalBackend(engine)
     backend.step()
+    metrics = ApiMetrics(backend.snapshot, clock)
     api = make_api(
         backend,
         config,
         TokenService.from_config(config.auth.jwt),
         known_clients("tester"),
         clock=clock,
+        metrics=metrics,
     )
+    operator = TestClient(make_operator_api(backend.snapshot, metrics, clock=clock))
     token, _ = TokenService.from_config(config.auth.jwt).mint("tester", ["signals:read"])
     headers = {"Authorization": f"Bearer {token}"}
     client = TestClient(api)  # no context manager: the engine is stepped by hand
@@ -134,8 +139,13 @@ def test_stale_feed_turns_signals_neutral_and_readiness_off(tmp_path: Path) -> N
     assert body["signal"] == "NEUTRAL" and body["confidence"] == 0.0
     assert body["reason"].startswith("stale features")
     ready = client.get("/readyz")
-    assert ready.status_code == 503 and ready.json()["error"] == "not_ready"
-    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    assert ready.json() == {"error": "not_ready", "detail": "features are stale"}
+    assert ready.status_code == 503
+    detail = operator.get("/readyz")
+    assert detail.status_code == 503
+    (symbol,) = detail.json()["symbols"]
+    assert symbol["symbol"] == "SIMAAA" and symbol["stale"] and symbol["staleness_s"] >= 60.0
+    families = {f.name: f for f in text_string_to_metric_families(operator.get("/metrics").text)}
     staleness = families["quant_ai_feature_staleness_seconds"].samples[0]
     assert staleness.labels == {"symbol": "SIMAAA"} and staleness.value >= 60.0
     engine.close()

@@ -14,7 +14,6 @@ from configs.schema import SYMBOL_PATTERN, AuthConfig, GoldConfig, JwtConfig, Se
 from market.klines import MICROSECOND_THRESHOLD
 from serve.api.auth import TokenService
 from serve.api.clients import ClientStore
-from serve.api.metrics import MEDIA_TYPE
 from serve.api.routes import ROUTES, BarIn, make_api
 from serve.api.schemas import ErrorBody, HistoryItem
 from serve.engine.gold import GoldStore, SignalRecord
@@ -62,12 +61,17 @@ def test_every_route_documents_its_answer_and_errors(api_config: ServeConfig) ->
         for status in errors:
             body = responses[str(status)]["content"]["application/json"]["schema"]
             assert body == {"$ref": "#/components/schemas/ErrorBody"}, (route, status)
-    metrics = document["paths"]["/metrics"]["get"]["responses"]
-    assert set(metrics) == {"200"}
-    assert list(metrics["200"]["content"]) == [MEDIA_TYPE]
     error = document["components"]["schemas"]["ErrorBody"]
     assert set(error["properties"]) == {"error", "detail"}
     assert set(error["required"]) == {"error", "detail"}
+
+
+def test_public_document_has_no_operator_routes(api_config: ServeConfig) -> None:
+    """Metrics and the detailed readiness live on the operator port only; the public readiness
+    answer is the status and nothing else."""
+    document = openapi(api_config)
+    assert "/metrics" not in document["paths"]
+    assert set(document["components"]["schemas"]["Ready"]["properties"]) == {"status"}
 
 
 def test_error_bodies_have_the_documented_shape(api_config: ServeConfig) -> None:
@@ -78,6 +82,7 @@ def test_error_bodies_have_the_documented_shape(api_config: ServeConfig) -> None
         client.get("/readyz"),
         client.get("/signal?symbol=SIMAAA"),
         client.get("/nowhere"),
+        client.get("/metrics"),
     ):
         assert list(response.json()) == list(ErrorBody.model_fields), response.text
         ErrorBody.model_validate(response.json())

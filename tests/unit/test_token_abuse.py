@@ -22,6 +22,7 @@ from configs.schema import AuthConfig, GoldConfig, JwtConfig, ServeConfig
 from serve.api import clients as clients_module
 from serve.api.auth import TokenService
 from serve.api.clients import ClientEntry, ClientStore, hash_secret
+from serve.api.metrics import ApiMetrics
 from serve.api.ratelimit import ClientAddress, ConcurrencyLimit, RateLimiter
 from serve.api.routes import make_api
 from serve.ingress_env import ingress_env
@@ -53,9 +54,9 @@ def config_for(tmp_path: Path, **auth: Any) -> ServeConfig:
     )
 
 
-def api_for(config: ServeConfig, store: ClientStore) -> FastAPI:
+def api_for(config: ServeConfig, store: ClientStore, metrics: ApiMetrics | None = None) -> FastAPI:
     tokens = TokenService(config.auth.jwt, secret="abuse-secret-" + "x" * 40)
-    return make_api(NoEngine(), config, tokens, store)
+    return make_api(NoEngine(), config, tokens, store, metrics=metrics)
 
 
 def form(client_id: str, secret: str) -> dict[str, str]:
@@ -188,12 +189,12 @@ def test_unknown_id_and_wrong_secret_answer_identically(
 
 
 def test_nonstandard_methods_share_one_metrics_label(tmp_path: Path, store: ClientStore) -> None:
-    api = api_for(config_for(tmp_path), store)
-    client = TestClient(api)
+    metrics = ApiMetrics(NoEngine().snapshot, time.time)
+    client = TestClient(api_for(config_for(tmp_path), store, metrics))
     for method in ("PROPFIND", "MKCOL", "PURGE", "LOCK", "COPY", "SEARCH"):
         client.request(method, "/healthz")
     assert client.get("/healthz").status_code == 200
-    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     samples = families["quant_ai_http_requests"].samples
     methods = {s.labels["method"] for s in samples if s.labels["route"] == "/healthz"}
     assert methods == {"GET", "other"}
