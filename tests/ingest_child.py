@@ -9,6 +9,7 @@ options make it die or stall at chosen points:
 - `--kill-at N`: SIGKILL itself at the N-th write event (counting every `os.fsync`, the moment
   before it, and every `os.replace`, the moment after it), so the kill lands with a part's
   temporary written but not renamed, renamed but its directory not synced, or a marker half done.
+- `--kill-at-part N`: SIGKILL itself right after writing the N-th part's temporary.
 - `--pause-at-rename S --ready FILE`: before its first rename of a part, create FILE and sleep S
   seconds, holding a finished temporary, so that another process can run meanwhile.
 """
@@ -70,14 +71,22 @@ def stored_rows(lake: Path) -> Counter[tuple[str, str, str, str, str]]:
 
 
 class WriteEvents:
-    """Counts os.fsync and os.replace calls; SIGKILLs this process at the `kill_at`-th one."""
+    """Counts os.fsync and os.replace calls; SIGKILLs this process at the `kill_at`-th one, or
+    at the `kill_at_part`-th fsync of a part's temporary (written, neither synced nor renamed)."""
 
-    def __init__(self, kill_at: int | None) -> None:
+    def __init__(self, kill_at: int | None, kill_at_part: int | None) -> None:
         self.kill_at = kill_at
         self.count = 0
+        part_temporaries = 0
         real_fsync, real_replace = os.fsync, os.replace
 
         def fsync(fd: int) -> None:
+            nonlocal part_temporaries
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if path.name.startswith(".tmp-") and path.parent.name.startswith("date="):
+                part_temporaries += 1
+                if part_temporaries == kill_at_part:
+                    os.kill(os.getpid(), signal.SIGKILL)
             self.tick()
             real_fsync(fd)
 
@@ -117,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start")
     parser.add_argument("--end")
     parser.add_argument("--kill-at", type=int)
+    parser.add_argument("--kill-at-part", type=int)
     parser.add_argument("--pause-at-rename", type=float)
     parser.add_argument("--ready")
     args = parser.parse_args(argv)
-    events = WriteEvents(args.kill_at)
+    events = WriteEvents(args.kill_at, args.kill_at_part)
     if args.pause_at_rename:
         _pause_at_first_part_rename(args.pause_at_rename, Path(args.ready))
     start = parse_iso_ms(args.start) if args.start else None
