@@ -9,15 +9,26 @@ Every part is written to a temporary file and renamed into place, so a reader ne
 part and a killed job leaves nothing but temporaries, which the next run removes. A part that
 already exists is never rewritten: reruns are no-ops, and resumption reads the covered ranges
 from the file names without opening the files.
+
+Durability: a part's contents are fsynced before its rename and its directory after it (and every
+directory the write created, in its parent), so a done-marker written afterwards, itself written
+and synced the same way, can never outlive a power loss that the parts it vouches for do not.
+
+Concurrency: the writer of a source and symbol holds an advisory lock (`flock`) on
+`bronze/_locks/source=S/symbol=X.lock` while it reads what is stored and writes parts, so two
+ingests of one symbol run one after the other, and a cleanup removes only the temporaries of
+symbols whose lock it can take: those are the leftovers of a writer that died.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -26,14 +37,27 @@ from market.lake import Lake
 
 _PART = re.compile(r"^part-(?P<first>\d+)-(?P<last>\d+)-(?P<tag>[A-Za-z0-9_.-]+)\.jsonl$")
 _TMP_PREFIX = ".tmp-"
+_LOCKS = "_locks"
+_DONE = "_done"
 
 
 @dataclass(frozen=True)
 class RawKline:
-    """One kline as received: its open time (epoch ms, or None if unparseable) and raw text."""
+    """One kline as received: its open time (epoch ms, or None if unparseable) and raw text.
+
+    A line whose open time does not parse may name an `anchor_ms`: the open time (epoch ms) of the
+    line it followed. It is stored with that line's part and counts as covered where that line
+    does, so a rerun can tell whether it is stored already.
+    """
 
     open_time_ms: int | None
     raw: str
+    anchor_ms: int | None = None
+
+    @property
+    def position_ms(self) -> int | None:
+        """Where the line sits in time (epoch ms): its open time, else its anchor's."""
+        return self.open_time_ms if self.open_time_ms is not None else self.anchor_ms
 
 
 @dataclass(frozen=True)
@@ -75,12 +99,16 @@ class BronzeStore:
     def __init__(self, lake: str | Path) -> None:
         self.root = Lake.at(lake).bronze
 
+    def symbol_dir(self, source: str, symbol: str) -> Path:
+        return self.root / f"source={source}" / f"symbol={symbol}"
+
     def partition(self, source: str, symbol: str, day: date | str) -> Path:
-        return self.root / f"source={source}" / f"symbol={symbol}" / f"date={day}"
+        return self.symbol_dir(source, symbol) / f"date={day}"
 
     def write(self, batch: Batch) -> Path | None:
-        """Write `batch` as one part atomically. Returns its path, or None when it existed."""
-        known = [r.open_time_ms for r in batch.rows if r.open_time_ms is not None]
+        """Write `batch` as one part atomically and durably. Returns its path, or None when it
+        existed. The part's first/last open times include the anchors of unparseable lines."""
+        known = [r.position_ms for r in batch.rows if r.position_ms is not None]
         if not batch.rows:
             return None
         first = min(known) if known else 0
@@ -89,7 +117,7 @@ class BronzeStore:
         target = directory / f"part-{first}-{last}-{batch.tag}.jsonl"
         if target.exists():
             return None
-        directory.mkdir(parents=True, exist_ok=True)
+        _make_dirs(directory)
         metas = [batch.meta] * len(batch.rows) if isinstance(batch.meta, BatchMeta) else batch.meta
         if len(metas) != len(batch.rows):
             raise ValueError("one BatchMeta per row, or one for the whole batch")
@@ -106,13 +134,7 @@ class BronzeStore:
             )
             for seq, (row, meta) in enumerate(zip(batch.rows, metas, strict=True))
         )
-        temporary = directory / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines))
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        _write_durably(target, "\n".join(lines) + "\n")
         return target
 
     def parts(self, source: str | None = None, symbol: str | None = None) -> list[PartInfo]:
@@ -150,27 +172,124 @@ class BronzeStore:
         """Whether a part with this tag exists for the source, symbol and date."""
         return any(self.partition(source, symbol, day).glob(f"part-*-{tag}.jsonl"))
 
+    def _lock_file(self, *names: str) -> Path:
+        path = self.root.joinpath(_LOCKS, *names)
+        # Durably too: it may create the lake's directories that parts and markers go under.
+        _make_dirs(path.parent)
+        return path
+
+    @contextmanager
+    def symbol_lock(self, source: str, symbol: str) -> Iterator[None]:
+        """Hold the writer's lock of a source and symbol, waiting while another process does."""
+        with _flock(self._lock_file(f"source={source}", f"symbol={symbol}.lock"), wait=True):
+            yield
+
     def remove_temporaries(self) -> int:
-        """Delete temporaries left by a killed writer; returns how many."""
+        """Delete the temporaries that killed writers left anywhere in Bronze; returns how many.
+        A symbol whose lock is held (by any open file, this process's included) is being
+        written and is skipped; its writer removes its leftovers with `remove_own_temporaries`."""
         removed = 0
-        for path in self.root.glob(f"**/{_TMP_PREFIX}*"):
-            path.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        for directory in sorted(self.root.glob("source=*/symbol=*")):
+            names = (directory.parent.name, f"{directory.name}.lock")
+            with _flock(self._lock_file(*names), wait=False) as locked:
+                if locked:
+                    removed += _unlink_temporaries(directory)
+        return removed + self._remove_marker_temporaries()
+
+    def remove_own_temporaries(self, source: str, symbol: str) -> int:
+        """Delete the temporaries of a source and symbol whose `symbol_lock` the caller holds:
+        no other writer can be using them. Returns how many."""
+        return _unlink_temporaries(self.symbol_dir(source, symbol))
+
+    def _remove_marker_temporaries(self) -> int:
+        done = self.root / _DONE
+        if not done.exists():
+            return 0
+        # Markers are written under this lock from start to rename: any temporary seen while
+        # holding it belongs to a writer that died.
+        with _flock(self._lock_file("_done.lock"), wait=True):
+            return _unlink_temporaries(done)
 
     def marker_path(self, kind: str, key: str) -> Path:
-        return self.root / "_done" / kind / f"{key}.json"
+        return self.root / _DONE / kind / f"{key}.json"
 
     def mark_done(self, kind: str, key: str, info: dict[str, object]) -> None:
-        """Record atomically that a unit of work (for example one dump file) is fully stored."""
+        """Record atomically and durably that a unit of work (for example one dump file) is
+        stored. Call it only after the parts it vouches for were written: `write` syncs them."""
         path = self.marker_path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-        temporary.write_text(json.dumps(info, sort_keys=True), encoding="utf-8")
-        os.replace(temporary, path)
+        with _flock(self._lock_file("_done.lock"), wait=True):
+            _make_dirs(path.parent)
+            _write_durably(path, json.dumps(info, sort_keys=True))
+
+    def read_marker(self, kind: str, key: str) -> dict[str, object] | None:
+        """The info of a done-marker, or None when there is none."""
+        try:
+            info = json.loads(self.marker_path(kind, key).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        return info if isinstance(info, dict) else None
 
     def is_done(self, kind: str, key: str) -> bool:
         return self.marker_path(kind, key).exists()
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the entries of `directory` (new names, renames) survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """`mkdir -p` whose new directories survive a power loss: each parent is synced after."""
+    missing: list[Path] = []
+    node = directory
+    while not node.exists():
+        missing.append(node)
+        node = node.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue  # another writer made it; it syncs the parent
+        _fsync_dir(path.parent)
+
+
+def _write_durably(target: Path, text: str) -> None:
+    """Write `text` to a synced temporary, rename it to `target`, then sync the directory."""
+    temporary = target.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    _fsync_dir(target.parent)
+
+
+@contextmanager
+def _flock(path: Path, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive advisory lock on `path`; yields False when `wait` is False and another
+    open file holds it. The lock goes with the file descriptor, so a killed holder frees it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _unlink_temporaries(directory: Path) -> int:
+    removed = 0
+    for path in directory.glob(f"**/{_TMP_PREFIX}*"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def read_part(path: Path) -> Iterable[dict[str, object]]:

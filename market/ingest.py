@@ -100,7 +100,9 @@ def run_ingest(config: IngestConfig, lake: str | Path) -> dict[str, Any]:
         "rows_written": rows_written,
         "parts_written": sum(r["days_written"] for r in reports),
         "rows_already_stored": sum(r["rows_already_stored"] for r in reports),
-        "temporaries_removed": removed,
+        # Left by killed writers: found by the cleanup here, or by a task under its symbol's
+        # lock (a symbol another ingest was writing during the cleanup).
+        "temporaries_removed": removed + sum(r["temporaries_removed"] for r in reports),
         "seconds": round(elapsed, 3),
         "rows_per_s": round(rows_written / max(elapsed, 1e-9), 1),
     }

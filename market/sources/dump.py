@@ -2,8 +2,13 @@
 
 Each line is stored as received. Timestamps may be milliseconds or, from 2025 on, microseconds;
 both are accepted. A header line is recognised and skipped; any other line that does not parse is
-still stored (under the date of the line before it) so that the Silver ETL quarantines it with a
-reason instead of it vanishing here.
+still stored (with the line before it, its anchor: same date, same part, in range when that line
+is) so that the Silver ETL quarantines it with a reason instead of it vanishing here.
+
+Once a file's rows in the requested range are stored, a done-marker keyed by symbol and file hash
+records the ranges stored so far; a later run whose range they cover skips the file unread, and
+one with a wider range reads it again and stores exactly the rows missing (the parts' ranges say
+which are stored).
 """
 
 from __future__ import annotations
@@ -23,6 +28,47 @@ from market.klines import to_millis, utc_date
 from market.sources.base import now_iso
 
 _HEADER_FIRST_FIELDS = {"open_time", "open time", "opentime"}
+
+Range = tuple[int | None, int | None]
+"""An inclusive epoch-ms range; None is unbounded on that side."""
+
+_LOWEST, _HIGHEST = -(2**63), 2**63 - 1
+
+
+def merge_ranges(ranges: list[Range]) -> list[Range]:
+    """The union of `ranges` as sorted, disjoint ranges (touching ones joined)."""
+    bounded = sorted(
+        (_LOWEST if low is None else low, _HIGHEST if high is None else high)
+        for low, high in ranges
+    )
+    merged: list[tuple[int, int]] = []
+    for low, high in bounded:
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return [
+        (None if low == _LOWEST else low, None if high == _HIGHEST else high)
+        for low, high in merged
+    ]
+
+
+def covers(ranges: list[Range], wanted: Range) -> bool:
+    """Whether the union of `ranges` contains all of `wanted`."""
+    return merge_ranges([*ranges, wanted]) == merge_ranges(ranges)
+
+
+def _contains(span: Range, position_ms: int) -> bool:
+    low, high = span
+    return (low is None or low <= position_ms) and (high is None or position_ms <= high)
+
+
+def marker_ranges(info: dict[str, object] | None) -> list[Range]:
+    """The ranges a dump marker records as stored; none for a marker that records none."""
+    ranges = info.get("ranges") if info else None
+    if not isinstance(ranges, list):
+        return []
+    return [(low, high) for low, high in ranges]
 
 
 def file_sha256(path: Path) -> str:
@@ -75,22 +121,19 @@ class DumpSource:
         named = [f for f in files if f.name.upper().startswith(f"{symbol.upper()}-")]
         return named or files
 
-    def _in_range(self, open_time_ms: int | None) -> bool:
-        if open_time_ms is None:
-            return True
-        if self.start_ms is not None and open_time_ms < self.start_ms:
-            return False
-        return self.end_ms is None or open_time_ms <= self.end_ms
-
     def batches(self, symbol: str, store: BronzeStore) -> Iterator[Batch]:
+        wanted: Range = (self.start_ms, self.end_ms)
         for path in self.files_for(symbol):
             sha = file_sha256(path)
             marker = f"{symbol}-{sha}"
-            if store.is_done("dump", marker):
+            stored = marker_ranges(store.read_marker("dump", marker))
+            if covers(stored, wanted):
                 continue
             meta = BatchMeta(now_iso(), f"file {path.name} sha256={sha}")
             rows: list[tuple[str, RawKline]] = []
+            positions: list[int] = []
             current_day = None
+            anchor: int | None = None
             for line in read_lines(path):
                 open_time = parse_open_time(line)
                 if open_time is None and line.split(",", 1)[0].strip().lower() in (
@@ -98,10 +141,15 @@ class DumpSource:
                 ):
                     continue
                 if open_time is not None:
+                    anchor = open_time
                     current_day = utc_date(open_time)
-                if current_day is None or not self._in_range(open_time):
+                if current_day is None or anchor is None:
+                    continue  # nothing before it to go with: no date to store it under
+                positions.append(anchor)
+                if not _contains(wanted, anchor):
                     continue
-                rows.append((current_day.isoformat(), RawKline(open_time, line)))
+                raw = RawKline(open_time, line, None if open_time is not None else anchor)
+                rows.append((current_day.isoformat(), raw))
             for day_text, group in groupby(rows, key=lambda item: item[0]):
                 day_rows = [row for _, row in group]
                 yield Batch(
@@ -112,4 +160,12 @@ class DumpSource:
                     day_rows,
                     meta,
                 )
-            store.mark_done("dump", marker, {"file": str(path), "rows": len(rows)})
+            # Only now, with every part of the range written (and synced), is it stored.
+            ranges = merge_ranges([*stored, wanted])
+            rows_stored = sum(any(_contains(r, p) for r in ranges) for p in positions)
+            info: dict[str, object] = {
+                "file": str(path),
+                "rows": rows_stored,
+                "ranges": [list(r) for r in ranges],
+            }
+            store.mark_done("dump", marker, info)
