@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from models.untrained import EAGER_THRESHOLDS, MODEL_NAME, register_model
 from serve.api.clients import ClientEntry, ClientStore
 from serve.engine.snapshot import EngineSnapshot, Signal
 
-__all__ = ["EAGER_THRESHOLDS", "MODEL_NAME", "NoEngine", "known_clients", "register_model"]
+__all__ = [
+    "EAGER_THRESHOLDS",
+    "MODEL_NAME",
+    "NoEngine",
+    "free_range",
+    "known_clients",
+    "register_model",
+]
 
 
 def known_clients(*client_ids: str) -> ClientStore:
@@ -42,3 +50,26 @@ class NoEngine:
 
     async def stop(self) -> None:
         pass
+
+
+def free_range(count: int) -> int:
+    """The first of `count` consecutive loopback ports that are free now."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = int(probe.getsockname()[1])
+        if first + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free port range")

@@ -44,7 +44,7 @@ from models.registry import ModelRegistry
 from serve.api.clients import ClientStore
 from serve.api.metrics import METRIC_NAMES
 from serve.operator import read_targets
-from tests.serve_support import MODEL_NAME, register_model
+from tests.serve_support import MODEL_NAME, free_range, register_model
 
 pytestmark = pytest.mark.integration
 
@@ -72,25 +72,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def free_range(count: int) -> int:
-    """The first of `count` consecutive loopback ports that are free now."""
-    for _ in range(50):
-        first = free_port()
-        held: list[socket.socket] = []
-        try:
-            for port in range(first, first + count):
-                sock = socket.socket()
-                held.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in held:
-                sock.close()
-    raise RuntimeError("no free port range")
 
 
 def token(

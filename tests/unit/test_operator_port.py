@@ -40,31 +40,8 @@ from serve.operator import (
     read_targets,
     write_target_file,
 )
-from tests.serve_support import NoEngine, known_clients, register_model
+from tests.serve_support import NoEngine, free_range, known_clients, register_model
 from tests.unit.test_serve_engine import FakeClock, config_for
-
-
-def free_range(count: int) -> int:
-    """The first of `count` consecutive loopback ports that are free now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            first = int(probe.getsockname()[1])
-        if first + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(first, first + count):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free port range")
 
 
 @pytest.fixture
