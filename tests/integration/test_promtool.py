@@ -30,6 +30,8 @@ import pytest
 import yaml
 
 from cluster.monitoring_assets import dashboard_expressions, dashboard_paths, prometheus_dir
+from configs.schema import OperatorConfig
+from serve.operator import OperatorEndpoint, write_target_file
 
 pytestmark = pytest.mark.integration
 
@@ -187,12 +189,16 @@ def test_alert_rules_check(promtool: str) -> None:
     assert "SUCCESS" in done.stdout + done.stderr, _output(done)
 
 
-def _config_copy(tmp_path: Path, sd_file: Path) -> Path:
-    """prometheus.yml and its rule file copied into tmp_path, Ray's SD file path replaced."""
+def _config_copy(tmp_path: Path, sd_file: Path, targets_dir: Path) -> Path:
+    """prometheus.yml and its rule file copied into tmp_path, with Ray's SD file and the folder
+    of the ingress replicas' operator target files replaced."""
     text = (prometheus_dir() / "prometheus.yml").read_text()
-    assert text.count(RAY_SD_FILE) == 1, f"{RAY_SD_FILE} must appear once in prometheus.yml"
+    targets = f"{OperatorConfig().targets_dir}/*.json"
+    for path in (RAY_SD_FILE, targets):
+        assert text.count(path) == 1, f"{path} must appear once in prometheus.yml"
     config = tmp_path / "prometheus.yml"
-    config.write_text(text.replace(RAY_SD_FILE, str(sd_file)))
+    text = text.replace(RAY_SD_FILE, str(sd_file)).replace(targets, f"{targets_dir}/*.json")
+    config.write_text(text)
     shutil.copy(prometheus_dir() / "alerts.yml", tmp_path / "alerts.yml")
     return config
 
@@ -207,7 +213,8 @@ def test_scrape_config_syntax(promtool: str) -> None:
 
 def test_scrape_config_check_before_ray_starts(promtool: str, tmp_path: Path) -> None:
     """Full check with no Ray SD file yet: only a warning; the rule files are checked too."""
-    config = _config_copy(tmp_path, tmp_path / "absent" / "prom_metrics_service_discovery.json")
+    absent = tmp_path / "absent"
+    config = _config_copy(tmp_path, absent / "prom_metrics_service_discovery.json", absent)
     done = _promtool(promtool, "check", "config", config)
     assert done.returncode == 0, _output(done)
     output = done.stdout + done.stderr
@@ -217,12 +224,17 @@ def test_scrape_config_check_before_ray_starts(promtool: str, tmp_path: Path) ->
 
 
 def test_scrape_config_check_with_ray_sd_file(promtool: str, tmp_path: Path) -> None:
-    """Full check against a service discovery file in the format Ray writes on the head node."""
+    """Full check against a service discovery file in the format Ray writes on the head node
+    and the target files the ingress replicas write (`serve.operator.write_target_file`)."""
     sd_file = tmp_path / "prom_metrics_service_discovery.json"
     sd_file.write_text(
         json.dumps([{"labels": {"job": "ray"}, "targets": ["10.0.0.12:44217", "10.0.0.13:44217"]}])
     )
-    done = _promtool(promtool, "check", "config", _config_copy(tmp_path, sd_file))
+    targets = tmp_path / "targets"
+    for host, port in (("10.0.0.12", 9470), ("10.0.0.12", 9471), ("fd00::13", 9470)):
+        labels = {"service": "quant-ai", "replica": f"r{port}"}
+        write_target_file(targets, OperatorEndpoint("0.0.0.0", port, host), labels)
+    done = _promtool(promtool, "check", "config", _config_copy(tmp_path, sd_file, targets))
     assert done.returncode == 0, _output(done)
     assert "WARNING" not in done.stdout + done.stderr, _output(done)
 
