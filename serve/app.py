@@ -25,11 +25,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from configs.schema import ServeConfig, load_config
-from serve.api.auth import TokenService
-from serve.api.clients import ClientStore
-from serve.api.metrics import ApiMetrics
-from serve.api.operator import make_operator_api
-from serve.api.routes import make_api
+from serve.api.apps import make_apps
 from serve.engine.engine import SignalEngine
 from serve.engine.signals import bars_frame
 from serve.engine.snapshot import EngineSnapshot, InvalidBarsError, Signal
@@ -150,15 +146,10 @@ class SignalIngress:
     def __init__(self, engine: DeploymentHandle, config: dict[str, Any]) -> None:
         self.config = ServeConfig.model_validate(config)
         self.backend = HandleBackend(engine, self.config.snapshot_poll_s)
-        self.tokens = TokenService.from_config(self.config.auth.jwt)
-        self.clients = ClientStore.load(
-            self.config.auth.clients_file,
-            reload_interval_s=self.config.auth.clients_reload_interval_s,
-        )
-        self.metrics = ApiMetrics(self.backend.snapshot, time.time)
+        self.apps = make_apps(self.backend, self.config)
         context = serve.get_replica_context()
         self.operator = OperatorServer(
-            make_operator_api(self.backend.snapshot, self.metrics),
+            self.apps.operator,
             self.config.operator,
             labels={
                 "service": "quant-ai",
@@ -171,7 +162,7 @@ class SignalIngress:
         self.operator.start()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return make_api(self.backend, self.config, self.tokens, self.clients, metrics=self.metrics)
+        return self.apps.api
 
     def __del__(self) -> None:
         # Also reached by garbage collection of a replica whose constructor failed early.

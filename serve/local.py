@@ -10,15 +10,10 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from configs.schema import ServeConfig
-from serve.api.auth import TokenService
-from serve.api.clients import ClientStore
-from serve.api.metrics import ApiMetrics
-from serve.api.operator import make_operator_api
-from serve.api.routes import make_api
+from serve.api.apps import ApiApps, make_apps
 from serve.engine.engine import SignalEngine
 from serve.engine.signals import bars_frame
 from serve.engine.snapshot import EngineSnapshot, Signal
@@ -77,28 +72,11 @@ class LocalBackend:
         return await asyncio.to_thread(self.engine.history, symbol, limit)
 
 
-@dataclass(frozen=True)
-class LocalApps:
-    """The public app and the operator app (`serve.api.operator`) over one in-process engine,
-    sharing one metrics registry; serve them on two ports (`serve.operator.OperatorServer`
-    runs the operator app beside a uvicorn of the public one)."""
-
-    api: Any
-    operator: Any
-
-
-def make_local_apps(config: ServeConfig, engine: SignalEngine | None = None) -> LocalApps:
-    """Both apps over an in-process engine."""
-    backend = LocalBackend(engine or SignalEngine(config))
-    tokens = TokenService.from_config(config.auth.jwt)
-    clients = ClientStore.load(
-        config.auth.clients_file, reload_interval_s=config.auth.clients_reload_interval_s
-    )
-    metrics = ApiMetrics(backend.snapshot, time.time)
-    return LocalApps(
-        api=make_api(backend, config, tokens, clients, metrics=metrics),
-        operator=make_operator_api(backend.snapshot, metrics),
-    )
+def make_local_apps(config: ServeConfig, engine: SignalEngine | None = None) -> ApiApps:
+    """The public app and the operator app over an in-process engine, sharing one metrics
+    registry; serve them on two ports (`serve.operator.OperatorServer` runs the operator app
+    beside a uvicorn of the public one)."""
+    return make_apps(LocalBackend(engine or SignalEngine(config)), config)
 
 
 def make_local_api(config: ServeConfig, engine: SignalEngine | None = None) -> Any:

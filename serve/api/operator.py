@@ -17,11 +17,11 @@ from collections.abc import Callable
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
 
 from serve.api.metrics import MEDIA_TYPE, ApiMetrics
 from serve.api.readiness import ReadyDetail, assess
-from serve.api.schemas import ErrorBody, Health
+from serve.api.routes import routing_error
+from serve.api.schemas import Health
 from serve.engine.snapshot import EngineSnapshot
 
 OPERATOR_ROUTES = ("/metrics", "/readyz", "/healthz")
@@ -42,11 +42,7 @@ def make_operator_api(
         openapi_url=None,
     )
 
-    @api.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        body = ErrorBody(error=codes.get(error.status_code, "http_error"), detail=str(error.detail))
-        return JSONResponse(body.model_dump(), status_code=error.status_code)
+    api.add_exception_handler(StarletteHTTPException, routing_error)  # type: ignore[arg-type]
 
     @api.get(
         "/metrics",
@@ -67,7 +63,7 @@ def make_operator_api(
         responses={503: {"model": ReadyDetail, "description": "not ready; `problems` say why"}},
     )
     async def readyz() -> JSONResponse:
-        detail = assess(snapshot(), clock()).detail
+        detail = assess(snapshot(), clock())
         return JSONResponse(detail.model_dump(), status_code=200 if detail.ready else 503)
 
     @api.get("/healthz", response_model=Health)

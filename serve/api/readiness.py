@@ -8,8 +8,6 @@ error, the snapshot's age and each symbol's staleness.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pydantic import BaseModel
 
 from serve.engine.snapshot import EngineSnapshot
@@ -44,35 +42,18 @@ class ReadyDetail(BaseModel):
     symbols: list[SymbolReadiness]
 
 
-@dataclass(frozen=True)
-class Assessment:
-    """Whether the API is ready at one instant, in both levels of detail."""
-
-    detail: ReadyDetail
-
-    @property
-    def ready(self) -> bool:
-        return self.detail.ready
-
-    @property
-    def reason(self) -> str | None:
-        return self.detail.reason
-
-
-def assess(snap: EngineSnapshot | None, now: float) -> Assessment:
+def assess(snap: EngineSnapshot | None, now: float) -> ReadyDetail:
     """Readiness from the snapshot the replica holds at `now` (epoch seconds): ready when a
     production model is loaded and no symbol's features are stale."""
     if snap is None:
-        return Assessment(
-            ReadyDetail(
-                ready=False,
-                reason=NOT_REPORTED,
-                problems=[NOT_REPORTED],
-                model_version=None,
-                load_error=None,
-                snapshot_age_s=None,
-                symbols=[],
-            )
+        return ReadyDetail(
+            ready=False,
+            reason=NOT_REPORTED,
+            problems=[NOT_REPORTED],
+            model_version=None,
+            load_error=None,
+            snapshot_age_s=None,
+            symbols=[],
         )
     reasons: list[str] = []
     problems: list[str] = []
@@ -87,14 +68,12 @@ def assess(snap: EngineSnapshot | None, now: float) -> Assessment:
             problems.append(f"{name}: stale features ({staleness:.0f} s)")
     if any(s.stale for s in symbols):
         reasons.append(STALE_FEATURES)
-    return Assessment(
-        ReadyDetail(
-            ready=not problems,
-            reason=reasons[0] if reasons else None,
-            problems=problems,
-            model_version=snap.model.version if snap.model else None,
-            load_error=snap.load_error,
-            snapshot_age_s=max(0.0, now - snap.taken_at),
-            symbols=symbols,
-        )
+    return ReadyDetail(
+        ready=not problems,
+        reason=reasons[0] if reasons else None,
+        problems=problems,
+        model_version=snap.model.version if snap.model else None,
+        load_error=snap.load_error,
+        snapshot_age_s=max(0.0, now - snap.taken_at),
+        symbols=symbols,
     )

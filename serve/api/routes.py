@@ -114,6 +114,18 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+async def routing_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    """A routing error (unknown path, method not allowed, ...) as `ErrorBody` JSON. Its headers
+    are kept: a 405 must name the allowed methods (`Allow`)."""
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(
+        error.status_code,
+        codes.get(error.status_code, "http_error"),
+        str(error.detail),
+        dict(error.headers or {}),
+    )
+
+
 def no_model(error: NoModelError) -> ApiError:
     """The engine has no model to serve: 503, saying whether nothing is promoted yet or the last
     load failed."""
@@ -259,16 +271,7 @@ def make_api(
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(422, "invalid_request", _describe(error.errors()))
 
-    @api.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
-        # The routing error's headers are kept: a 405 must name the allowed methods (`Allow`).
-        return error_response(
-            error.status_code,
-            codes.get(error.status_code, "http_error"),
-            str(error.detail),
-            dict(error.headers or {}),
-        )
+    api.add_exception_handler(StarletteHTTPException, routing_error)  # type: ignore[arg-type]
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
