@@ -22,21 +22,18 @@ symbols whose lock it can take: those are the leftovers of a writer that died.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from market.files import TMP_PREFIX, exclusive_lock, make_dirs_durably, write_durably
 from market.lake import Lake
 
 _PART = re.compile(r"^part-(?P<first>\d+)-(?P<last>\d+)-(?P<tag>[A-Za-z0-9_.-]+)\.jsonl$")
-_TMP_PREFIX = ".tmp-"
 _LOCKS = "_locks"
 _DONE = "_done"
 
@@ -117,7 +114,7 @@ class BronzeStore:
         target = directory / f"part-{first}-{last}-{batch.tag}.jsonl"
         if target.exists():
             return None
-        _make_dirs(directory)
+        make_dirs_durably(directory)
         metas = [batch.meta] * len(batch.rows) if isinstance(batch.meta, BatchMeta) else batch.meta
         if len(metas) != len(batch.rows):
             raise ValueError("one BatchMeta per row, or one for the whole batch")
@@ -134,7 +131,7 @@ class BronzeStore:
             )
             for seq, (row, meta) in enumerate(zip(batch.rows, metas, strict=True))
         )
-        _write_durably(target, "\n".join(lines) + "\n")
+        write_durably(target, "\n".join(lines) + "\n")
         return target
 
     def parts(self, source: str | None = None, symbol: str | None = None) -> list[PartInfo]:
@@ -175,13 +172,15 @@ class BronzeStore:
     def _lock_file(self, *names: str) -> Path:
         path = self.root.joinpath(_LOCKS, *names)
         # Durably too: it may create the lake's directories that parts and markers go under.
-        _make_dirs(path.parent)
+        make_dirs_durably(path.parent)
         return path
 
     @contextmanager
     def symbol_lock(self, source: str, symbol: str) -> Iterator[None]:
         """Hold the writer's lock of a source and symbol, waiting while another process does."""
-        with _flock(self._lock_file(f"source={source}", f"symbol={symbol}.lock"), wait=True):
+        with exclusive_lock(
+            self._lock_file(f"source={source}", f"symbol={symbol}.lock"), wait=True
+        ):
             yield
 
     def remove_temporaries(self) -> int:
@@ -191,7 +190,7 @@ class BronzeStore:
         removed = 0
         for directory in sorted(self.root.glob("source=*/symbol=*")):
             names = (directory.parent.name, f"{directory.name}.lock")
-            with _flock(self._lock_file(*names), wait=False) as locked:
+            with exclusive_lock(self._lock_file(*names), wait=False) as locked:
                 if locked:
                     removed += _unlink_temporaries(directory)
         return removed + self._remove_marker_temporaries()
@@ -207,7 +206,7 @@ class BronzeStore:
             return 0
         # Markers are written under this lock from start to rename: any temporary seen while
         # holding it belongs to a writer that died.
-        with _flock(self._lock_file("_done.lock"), wait=True):
+        with exclusive_lock(self._lock_file("_done.lock"), wait=True):
             return _unlink_temporaries(done)
 
     def marker_path(self, kind: str, key: str) -> Path:
@@ -217,9 +216,9 @@ class BronzeStore:
         """Record atomically and durably that a unit of work (for example one dump file) is
         stored. Call it only after the parts it vouches for were written: `write` syncs them."""
         path = self.marker_path(kind, key)
-        with _flock(self._lock_file("_done.lock"), wait=True):
-            _make_dirs(path.parent)
-            _write_durably(path, json.dumps(info, sort_keys=True))
+        with exclusive_lock(self._lock_file("_done.lock"), wait=True):
+            make_dirs_durably(path.parent)
+            write_durably(path, json.dumps(info, sort_keys=True))
 
     def read_marker(self, kind: str, key: str) -> dict[str, object] | None:
         """The info of a done-marker, or None when there is none."""
@@ -233,60 +232,9 @@ class BronzeStore:
         return self.marker_path(kind, key).exists()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the entries of `directory` (new names, renames) survive a power loss."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_dirs(directory: Path) -> None:
-    """`mkdir -p` whose new directories survive a power loss: each parent is synced after."""
-    missing: list[Path] = []
-    node = directory
-    while not node.exists():
-        missing.append(node)
-        node = node.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir()
-        except FileExistsError:
-            continue  # another writer made it; it syncs the parent
-        _fsync_dir(path.parent)
-
-
-def _write_durably(target: Path, text: str) -> None:
-    """Write `text` to a synced temporary, rename it to `target`, then sync the directory."""
-    temporary = target.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
-    _fsync_dir(target.parent)
-
-
-@contextmanager
-def _flock(path: Path, wait: bool) -> Iterator[bool]:
-    """Hold an exclusive advisory lock on `path`; yields False when `wait` is False and another
-    open file holds it. The lock goes with the file descriptor, so a killed holder frees it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 def _unlink_temporaries(directory: Path) -> int:
     removed = 0
-    for path in directory.glob(f"**/{_TMP_PREFIX}*"):
+    for path in directory.glob(f"**/{TMP_PREFIX}*"):
         path.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -15,9 +15,7 @@ symbol is recomputed over its whole history: the rewritten months equal a full r
 from __future__ import annotations
 
 import json
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ from market.features.spark_engine import (
     add_segments_and_targets,
     compute_features_spark,
 )
+from market.files import write_durably
 from market.klines import ONE_MINUTE_MS
 from market.lake import Lake
 from market.validation.spark_rules import parse_and_validate
@@ -72,9 +71,7 @@ def _state(path: Path) -> dict[str, Any]:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(temporary, path)
+    write_durably(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _part_key(bronze: Path, part: PartInfo) -> str:

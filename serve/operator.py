@@ -24,7 +24,6 @@ import errno
 import ipaddress
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import uvicorn
 
 from configs.schema import OperatorConfig
+from market.files import write_durably
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +118,8 @@ def write_target_file(directory: Path, endpoint: OperatorEndpoint, labels: dict[
     folder at any moment) and return its path."""
     directory.mkdir(parents=True, exist_ok=True)
     path = target_file(directory, endpoint)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(
-        json.dumps([{"targets": [endpoint.target], "labels": labels}], indent=1) + "\n",
-        encoding="utf-8",
-    )
-    temporary.replace(path)
+    groups = [{"targets": [endpoint.target], "labels": labels}]
+    write_durably(path, json.dumps(groups, indent=1) + "\n")
     return path
 
 

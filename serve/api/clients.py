@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-import fcntl
 import hashlib
 import hmac
 import logging
 import os
 import secrets
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -45,6 +42,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from configs.schema import MAX_JWT_LEEWAY_S
+from market.files import exclusive_lock, write_durably
 from serve.api.auth import AuthError, Claims
 
 log = logging.getLogger(__name__)
@@ -443,7 +441,10 @@ class ClientStore:
         it raises ValueError to refuse) and write the result, under a lock held across the
         read and the write."""
         path = self._require_path()
-        with self._lock, _exclusive(path):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The lock file beside it, so that concurrent writers on this node do not lose each
+        # other's changes between the read and the write.
+        with self._lock, exclusive_lock(path.parent / f".{path.name}.lock"):
             current = _read(path) or _EMPTY
             clients = dict(current.clients)
             revoked = dict(current.revoked)
@@ -451,7 +452,8 @@ class ClientStore:
             # Past `expires_at` plus the largest leeway no verifier accepts the token anyway.
             horizon = self._wall_clock() - MAX_JWT_LEEWAY_S
             kept = {jti: until for jti, until in revoked.items() if until >= horizon}
-            _write_atomic(path, _dump(clients.values(), kept))
+            # Atomic (readers see the old file or the new one), 0600: it holds secret hashes.
+            write_durably(path, _dump(clients.values(), kept), mode=0o600)
             self._contents = _read(path) or _EMPTY
             self._rejected = None
 
@@ -496,19 +498,6 @@ def _summary(contents: _Contents) -> str:
     )
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """An advisory lock beside `path` (".<name>.lock"), held for a read-change-write of the
-    file so that concurrent writers on this node do not lose each other's changes."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _describe(exc: ValidationError) -> str:
     """Pydantic's errors without the input values, which may include secret hashes."""
     return "; ".join(
@@ -524,21 +513,3 @@ def _dump(clients: Iterable[ClientEntry], revoked: Mapping[str, int]) -> str:
         ],
     }
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename it over `path`, so a
-    crash never leaves a truncated file and a reader sees the old or the new file, never a
-    mix; mkstemp creates it 0600 and that mode is kept."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
