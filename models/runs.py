@@ -212,11 +212,6 @@ class RunDir:
         loaded Evaluation is named `name`."""
         return TrialDir(self.references / reference_dir_name(name), record_name=name)
 
-    def trial_returns(self, trial_ids: Sequence[str]) -> TrialReturns:
-        """The stored out-of-sample returns of `trial_ids`, one column each in that order, on
-        the minutes all of them were scored on (the matrix CSCV takes)."""
-        return aligned_returns([self.trial(tid).load().evaluation for tid in trial_ids])
-
     def reference_names(self) -> list[str]:
         """The names of the reference records stored in the run, sorted; empty for a run
         written before references were stored."""

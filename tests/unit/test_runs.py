@@ -12,7 +12,14 @@ import pytest
 
 from models.evaluation import Evaluation
 from models.folds import Fold
-from models.runs import BUY_AND_HOLD, RunDir, reference_dir_name, reference_name
+from models.runs import (
+    BUY_AND_HOLD,
+    RunDir,
+    TrialReturns,
+    aligned_returns,
+    reference_dir_name,
+    reference_name,
+)
 
 FOLDS = (
     Fold(0, 0, 600_000, 660_000, 780_000, 840_000, 1_200_000),
@@ -111,8 +118,12 @@ def test_references_round_trip_with_folds_under_reversible_directory_names(
         run.reference("")
 
 
-def test_trial_returns_stack_the_stored_records_on_their_shared_minutes(tmp_path: Path) -> None:
+def test_aligned_returns_stack_the_stored_records_on_their_shared_minutes(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
+
+    def stored(trial_ids: list[str]) -> TrialReturns:
+        return aligned_returns([run.trial(tid).load().evaluation for tid in trial_ids])
+
     first, second = evaluation("t_1"), evaluation("t_2")
     second.returns = second.returns * 2.0
     # t_3 misses the first two minutes: the matrix keeps only the minutes all three share.
@@ -120,11 +131,11 @@ def test_trial_returns_stack_the_stored_records_on_their_shared_minutes(tmp_path
     third.open_time_ms, third.returns = third.open_time_ms[2:], -third.returns[2:]
     for saved in (first, second, third):
         run.trial(saved.name).save(saved, FOLDS)
-    stacked = run.trial_returns(["t_2", "t_3", "t_1"])
+    stacked = stored(["t_2", "t_3", "t_1"])
     assert stacked.names == ("t_2", "t_3", "t_1")
     np.testing.assert_array_equal(stacked.open_time_ms, first.open_time_ms[2:])
     assert stacked.returns.shape == (len(first.returns) - 2, 3)
     np.testing.assert_array_equal(stacked.returns[:, 0], 2.0 * first.returns[2:])
     np.testing.assert_array_equal(stacked.returns[:, 1], -first.returns[2:])
     np.testing.assert_array_equal(stacked.returns[:, 2], first.returns[2:])
-    assert run.trial_returns([]).returns.shape == (0, 0)
+    assert stored([]).returns.shape == (0, 0)
