@@ -32,10 +32,6 @@ from market.klines import ONE_DAY_MS, ONE_MINUTE_MS
 # "std is 0" means std within 1e-12 of the level it is measured against (both engines agree).
 DISPERSION_EPS = 1e-12
 
-# Every kept feature value must read bars of its own segment only (see the module docstring).
-if spec.LONGEST_WINDOW_BARS > spec.WARMUP_BARS:
-    raise ImportError("the longest feature window must fit inside the warm-up")
-
 _TIME = "_t"  # open time in epoch ms
 _NEW_RUN = "_new_run"  # true at the first bar of each (symbol, segment)
 # Rows per block of the windowed features: a block's dozen float arrays (64 KiB each) stay in a

@@ -280,3 +280,9 @@ def test_frames_shorter_than_the_warm_up_have_no_features(rows: int) -> None:
         rows * len(spec.FEATURE_COLUMNS)
     )
     assert features["target_close_10"].null_count() == rows - max(rows - spec.HORIZON_BARS, 0)
+
+
+def test_no_window_reaches_past_the_warm_up() -> None:
+    # The batch engine runs rolling windows over the whole sorted frame, across segments: a
+    # kept value (past the warm-up) then reads bars of its own segment only.
+    assert spec.LONGEST_WINDOW_BARS <= spec.WARMUP_BARS
