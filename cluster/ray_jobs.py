@@ -460,6 +460,28 @@ def _tail(text: str, chars: int = _LOG_TAIL_CHARS) -> str:
     return text[-chars:].strip()
 
 
+NO_AGENT = "No available agent to submit job"
+"""Ray's answer (HTTP 500) while no job agent can take a submission: agents start after the
+head's dashboard and may not answer health checks on a loaded node. Nothing was submitted."""
+SUBMIT_RETRY_S = 60.0
+"""How long a submission refused with `NO_AGENT` is retried, in seconds."""
+SUBMIT_RETRY_POLL_S = 2.0
+
+
+def _submit(client: JobClient, **job: Any) -> str:
+    """`client.submit_job(**job)`, retried for up to `SUBMIT_RETRY_S` seconds while Ray has no
+    job agent to take it; any other refusal is raised at once."""
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if NO_AGENT not in str(exc) or time.monotonic() >= deadline:
+                raise
+            logger.warning("Ray has no job agent for the submission yet; retrying: %s", exc)
+            time.sleep(SUBMIT_RETRY_POLL_S)
+
+
 def submit_and_wait(
     client: JobClient,
     entrypoint: str,
@@ -484,7 +506,8 @@ def submit_and_wait(
     outlives its waiter. Up to `max_status_errors` consecutive failures to read the status
     (the dashboard restarting, a network blip) are tolerated.
     """
-    job_id = client.submit_job(
+    job_id = _submit(
+        client,
         entrypoint=entrypoint,
         runtime_env=dict(runtime_env) if runtime_env is not None else None,
         metadata=dict(metadata) if metadata else None,

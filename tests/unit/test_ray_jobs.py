@@ -15,6 +15,7 @@ from typing import Any, get_args
 
 import pytest
 
+from cluster import ray_jobs
 from cluster.ray_jobs import (
     DEFAULT_EXCLUDES,
     DEFAULT_TIMEOUTS_S,
@@ -358,3 +359,56 @@ def test_a_scheduler_can_import_this_module_without_ray() -> None:
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+class _AgentlessAtFirst:
+    """A job client whose head has no job agent for its first `refusals` submissions (as Ray
+    answers while the agent starts) and whose jobs then succeed at once."""
+
+    def __init__(self, refusals: int, error: str = ray_jobs.NO_AGENT) -> None:
+        self.refusals = refusals
+        self.error = error
+        self.submissions: list[str] = []
+
+    def submit_job(self, *, submission_id: str | None = None, **_: Any) -> str:
+        if self.refusals:
+            self.refusals -= 1
+            raise RuntimeError(f"Request failed with status code 500: {self.error}, try later.")
+        assert submission_id is not None
+        self.submissions.append(submission_id)
+        return submission_id
+
+    def get_job_status(self, job_id: str) -> str:
+        return "SUCCEEDED"
+
+    def get_job_logs(self, job_id: str) -> str:
+        return ""
+
+    def get_job_info(self, job_id: str) -> Any:
+        return None
+
+    def stop_job(self, job_id: str) -> bool:
+        return False
+
+
+def test_a_submission_waits_for_a_job_agent_then_runs_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ray_jobs, "SUBMIT_RETRY_POLL_S", 0.01)
+    client = _AgentlessAtFirst(refusals=3)
+    status = ray_jobs.submit_and_wait(client, "python -c pass", None, timeout_s=5, poll_s=0.01)
+    assert status == "SUCCEEDED"
+    assert len(client.submissions) == 1
+
+
+def test_other_submission_errors_and_a_lasting_lack_of_agents_are_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ray_jobs, "SUBMIT_RETRY_POLL_S", 0.01)
+    with pytest.raises(RuntimeError, match="runtime_env is invalid"):
+        ray_jobs.submit_and_wait(
+            _AgentlessAtFirst(1, "runtime_env is invalid"), "x", None, timeout_s=5
+        )
+    monkeypatch.setattr(ray_jobs, "SUBMIT_RETRY_S", 0.05)
+    with pytest.raises(RuntimeError, match=ray_jobs.NO_AGENT):
+        ray_jobs.submit_and_wait(_AgentlessAtFirst(10**6), "x", None, timeout_s=5)
