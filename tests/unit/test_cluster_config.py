@@ -169,3 +169,27 @@ def test_head_serves_the_jobs_api_and_metrics(config: dict[str, Any]) -> None:
         "ulimit -n 65536" in head
         and "--ulimit nofile=65536:65536" in config["docker"]["run_options"]
     )
+
+
+def test_every_node_reaches_the_object_store_without_credentials_in_the_file(
+    config: dict[str, Any],
+) -> None:
+    """The lake and the registry are object-store URIs shared by every node: each container gets
+    the store's region and endpoint, each worker an instance profile for the bucket (the head
+    has Ray's own), and no key is ever written here."""
+    options = dict(
+        option.removeprefix("--env ").split("=", 1)
+        for option in config["docker"]["run_options"]
+        if option.startswith("--env ")
+    )
+    assert options["AWS_REGION"] == config["provider"]["region"]
+    assert options["AWS_ENDPOINT_URL"] == f"https://s3.{config['provider']['region']}.amazonaws.com"
+    head = config["head_node_type"]
+    for name, spec in config["available_node_types"].items():
+        profile = spec["node_config"].get("IamInstanceProfile")
+        if name == head:
+            assert profile is None, "the head keeps the profile Ray's launcher gives it"
+        else:
+            assert profile == {"Name": "quant-ai-storage"}, name
+    text = CLUSTER_YAML.read_text()
+    assert "AWS_ACCESS_KEY_ID" not in text and "AWS_SECRET_ACCESS_KEY" not in text
