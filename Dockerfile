@@ -1,6 +1,6 @@
 # Quant-AI runtime image: Python 3.11 + JDK 17 (RayDP/Spark), pinned dependencies, non-root user.
 # The default command serves the signal API (Ray Serve, port 8000) on a Ray local to the
-# container; the same image runs every node of ray-cluster.yaml.
+# container; the same image runs every node of ray-cluster.yaml and every pod of deploy/k8s/.
 #
 #   docker build -t quant-ai:0.1.0 .
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
