@@ -33,7 +33,7 @@ def scaled_difference(
     The scale DESIGN.md section 4 judges the engines by: series that cross zero (MACD) are
     measured at their own typical size. Both frames must have the same rows in the same order.
     """
-    assert online["open_time"].to_list() == offline["open_time"].to_list()
+    assert online["open_time"].equals(offline["open_time"])
     on = online.select(FEATURES).to_numpy()
     off = offline.select(FEATURES).to_numpy()
     # Null (warm-up) must be null in both engines; compare values where both have one.
