@@ -15,6 +15,14 @@ the process to one CPU. Figures, medians of `--repeats` runs:
   ratio_vs_talib = batch_rows_per_s / talib_rows_per_s (above 1: ours is faster).
 - spark_kernel_rows_per_s: the numpy kernel the Spark ETL runs per symbol (inside
   applyInPandas; Spark's own costs excluded), for scale.
+- incremental_us_per_symbol_bar_N (N = 1, 100, 10,000 symbols): wall microseconds per
+  symbol-bar of `IncrementalFeatures.advance` (market.features.incremental) taking one new bar
+  for all N symbols in one call, past the warm-up, with a 60-row window ring
+  (incremental_cpu_us_per_symbol_bar_N: the same over CPU time). Each symbol replays the real
+  year from its own offset. Its peer, batch_400_us_per_symbol_bar_N (and _cpu_): the batch
+  engine recomputing a 400-bar history per symbol to get the newest row, one call over N x 400
+  bars, per symbol; incremental_speedup_N = batch_400 / incremental over CPU time, the steadier
+  clock on a shared machine (above 1: incremental is faster).
 
 Last line: one JSON object of figures.
 
@@ -30,6 +38,8 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +47,7 @@ import numpy as np
 import polars as pl
 import talib
 
+from market.features.incremental import BarArrays, IncrementalFeatures
 from market.features.numpy_kernel import compute_symbol_features
 from market.features.polars_engine import compute_features
 from market.klines import RAW_FIELDS
@@ -46,6 +57,12 @@ REAL_1M = (
     / "shared/data/raw/BTCUSDT-1m-spot-2023-12-01_2024-12-31.csv.gz"
 )
 THREADS_ENV = "POLARS_MAX_THREADS"
+INCREMENTAL_SYMBOLS = (1, 100, 10_000)
+# Bars each incremental run advances every symbol by, per symbol count (about 10k symbol-bars).
+INCREMENTAL_STEPS = {1: 5_000, 100: 100, 10_000: 2}
+# Feature rows each symbol's window ring holds (the longest model window of the shipped sweep).
+WINDOW_ROWS = 60
+BATCH_HISTORY_BARS = 400
 
 
 def read_year(path: Path) -> pl.DataFrame:
@@ -86,6 +103,33 @@ def many_symbols(year: pl.DataFrame, symbols: int, bars: int) -> pl.DataFrame:
     )
 
 
+def incremental_us(year: pl.DataFrame, symbols: int, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) microseconds per symbol-bar of `advance` over `symbols` symbols,
+    each replaying the year from its own offset, timed once every window ring is full."""
+    steps = INCREMENTAL_STEPS[symbols]
+    warm_up = 240 + WINDOW_ROWS
+    total = warm_up + steps * (repeats + 1)
+    engine = IncrementalFeatures([f"SYM{i:05d}" for i in range(symbols)], WINDOW_ROWS)
+    source = engine.bar_arrays(year.with_columns(pl.lit("SYM00000").alias("symbol")))
+    offsets = np.arange(symbols) * 4_999 % (len(source) - total)
+    everyone = np.arange(symbols)
+
+    def bars_at(step: int) -> BarArrays:
+        return replace(source.rows(offsets + step), symbol=everyone)
+
+    for step in range(warm_up):
+        engine.advance(bars_at(step))
+    batches = iter([bars_at(step) for step in range(warm_up, total)])
+
+    def run() -> None:
+        for _ in range(steps):
+            engine.advance(next(batches))
+
+    wall, cpu = timed(run, repeats)
+    assert engine.windows().ready.all()
+    return wall / steps / symbols * 1e6, cpu / steps / symbols * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
@@ -124,6 +168,29 @@ def main() -> int:
     kernel_s, _ = timed(lambda: compute_symbol_features(open_time, segment, arrays), args.repeats)
     print(f"Spark's numpy kernel: {kernel_s:.3f} s", file=sys.stderr)
 
+    incremental: dict[str, Any] = {}
+    for symbols in INCREMENTAL_SYMBOLS:
+        wall_us, cpu_us = incremental_us(year, symbols, args.repeats)
+        histories = many_symbols(year, symbols, BATCH_HISTORY_BARS)
+        # One call over 4 M rows at 10,000 symbols takes seconds: time it once after a warm-up.
+        recompute_repeats = 1 if symbols > 100 else args.repeats
+        recompute_s, recompute_cpu_s = timed(
+            partial(compute_features, histories), recompute_repeats
+        )
+        incremental |= {
+            f"incremental_us_per_symbol_bar_{symbols}": round(wall_us, 2),
+            f"incremental_cpu_us_per_symbol_bar_{symbols}": round(cpu_us, 2),
+            f"batch_400_us_per_symbol_bar_{symbols}": round(recompute_s / symbols * 1e6, 1),
+            f"batch_400_cpu_us_per_symbol_bar_{symbols}": round(recompute_cpu_s / symbols * 1e6, 1),
+            f"incremental_speedup_{symbols}": round(recompute_cpu_s / symbols * 1e6 / cpu_us, 1),
+        }
+        print(
+            f"incremental, {symbols} symbols: {wall_us:.2f} us/symbol-bar ({cpu_us:.2f} CPU); "
+            f"batch recompute of {BATCH_HISTORY_BARS} bars: {recompute_s / symbols * 1e6:.1f} us "
+            f"({recompute_cpu_s / symbols * 1e6:.1f} CPU)",
+            file=sys.stderr,
+        )
+
     figures: dict[str, Any] = {
         "rows": rows,
         "threads": pl.thread_pool_size(),
@@ -137,6 +204,7 @@ def main() -> int:
         "talib_rows_per_s": round(rows / talib_s),
         "ratio_vs_talib": round(talib_s / batch_s, 3),
         "spark_kernel_rows_per_s": round(rows / kernel_s),
+        **incremental,
     }
     print(json.dumps(figures, sort_keys=True))
     return 0

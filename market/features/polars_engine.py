@@ -1,7 +1,8 @@
 """The batch feature engine: the shared spec over any number of symbols' bars in one pass.
 
 POST /predict, the live engine, the simulated Silver and the parity tests run this; the Spark ETL
-runs the independent numpy kernel (market.features.numpy_kernel) and the tests hold the two
+runs the independent numpy kernel (market.features.numpy_kernel), the incremental engine
+(market.features.incremental) advances the same features bar by bar, and the tests hold the three
 equal. Input: validated bars (the BAR_COLUMNS of market.klines, `open_time` as a UTC datetime or
 epoch milliseconds), any number of symbols, any order. Output: the bars sorted by symbol and
 open_time with a `segment` id and every feature and target column of the spec.

@@ -1,8 +1,11 @@
-"""The feature specification shared by the offline (Spark) and online (polars) engines.
+"""The feature specification shared by the three engines that implement it.
 
-Everything here is data: the names, windows and constants that both engines read, plus a
-version and a hash of the definitions. Silver, every model and every served signal record the
-hash, so a model is only ever fed features computed by the definitions it was trained on.
+The Spark ETL runs market.features.numpy_kernel, POST /predict and the live engine the batch
+(polars) engine market.features.polars_engine, and market.features.incremental advances the same
+features one bar at a time; the parity tests hold the three equal. Everything here is data: the
+names, windows and constants that the engines read, plus a version and a hash of the
+definitions. Silver, every model and every served signal record the hash, so a model is only
+ever fed features computed by the definitions it was trained on.
 Units: every window is a number of 1-minute bars; returns are natural-log returns.
 """
 
