@@ -11,7 +11,9 @@ over symbols):
   mean, the volume z-score) read the last spec.LONGEST_WINDOW_BARS (61) inputs of the symbol,
   kept in a fixed-size buffer (oldest first, shifted by one bar per advance), with the batch
   engine's formulas: window sums, Bollinger deviations from the current close, and realised
-  variance from the sums of ret_1 and its square.
+  variance from the sums of ret_1 and its square. The buffer is stored bar-major (input, bar,
+  symbol), so a window sum adds whole rows of symbols, and when every symbol advances at once
+  the shifted buffer simply replaces the old one.
 - Pointwise features (taker ratio, log volume and trades, high-low range, the cyclic time
   encodings) come from the new bar alone.
 
@@ -134,7 +136,7 @@ class IncrementalFeatures:
         self._macd_signal = np.full(n, np.nan)
         self._mean_gain = np.full(n, np.nan)
         self._mean_loss = np.full(n, np.nan)
-        self._inputs = np.full((n, _WINDOW_INPUTS, spec.LONGEST_WINDOW_BARS), np.nan)
+        self._inputs = np.full((_WINDOW_INPUTS, spec.LONGEST_WINDOW_BARS, n), np.nan)
         self._rows = np.full((n, window_rows, len(spec.FEATURE_COLUMNS)), np.nan)
         self._rows_written = np.zeros(n, dtype=np.int64)
         tau = 2.0 * math.pi
@@ -194,17 +196,19 @@ class IncrementalFeatures:
         count = np.where(continues, self._segment_bars[idx] + 1, 1)
 
         # The window buffer, shifted by one bar; a new segment's starts empty.
-        window = np.empty((len(bars), _WINDOW_INPUTS, spec.LONGEST_WINDOW_BARS))
-        window[:, :, :-1] = self._inputs[idx, :, 1:]
-        window[~continues, :, :-1] = np.nan
+        every_symbol = len(bars) == len(self.symbols) and bool((idx[1:] > idx[:-1]).all())
+        window = np.empty((_WINDOW_INPUTS, spec.LONGEST_WINDOW_BARS, len(bars)))
+        window[:, :-1] = self._inputs[:, 1:] if every_symbol else self._inputs[:, 1:, idx]
+        if not continues.all():
+            window[:, :-1, ~continues] = np.nan
         close = bars.close
-        previous_close = window[:, _CLOSE, -2]
+        previous_close = window[_CLOSE, -2]
         with np.errstate(divide="ignore", invalid="ignore"):
             taker_ratio = np.where(bars.volume == 0.0, 0.5, bars.taker_buy_base / bars.volume)
-            window[:, _RET_1, -1] = np.log(close / previous_close)
-        window[:, _CLOSE, -1] = close
-        window[:, _TAKER_RATIO, -1] = taker_ratio
-        window[:, _VOLUME, -1] = bars.volume
+            window[_RET_1, -1] = np.log(close / previous_close)
+        window[_CLOSE, -1] = close
+        window[_TAKER_RATIO, -1] = taker_ratio
+        window[_VOLUME, -1] = bars.volume
 
         f = self._recursive(idx, continues, count, close, previous_close)
         f.update(_windowed(window))
@@ -221,7 +225,10 @@ class IncrementalFeatures:
         # Features are kept from WARMUP_BARS bars into the segment (position count - 1).
         rows[count <= spec.WARMUP_BARS] = np.nan
 
-        self._inputs[idx] = window
+        if every_symbol:
+            self._inputs = window
+        else:
+            self._inputs[:, :, idx] = window
         self._segment_bars[idx] = count
         self._last_open_time[idx] = time
         self._rows[idx, self._rows_written[idx] % self.window_rows] = rows
@@ -318,27 +325,27 @@ class IncrementalFeatures:
 def _windowed(window: FloatArray) -> dict[str, FloatArray]:
     """The rolling features at the newest bar of each symbol's window buffer.
 
-    `window` is (symbols, 4, LONGEST_WINDOW_BARS), oldest bar first; a value whose window
+    `window` is (4, LONGEST_WINDOW_BARS, symbols), oldest bar first; a value whose window
     reaches before the segment's first bar reads NaN (only ever in the warm-up).
     """
     f: dict[str, FloatArray] = {}
-    close = window[:, _CLOSE]
-    now = close[:, -1]
-    ret_1 = window[:, _RET_1]
+    close = window[_CLOSE]
+    now = close[-1]
+    ret_1 = window[_RET_1]
     for k in spec.RETURN_LAGS:
         # The sum of the last k one-bar log returns, as the batch engine computes ret_k.
-        f[f"ret_{k}"] = ret_1[:, -1] if k == 1 else ret_1[:, -k:].sum(axis=1)
+        f[f"ret_{k}"] = ret_1[-1] if k == 1 else ret_1[-k:].sum(axis=0)
     for k in spec.SMA_WINDOWS:
-        sma = close[:, -k:].sum(axis=1) / k
+        sma = close[-k:].sum(axis=0) / k
         f[f"sma_{k}"] = sma
         f[f"close_sma_{k}"] = now / sma - 1.0
 
     # Bollinger from the deviations of the window's closes from the current one, as the batch
     # engine does (precise for a narrow band at a 5-digit price).
     w = spec.BOLLINGER_WINDOW
-    deviation = close[:, -w:-1] - now[:, None]
-    mean_dev = deviation.sum(axis=1) / w
-    var = np.maximum((deviation * deviation).sum(axis=1) / w - mean_dev * mean_dev, 0.0)
+    deviation = close[-w:-1] - now
+    mean_dev = deviation.sum(axis=0) / w
+    var = np.maximum((deviation * deviation).sum(axis=0) / w - mean_dev * mean_dev, 0.0)
     band = spec.BOLLINGER_K * np.sqrt(var)
     mid = now + mean_dev
     flat = band <= DISPERSION_EPS * mid
@@ -347,21 +354,21 @@ def _windowed(window: FloatArray) -> dict[str, FloatArray]:
         f["bb_width_20"] = np.where(flat, 0.0, 2.0 * band / mid)
 
     for k in spec.REALISED_VOL_WINDOWS:
-        recent = ret_1[:, -k:]
-        total = recent.sum(axis=1)
-        var = ((recent * recent).sum(axis=1) - total * total / k) / (k - 1)
+        recent = ret_1[-k:]
+        total = recent.sum(axis=0)
+        var = ((recent * recent).sum(axis=0) - total * total / k) / (k - 1)
         f[f"rv_{k}"] = np.sqrt(np.maximum(var, 0.0))
 
     k = spec.TAKER_RATIO_MA_WINDOW
-    f["taker_buy_ratio_ma_10"] = window[:, _TAKER_RATIO, -k:].sum(axis=1) / k
+    f["taker_buy_ratio_ma_10"] = window[_TAKER_RATIO, -k:].sum(axis=0) / k
 
     k = spec.VOLUME_Z_WINDOW
-    volume = window[:, _VOLUME, -k:]
-    v_mean = volume.sum(axis=1) / k
-    spread = volume - v_mean[:, None]
-    v_std = np.sqrt((spread * spread).sum(axis=1) / (k - 1))
+    volume = window[_VOLUME, -k:]
+    v_mean = volume.sum(axis=0) / k
+    spread = volume - v_mean
+    v_std = np.sqrt((spread * spread).sum(axis=0) / (k - 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         f["volume_z_60"] = np.where(
-            v_std <= DISPERSION_EPS * np.abs(v_mean), 0.0, spread[:, -1] / v_std
+            v_std <= DISPERSION_EPS * np.abs(v_mean), 0.0, spread[-1] / v_std
         )
     return f
