@@ -27,9 +27,10 @@ batch engine (market.features.polars_engine) on the same bars within floating-po
 (the tests hold them within 1e-9 at each column's scale).
 
 Every feature row `advance` computes (null rows of the warm-up included) also goes into a
-per-symbol ring of the last `window_rows` rows, which `windows` returns as a model's input
-windows (symbols x rows x features, oldest row first) with a mask of the symbols whose whole
-window is past the warm-up.
+per-symbol ring of the last `window_rows` rows, with its bar's close, which `windows` returns as
+a model's input windows (symbols x rows x features, oldest row first; the closes scale the
+price-unit features into model inputs, models.dataset.model_inputs) with a mask of the symbols
+whose whole window is past the warm-up.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class FeatureWindows:
 
     values: (symbols, window_rows, len(spec.FEATURE_COLUMNS)) float64, oldest row first,
         columns in spec.FEATURE_COLUMNS order; NaN throughout for a symbol that is not ready.
+    close: (symbols, window_rows) float64, the close of each row's bar (NaN where `values` is).
     ready: (symbols,) bool, true where every row of the window is past the segment's warm-up.
     open_time_ms: (symbols,) int64, the open time of each symbol's newest row (the last bar it
         took; the int64 minimum for a symbol that has taken none), so a caller can tell a
@@ -106,6 +108,7 @@ class FeatureWindows:
     """
 
     values: FloatArray
+    close: FloatArray
     ready: np.ndarray
     open_time_ms: np.ndarray
 
@@ -115,7 +118,7 @@ class IncrementalFeatures:
 
     `symbols` names the symbols, in the order of their indices; `window_rows` (>= 1) is how
     many of each symbol's latest feature rows `windows` returns (a model's input window).
-    Memory: about (4 * 61 + 8 + 33 * window_rows) float64 per symbol. Not thread-safe: one
+    Memory: about (4 * 61 + 8 + 34 * window_rows) float64 per symbol. Not thread-safe: one
     caller at a time advances or reads it.
     """
 
@@ -138,6 +141,7 @@ class IncrementalFeatures:
         self._mean_loss = np.full(n, np.nan)
         self._inputs = np.full((_WINDOW_INPUTS, spec.LONGEST_WINDOW_BARS, n), np.nan)
         self._rows = np.full((n, window_rows, len(spec.FEATURE_COLUMNS)), np.nan)
+        self._row_close = np.full((n, window_rows), np.nan)
         self._rows_written = np.zeros(n, dtype=np.int64)
         tau = 2.0 * math.pi
         minute_angle = np.arange(spec.MINUTES_PER_DAY) * tau / spec.MINUTES_PER_DAY
@@ -231,7 +235,9 @@ class IncrementalFeatures:
             self._inputs[:, :, idx] = window
         self._segment_bars[idx] = count
         self._last_open_time[idx] = time
-        self._rows[idx, self._rows_written[idx] % self.window_rows] = rows
+        slot = self._rows_written[idx] % self.window_rows
+        self._rows[idx, slot] = rows
+        self._row_close[idx, slot] = close
         self._rows_written[idx] += 1
         return rows
 
@@ -242,9 +248,11 @@ class IncrementalFeatures:
         # The newest row sits at slot (written - 1) % w; read the w slots before it, in order.
         slots = (self._rows_written[idx, None] - w + np.arange(w)) % w
         values = self._rows[idx[:, None], slots]
+        close = self._row_close[idx[:, None], slots]
         ready = self._segment_bars[idx] >= spec.WARMUP_BARS + w
         values[~ready] = np.nan
-        return FeatureWindows(values, ready, self._last_open_time[idx].copy())
+        close[~ready] = np.nan
+        return FeatureWindows(values, close, ready, self._last_open_time[idx].copy())
 
     def _check(self, bars: BarArrays) -> None:
         n = len(bars)

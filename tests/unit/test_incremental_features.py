@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from market.features import spec
-from market.features.incremental import IncrementalFeatures, StaleBarError
+from market.features.incremental import BarArrays, IncrementalFeatures, StaleBarError
 from market.features.polars_engine import compute_features
 from market.klines import ONE_MINUTE_MS
 from market.sim_silver import simulated_bars
@@ -40,25 +40,28 @@ def replay(
     for call, (start, stop) in enumerate(pairwise(bounds)):
         rows[start:stop] = engine.advance(arrays.rows(slice(start, stop)))
         if checkpoint_every and call % checkpoint_every == checkpoint_every - 1:
-            check_windows(engine, arrays.symbol[:stop], rows[:stop])
+            check_windows(engine, arrays.rows(slice(0, stop)), rows[:stop])
     features = pl.from_numpy(rows, schema=FEATURES).fill_nan(None)
     return bars.select("symbol", "open_time").hstack(features).sort("symbol", "open_time")
 
 
-def check_windows(engine: IncrementalFeatures, symbol: np.ndarray, rows: np.ndarray) -> None:
+def check_windows(engine: IncrementalFeatures, taken: BarArrays, rows: np.ndarray) -> None:
     """Each symbol's window holds the last WINDOW_ROWS rows `advance` returned for it (`rows`,
-    in the order taken, with their `symbol` indices), and is ready exactly when all of them
-    are past the warm-up of one segment (a gap restarts the warm-up, so that is when none is
+    for the bars `taken`, in order) and their closes, and is ready exactly when all of them are
+    past the warm-up of one segment (a gap restarts the warm-up, so that is when none is
     null)."""
     windows = engine.windows()
     for i in range(len(engine.symbols)):
-        expected = rows[symbol == i][-WINDOW_ROWS:]
+        mine = taken.symbol == i
+        expected = rows[mine][-WINDOW_ROWS:]
         warm = expected.shape[0] == WINDOW_ROWS and not np.isnan(expected).any()
         assert windows.ready[i] == warm
         if warm:
             assert np.array_equal(windows.values[i], expected)
+            assert np.array_equal(windows.close[i], taken.close[mine][-WINDOW_ROWS:])
+            assert windows.open_time_ms[i] == taken.open_time_ms[mine][-1]
         else:
-            assert np.isnan(windows.values[i]).all()
+            assert np.isnan(windows.values[i]).all() and np.isnan(windows.close[i]).all()
 
 
 def median_abs(frame: pl.DataFrame) -> np.ndarray:
@@ -154,6 +157,7 @@ def test_a_window_is_ready_once_the_warm_up_and_the_window_are_past() -> None:
     assert windows.ready.tolist() == [True]
     assert windows.open_time_ms.tolist() == [bars["open_time"][-1]]
     assert np.array_equal(windows.values[0], np.concatenate(rows[-WINDOW_ROWS:]))
+    assert np.array_equal(windows.close[0], bars["close"].tail(WINDOW_ROWS).to_numpy())
     assert not np.isnan(windows.values).any()
 
 
