@@ -47,6 +47,7 @@ import numpy as np
 import polars as pl
 import talib
 
+from market.features import spec
 from market.features.incremental import BarArrays, IncrementalFeatures
 from market.features.numpy_kernel import compute_symbol_features
 from market.features.polars_engine import compute_features
@@ -107,7 +108,7 @@ def incremental_us(year: pl.DataFrame, symbols: int, repeats: int) -> tuple[floa
     """Median (wall, CPU) microseconds per symbol-bar of `advance` over `symbols` symbols,
     each replaying the year from its own offset, timed once every window ring is full."""
     steps = INCREMENTAL_STEPS[symbols]
-    warm_up = 240 + WINDOW_ROWS
+    warm_up = spec.WARMUP_BARS + WINDOW_ROWS
     total = warm_up + steps * (repeats + 1)
     engine = IncrementalFeatures([f"SYM{i:05d}" for i in range(symbols)], WINDOW_ROWS)
     source = engine.bar_arrays(year.with_columns(pl.lit("SYM00000").alias("symbol")))
