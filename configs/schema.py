@@ -118,6 +118,65 @@ class BinanceConfig(StrictModel):
     page_limit: int = Field(default=1000, ge=1, le=1000)
 
 
+BINANCE_STREAM_DOCS: Final = (
+    "https://developers.binance.com/docs/binance-spot-api-docs/web-socket-streams"
+)
+"""Binance's spot WebSocket Streams documentation, the source of the limits below."""
+
+BinanceLive = Literal["websocket", "polling"]
+"""How the `binance` feed receives live bars: the WebSocket kline stream (with REST backfill and
+REST catch-up while a connection is down) or REST polling alone."""
+
+
+class BinanceStreamConfig(StrictModel):
+    """Binance's WebSocket kline stream (`market.sources.binance_ws`).
+
+    Binance's documented limits (BINANCE_STREAM_DOCS, "WebSocket Limits"): a connection listens
+    to at most 1024 streams; it may send at most 5 messages per second, where a PING frame, a
+    PONG frame and a JSON control message (SUBSCRIBE, ...) each count, and a connection beyond
+    that is disconnected; at most 300 connection attempts per 5 minutes per IP. The server pings
+    every 20 s and drops a connection that has not answered with a pong within a minute, and it
+    cuts every connection at 24 h.
+    """
+
+    url: str = Field(
+        default="wss://stream.binance.com:9443", description="base URL; `/stream` is appended"
+    )
+    max_streams_per_connection: int = Field(
+        default=1024, ge=1, le=1024, description="symbols per connection (Binance: at most 1024)"
+    )
+    streams_per_message: int = Field(
+        default=100,
+        ge=1,
+        description="streams named in the connect URL and in each SUBSCRIBE message",
+    )
+    max_messages_per_s: int = Field(
+        default=5,
+        ge=2,
+        le=5,
+        description="Binance's limit on messages a client sends per second; SUBSCRIBE messages "
+        "go out at one fewer per second, leaving room for the pong to a server ping",
+    )
+    stall_timeout_s: float = Field(
+        default=65.0,
+        gt=0,
+        description="seconds without any message after which a connection is deemed stalled and "
+        "replaced; over a minute, as every kline stream sends at least its closing update "
+        "each minute",
+    )
+    open_timeout_s: float = Field(default=10.0, gt=0, description="handshake timeout, seconds")
+    ack_timeout_s: float = Field(
+        default=10.0, gt=0, description="seconds a SUBSCRIBE may wait for its answer"
+    )
+    backoff_base_s: float = Field(
+        default=1.0, gt=0, description="first reconnect wait cap; it doubles per failed attempt"
+    )
+    backoff_max_s: float = Field(default=60.0, gt=0, description="largest reconnect wait cap")
+    backfill_retry_s: float = Field(
+        default=10.0, gt=0, description="seconds before a failed REST backfill is tried again"
+    )
+
+
 class IngestConfig(StrictModel):
     """What `jobs.ingest` fetches. Dates are UTC; `end` is inclusive to the minute."""
 
@@ -385,8 +444,12 @@ class AuthConfig(StrictModel):
 class FeedConfig(StrictModel):
     """Where the live bars come from.
 
-    `binance` polls the REST klines endpoint every `poll_interval_s`; `sim` and `dump` replay
-    bars on an accelerated clock of `replay_bars_per_s` bars per second (for demos and tests),
+    `binance` takes closed klines from Binance's WebSocket kline stream (`binance_live:
+    websocket`, configured by `binance_stream`; after every reconnect the missed minutes are
+    fetched from the REST endpoint, and while a connection is down the REST endpoint keeps its
+    symbols current) or polls the REST klines endpoint (`binance_live: polling`); `sim` and
+    `dump` replay bars on an accelerated clock of `replay_bars_per_s` bars per second (for demos
+    and tests),
     starting `history_bars` bars in so features are warm at once. `history_bars` is the
     number of latest closed bars kept per symbol: enough that the online features of the
     newest bar equal the offline ones. Bars older than `stale_after_s` make the feed stale.
@@ -402,6 +465,8 @@ class FeedConfig(StrictModel):
     sim: SimConfig = SimConfig()
     sim_days: int = Field(default=3, ge=1)
     binance: BinanceConfig = BinanceConfig()
+    binance_live: BinanceLive = "websocket"
+    binance_stream: BinanceStreamConfig = BinanceStreamConfig()
 
 
 class GoldConfig(StrictModel):

@@ -7,9 +7,12 @@ array of at most `limit` klines (default 500, at most 1000) whose open time lies
     [open_time, "open", "high", "low", "close", "volume", close_time, "quote_volume", trades,
      "taker_buy_base", "taker_buy_quote", "0"]
 
-The rows come from Binance dump CSV lines (see `load_dump_lines`). An unknown symbol gets HTTP 400
-with `{"code":-1121,"msg":"Invalid symbol."}`. Every answer carries `X-MBX-USED-WEIGHT-1M`, the
-weight used in the current minute of the server's clock (2 per klines request).
+The rows come from Binance dump CSV lines (see `load_dump_lines`): the same lines for every
+symbol of `symbols`, or each symbol's own lines when `lines` maps symbols to lines (`symbols` is
+then the mapping's keys; `klines` and `open_times` are the first symbol's). An unknown symbol gets
+HTTP 400 with `{"code":-1121,"msg":"Invalid symbol."}`. Every answer carries
+`X-MBX-USED-WEIGHT-1M`, the weight used in the current minute of the server's clock (2 per klines
+request).
 
 Faults are scripted per server: each klines request takes the next entry of `faults` (None means
 a healthy answer); once the script is spent, `then` applies to every further request. Every
@@ -30,7 +33,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -64,6 +67,12 @@ def kline_from_csv(line: str) -> Kline:
     if len(fields) != 12:
         raise ValueError(f"expected 12 columns, got {len(fields)}: {line!r}")
     return [int(v) if i in _INT_COLUMNS else v for i, v in enumerate(fields)]
+
+
+def _series(lines: Iterable[str]) -> tuple[list[Kline], list[int]]:
+    """Klines of dump lines sorted by open time, and their open times."""
+    klines = sorted((kline_from_csv(line) for line in lines), key=lambda k: int(k[0]))
+    return klines, [int(k[0]) for k in klines]
 
 
 @dataclass(frozen=True)
@@ -172,17 +181,21 @@ class FakeBinance:
 
     def __init__(
         self,
-        lines: Iterable[str],
+        lines: Iterable[str] | Mapping[str, Iterable[str]],
         *,
         symbols: Sequence[str] = ("BTCUSDT",),
         faults: Iterable[Fault | None] = (),
         then: Fault | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        klines = sorted((kline_from_csv(line) for line in lines), key=lambda k: int(k[0]))
-        self.klines: list[Kline] = klines
-        self.open_times: list[int] = [int(k[0]) for k in klines]
-        self.symbols = frozenset(symbols)
+        if isinstance(lines, Mapping):
+            by_symbol = {symbol: _series(series) for symbol, series in lines.items()}
+        else:
+            shared = _series(lines)
+            by_symbol = dict.fromkeys(symbols, shared)
+        self._by_symbol: dict[str, tuple[list[Kline], list[int]]] = by_symbol
+        self.klines, self.open_times = next(iter(by_symbol.values()))
+        self.symbols = frozenset(by_symbol)
         self.clock = clock
         self.requests: list[RecordedRequest] = []
         self._faults: deque[Fault | None] = deque(faults)
@@ -286,6 +299,7 @@ class FakeBinance:
             )
         if symbol not in self.symbols:
             return 400, _error(-1121, "Invalid symbol."), []
+        klines, open_times = self._by_symbol[symbol]
         if params.get("interval") != "1m":
             return 400, _error(-1120, "Invalid interval."), []
         try:
@@ -297,12 +311,12 @@ class FakeBinance:
         if limit < 1:
             return 400, _error(-1130, "Data sent for parameter 'limit' is not valid."), []
         limit = min(limit, MAX_LIMIT)
-        lo = 0 if start is None else bisect.bisect_left(self.open_times, start)
-        hi = len(self.open_times) if end is None else bisect.bisect_right(self.open_times, end)
+        lo = 0 if start is None else bisect.bisect_left(open_times, start)
+        hi = len(open_times) if end is None else bisect.bisect_right(open_times, end)
         # With no startTime Binance answers the most recent klines up to endTime.
         if start is None:
             lo = max(lo, hi - limit)
-        return 200, b"", self.klines[lo : min(hi, lo + limit)]
+        return 200, b"", klines[lo : min(hi, lo + limit)]
 
     def handle(self, handler: _Handler) -> None:
         parts = urlsplit(handler.path)
