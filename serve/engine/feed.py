@@ -2,10 +2,17 @@
 
 Three sources (`FeedConfig.source`):
 
-- `binance`: polls Binance's REST klines endpoint (`market.sources.binance.BinanceClient`, with
-  its retries, Retry-After handling and request-weight budget) for the minutes since the newest
-  bar held; the first poll fetches the last `history_bars` minutes. Only closed bars are kept: a
-  bar opening at `t` ms closes at `t + 59_999` ms and is final once that moment has passed.
+- `binance` with `binance_live: websocket` (the default): Binance's WebSocket kline stream
+  (`market.sources.binance_ws.BinanceKlineStream`, started by the first poll), which delivers
+  each closed kline of each symbol once and in open-time order; the REST client fills in the last
+  `history_bars` minutes at start, the minutes missed across every reconnect, and keeps the
+  symbols of a connection that is down current. A poll takes what the stream delivered since the
+  last one.
+- `binance` with `binance_live: polling`: polls Binance's REST klines endpoint
+  (`market.sources.binance.BinanceClient`, with its retries, Retry-After handling and
+  request-weight budget) for the minutes since the newest bar held; the first poll fetches the
+  last `history_bars` minutes. Only closed bars are kept: a bar opening at `t` ms closes at
+  `t + 59_999` ms and is final once that moment has passed.
 - `sim`: simulates `sim_days` days per symbol up front with the seeded market simulator, then
   replays them on an accelerated clock.
 - `dump`: the same replay from Binance dump files (`dump_path`, a path or glob; CSV, CSV.gz or
@@ -21,7 +28,8 @@ Every row passes the Silver ETL's checks (`market.validation`, in polars form fr
 `market.validation.polars_rules`): a malformed row is dropped and counted per reason, never
 raised. Duplicated or out-of-order bars are deduplicated by open time, the first seen wins (a
 later copy counts as `duplicate_open_time`). Source failures (network errors, HTTP errors) are
-recorded per symbol (`last_error`) and logged; the next poll retries.
+recorded per symbol (`last_error`: for the stream, why a symbol is not live) and logged; the
+next poll (or the stream's reconnect) retries.
 
 Memory is bounded: at most `history_bars` bars are held per symbol; a replay also holds its
 source bars (`sim_days` x 1440 bars per symbol for `sim`, the file's bars for `dump`).
@@ -50,6 +58,7 @@ from market import validation as v
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from market.sim_silver import simulated_bars
 from market.sources.binance import BinanceAPIError, BinanceClient
+from market.sources.binance_ws import BinanceKlineStream, StreamStats
 from market.sources.dump import DumpSource, read_lines
 from market.validation.polars_rules import (
     BAR_SCHEMA,
@@ -115,8 +124,17 @@ class BarFeed:
         self._lock = threading.Lock()
         self._states: dict[str, _SymbolState] = {s: _SymbolState() for s in config.symbols}
         self._client: BinanceClient | None = None
+        self._stream: BinanceKlineStream | None = None
         self._start_s = clock()
-        if config.source == "binance":
+        if config.source == "binance" and config.binance_live == "websocket":
+            self._stream = BinanceKlineStream(
+                config.symbols,
+                config.binance_stream,
+                BinanceClient(config.binance, sleep=sleep, clock=clock),
+                history_minutes=config.history_bars,
+                clock=clock,
+            )
+        elif config.source == "binance":
             self._client = BinanceClient(config.binance, sleep=sleep, clock=clock)
         elif config.source == "sim":
             self._load_sim()
@@ -165,9 +183,11 @@ class BarFeed:
         return first.sort("open_time")
 
     def close(self) -> None:
-        """Close the Binance client's HTTP connections (a no-op for replays)."""
+        """Close the Binance stream and client connections (a no-op for replays)."""
         if self._client is not None:
             self._client.close()
+        if self._stream is not None:
+            self._stream.stop()
 
     # -- polling --------------------------------------------------------------------------
 
@@ -177,10 +197,31 @@ class BarFeed:
         Never raises for a source failure: the symbol's error is recorded (`last_error`), a
         warning logged, and the next poll retries from where this one got to.
         """
-        client = self._client
+        client, stream = self._client, self._stream
+        if stream is not None:
+            return self._poll_stream(stream)
         if client is not None:
             return {symbol: self._poll_binance(client, symbol) for symbol in self._states}
         return {symbol: self._poll_replay(symbol) for symbol in self._states}
+
+    def _poll_stream(self, stream: BinanceKlineStream) -> dict[str, int]:
+        stream.start()
+        delivered = stream.drain()
+        added: dict[str, int] = {}
+        for symbol, state in self._states.items():
+            error = stream.error(symbol)
+            klines = delivered.get(symbol)
+            if not klines:  # most polls of a large universe: no check, no merge
+                added[symbol] = 0
+                with self._lock:
+                    state.last_error = error
+                continue
+            checked = check_lines([_rest_line(kline) for kline in klines], symbol)
+            with self._lock:
+                state.rejected.update(checked["reason"].drop_nulls().to_list())
+                added[symbol] = self._merge(state, checked.filter(pl.col("reason").is_null()))
+                state.last_error = error
+        return added
 
     def _replay_due(self, now_s: float) -> int:
         elapsed = max(0.0, now_s - self._start_s)
@@ -308,7 +349,7 @@ class BarFeed:
             state = self._state(symbol)
             if state.bars.height == 0:
                 return math.inf
-            if self._client is not None:
+            if self.config.source == "binance":
                 newest_close_s = (int(state.bars["open_time"][-1]) + ONE_MINUTE_MS) / 1000
                 return max(0.0, now_s - newest_close_s)
             # Source bar j (0-based) is due once history_bars + floor(elapsed * rate) > j.
@@ -344,6 +385,10 @@ class BarFeed:
             bars = self._state(symbol).bars.filter(pl.col("open_time") >= open_ms)
         return dict(zip(bars["open_time"].to_list(), bars["close"].to_list(), strict=True))
 
+    def stream_stats(self) -> StreamStats | None:
+        """The WebSocket stream's counters, reconnects and backfills; None for other sources."""
+        return None if self._stream is None else self._stream.stats()
+
     def replay_remaining(self, symbol: str) -> int | None:
         """Bars a replay has yet to release for `symbol`; None for the binance source."""
         with self._lock:
@@ -356,4 +401,6 @@ class BarFeed:
             "symbols": list(self.symbols),
             "history_bars": self.config.history_bars,
         }
+        if self.config.source == "binance":
+            details["live"] = self.config.binance_live
         return f"BarFeed({details})"

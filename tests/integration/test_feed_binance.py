@@ -1,4 +1,5 @@
-"""BarFeed's binance source against a real local HTTP server that speaks Binance's klines API.
+"""BarFeed's binance source with REST polling (`binance_live: polling`) against a real local HTTP
+server that speaks Binance's klines API.
 
 The server (tests/fake_binance.py) serves the real BTCUSDT dump; here it also knows the time:
 it answers only klines that have opened by `now` (the newest one still open, as Binance does).
@@ -136,6 +137,7 @@ def make_feed(clock: FakeClock) -> Iterator[Callable[..., tuple[BarFeed, SleepRe
         sleep = SleepRecorder(clock)
         config = FeedConfig(
             source="binance",
+            binance_live="polling",
             symbols=list(symbols),
             history_bars=history_bars,
             stale_after_s=150.0,
