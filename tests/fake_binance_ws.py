@@ -404,7 +404,9 @@ def start_rig(
     ws = FakeBinanceStream(tape, clock=clock, faults=faults, **(server or {})).start()
     settings: dict[str, Any] = {
         "url": ws.url,
-        "stall_timeout_s": 2.0,
+        # Long enough that a loaded machine's pauses are not taken for a stall (the stall test
+        # sets its own); the silent server after the tape ends stalls only after collect().
+        "stall_timeout_s": 5.0,
         "backoff_base_s": 0.05,
         "backoff_max_s": 0.4,
         "backfill_retry_s": 0.1,

@@ -56,7 +56,7 @@ def test_every_closed_kline_arrives_exactly_once_through_each_fault(
         {SYMBOL: dump_lines[:MINUTES]},
         HISTORY,
         faults={at(FAULT_MINUTE): fault},
-        stall_timeout_s=STALL_TIMEOUT_S if fault == "stall" else 2.0,
+        **({"stall_timeout_s": STALL_TIMEOUT_S} if fault == "stall" else {}),
         backoff_base_s=BACKOFF_BASE_S,
     )
     rigs.append(rig)
