@@ -124,8 +124,8 @@ BINANCE_STREAM_DOCS: Final = (
 """Binance's spot WebSocket Streams documentation, the source of the limits below."""
 
 BinanceLive = Literal["websocket", "polling"]
-"""How the `binance` feed receives live bars: the WebSocket kline stream (with REST backfill and
-REST catch-up while a connection is down) or REST polling alone."""
+"""How the `binance` feed receives live bars: the WebSocket kline stream (with REST backfill after
+a reconnect and REST catch-up while a connection is down) or REST polling alone."""
 
 
 class BinanceStreamConfig(StrictModel):
@@ -161,8 +161,8 @@ class BinanceStreamConfig(StrictModel):
         default=65.0,
         gt=0,
         description="seconds without any message after which a connection is deemed stalled and "
-        "replaced; over a minute, as every kline stream sends at least its closing update "
-        "each minute",
+        "replaced; Binance pushes each kline stream every 2 s, and over a minute leaves room for "
+        "the closing update every stream sends each minute",
     )
     open_timeout_s: float = Field(default=10.0, gt=0, description="handshake timeout, seconds")
     ack_timeout_s: float = Field(
@@ -446,11 +446,10 @@ class FeedConfig(StrictModel):
 
     `binance` takes closed klines from Binance's WebSocket kline stream (`binance_live:
     websocket`, configured by `binance_stream`; after every reconnect the missed minutes are
-    fetched from the REST endpoint, and while a connection is down the REST endpoint keeps its
-    symbols current) or polls the REST klines endpoint (`binance_live: polling`); `sim` and
+    fetched from the REST endpoint, which also catches a down connection's symbols up at each
+    failed attempt) or polls the REST klines endpoint (`binance_live: polling`); `sim` and
     `dump` replay bars on an accelerated clock of `replay_bars_per_s` bars per second (for demos
-    and tests),
-    starting `history_bars` bars in so features are warm at once. `history_bars` is the
+    and tests), starting `history_bars` bars in so features are warm at once. `history_bars` is the
     number of latest closed bars kept per symbol: enough that the online features of the
     newest bar equal the offline ones. Bars older than `stale_after_s` make the feed stale.
     """

@@ -495,7 +495,9 @@ class BinanceKlineStream:
             try:
                 await self._receive(ws, session)
             finally:
+                # The sender fails too when the connection is lost; its error is the receiver's.
                 sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
 
     def _subscribed(self, streams: list[str]) -> None:
         """The streams are live: backfill what their symbols missed until now."""

@@ -5,9 +5,9 @@ Three sources (`FeedConfig.source`):
 - `binance` with `binance_live: websocket` (the default): Binance's WebSocket kline stream
   (`market.sources.binance_ws.BinanceKlineStream`, started by the first poll), which delivers
   each closed kline of each symbol once and in open-time order; the REST client fills in the last
-  `history_bars` minutes at start, the minutes missed across every reconnect, and keeps the
-  symbols of a connection that is down current. A poll takes what the stream delivered since the
-  last one.
+  `history_bars` minutes at start and the minutes missed across every reconnect, and catches the
+  symbols of a connection that is down up at each failed attempt. A poll takes what the stream
+  delivered since the last one.
 - `binance` with `binance_live: polling`: polls Binance's REST klines endpoint
   (`market.sources.binance.BinanceClient`, with its retries, Retry-After handling and
   request-weight budget) for the minutes since the newest bar held; the first poll fetches the
