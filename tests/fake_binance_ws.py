@@ -20,7 +20,9 @@ Faults are scripted by minute (open time, epoch ms) and apply once, on the first
 reaches that minute: `drop` (abort the TCP connection before sending it, no close frame),
 `duplicate` (the closed kline three times, once more after the next minute), `swap` (the next
 minute's closed kline first, out of order), `malformed` (broken JSON instead of the closed kline),
-`stall` (from that minute on the connection sends nothing but stays open, answering pings).
+`stall` (from that minute on the connection sends nothing but stays open, answering pings),
+`shutdown` (a `serverShutdown` event instead of that minute, then a close with 1001 a replayed
+minute later, unless the client went first).
 `refuse(n)` answers the next n handshakes with HTTP 503. Everything is recorded (`attempts`: the
 monotonic time of every handshake, refused or not; `connections`; `applied`) for assertions.
 """
@@ -52,7 +54,7 @@ from market.sources.binance import BinanceClient
 from market.sources.binance_ws import BinanceKlineStream
 from tests.fake_binance import FakeBinance, Kline, kline_from_csv
 
-FAULT_KINDS = frozenset({"drop", "duplicate", "swap", "malformed", "stall"})
+FAULT_KINDS = frozenset({"drop", "duplicate", "swap", "malformed", "stall", "shutdown"})
 
 
 class ReplayClock:
@@ -295,8 +297,14 @@ class FakeBinanceStream:
             fault = self.faults.pop(minute, None)
             if fault is not None:
                 self.applied.append((minute, fault))
-            if fault in ("drop", "stall"):
+            if fault in ("drop", "stall", "shutdown"):
                 log.faulted_at = time.monotonic()
+            if fault == "shutdown":
+                log.closed_by_server = "shutdown"
+                await connection.send(json.dumps({"e": "serverShutdown", "E": minute}))
+                await asyncio.sleep(self.clock.real_s_until(self.clock() + 60))
+                await connection.close(1001, "server shutdown")
+                return
             if fault == "drop":
                 log.closed_by_server = "dropped"
                 connection.transport.abort()

@@ -14,6 +14,8 @@ The protocol, from Binance's spot WebSocket Streams documentation
 - The server sends a ping frame every 20 s and disconnects a client that has not answered with a
   pong within a minute; `websockets` answers pings itself, so the receive loop must never block
   the event loop (REST backfills run on a worker thread). A connection is cut at 24 h.
+- A `serverShutdown` event announces that the server is about to close the connection and asks
+  for a new one as soon as possible: the client reconnects then, after its shortest backoff.
 - A kline event is `{"e": "kline", "E": event_ms, "s": SYMBOL, "k": {"t": open_ms,
   "T": close_ms, "s", "i": "1m", "f", "L", "o", "c", "h", "l", "v", "n", "x": closed, "q", "V",
   "Q", "B"}}`, pushed every 2 s while the minute is open; only the update with `x == true` is
@@ -85,6 +87,10 @@ class MalformedMessageError(ValueError):
     """A stream message that is not JSON or not a well-formed kline event or answer."""
 
 
+class ServerShutdownError(ConnectionError):
+    """The server announced its shutdown (`serverShutdown`): reconnect now."""
+
+
 class StreamStalledError(TimeoutError):
     """No message arrived on a connection for `stall_timeout_s`."""
 
@@ -93,8 +99,8 @@ class SubscribeError(RuntimeError):
     """A SUBSCRIBE was refused or not answered within `ack_timeout_s`."""
 
 
-# What ends a connection: protocol and handshake errors, socket errors, timeouts (a stall is
-# one), a refused or unanswered SUBSCRIBE.
+# What ends a connection: protocol and handshake errors, socket errors (an announced server
+# shutdown is one), timeouts (a stall is one), a refused or unanswered SUBSCRIBE.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     WebSocketException,
     OSError,
@@ -131,8 +137,9 @@ def _int_field(payload: dict[str, Any], key: str) -> int:
 def parse_message(message: str | bytes) -> KlineEvent | ControlReply:
     """A combined-stream message: a kline event or the answer to a control message.
 
-    Raises MalformedMessageError for anything else (not JSON, another event type, a kline
-    without its open time, interval or closed flag, an open time off the minute). Prices and
+    Raises ServerShutdownError for a `serverShutdown` event and MalformedMessageError for
+    anything else (not JSON, another event type, a kline without its open time, interval or
+    closed flag, an open time off the minute). Prices and
     volumes are not checked here: the caller validates the REST form like any other kline.
     """
     try:
@@ -148,7 +155,9 @@ def parse_message(message: str | bytes) -> KlineEvent | ControlReply:
         if "code" in payload:
             return ControlReply(reply_id, f"code {payload['code']}: {payload.get('msg')}")
         return ControlReply(reply_id, None)
-    data = payload.get("data")
+    data = payload.get("data", payload)  # combined streams wrap events, a raw event is bare
+    if isinstance(data, dict) and data.get("e") == "serverShutdown":
+        raise ServerShutdownError("the server announced its shutdown")
     if (
         not isinstance(data, dict)
         or data.get("e") != "kline"

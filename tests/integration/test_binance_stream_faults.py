@@ -1,9 +1,9 @@
 """The Binance WebSocket kline client and the live feed against real local servers replaying the
 real BTCUSDT minutes (tests/fake_binance_ws.py for the stream, tests/fake_binance.py for REST, on
-a shared 1,500x clock), with the stream's faults: a dropped connection, a silent stall,
-duplicated, out-of-order and malformed messages. Each run must deliver exactly the replayed
-closed klines (none lost, duplicated, changed or out of order); what the fault broke is fetched
-from REST, and a lost connection is replaced after a backoff wait."""
+a shared 1,500x clock), with the stream's faults: a dropped connection, a silent stall, an
+announced server shutdown, duplicated, out-of-order and malformed messages. Each run must
+deliver exactly the replayed closed klines (none lost, duplicated, changed or out of order); what
+the fault broke is fetched from REST, and a lost connection is replaced after a backoff wait."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def rigs() -> Iterator[list[StreamRig]]:
         rig.close()
 
 
-@pytest.mark.parametrize("fault", ["drop", "stall", "duplicate", "swap", "malformed"])
+@pytest.mark.parametrize("fault", ["drop", "stall", "shutdown", "duplicate", "swap", "malformed"])
 def test_every_closed_kline_arrives_exactly_once_through_each_fault(
     fault: str, dump_lines: list[str], rigs: list[StreamRig]
 ) -> None:
@@ -80,8 +80,12 @@ def test_every_closed_kline_arrives_exactly_once_through_each_fault(
         assert stats.reconnects == []  # the connection stayed; the gap was filled from REST
         return
     first, *_ = stats.reconnects
-    reason = "StreamStalledError" if fault == "stall" else "ConnectionClosed"
-    assert reason in first.reason, first.reason
+    reasons = {
+        "drop": "ConnectionClosed",
+        "stall": "StreamStalledError",
+        "shutdown": "ServerShutdownError",
+    }
+    assert reasons[fault] in first.reason, first.reason
     # The lost connection had delivered klines: the first retry waits within [base/2, base].
     assert first.attempt == 0 and BACKOFF_BASE_S / 2 <= first.delay_s <= BACKOFF_BASE_S
     # The next attempt came no sooner than the fault (a stall: the last message before it and

@@ -21,6 +21,7 @@ from market.sources.binance_ws import (
     KlineEvent,
     KlineSequence,
     MalformedMessageError,
+    ServerShutdownError,
     StreamStats,
     newest_closed_open_ms,
     parse_message,
@@ -63,6 +64,12 @@ def test_a_closed_kline_event_becomes_its_rest_form() -> None:
         json.dumps(kline_event("SIMAAA", open_update(rest), closed=False, event_ms=1))
     )
     assert isinstance(update, KlineEvent) and not update.closed
+
+
+def test_a_server_shutdown_event_ends_the_connection() -> None:
+    for message in ('{"e":"serverShutdown","E":1}', '{"stream":"x","data":{"e":"serverShutdown"}}'):
+        with pytest.raises(ServerShutdownError):
+            parse_message(message)
 
 
 def test_control_answers_are_parsed() -> None:
