@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Final, Literal, TypeVar, get_args
@@ -240,18 +241,77 @@ class BacktestConfig(StrictModel):
         return self.taker_fee_bps if self.fee_side == "taker" else self.maker_fee_bps
 
 
-class FoldConfig(StrictModel):
-    """Walk-forward folds, in bars (1 bar = 1 minute). Purge >= horizon + longest window."""
+MAX_CPCV_SPLITS: Final = 256
+"""The most CPCV splits, C(groups, test_groups), a sweep may ask for: every split trains one
+model per trial."""
 
-    scheme: Literal["rolling", "expanding"] = "rolling"
+
+class FoldConfig(StrictModel):
+    """How candidates are trained and scored out of sample, in bars (1 bar = 1 minute).
+
+    `rolling` / `expanding`: walk-forward folds of `train_bars`, `val_bars` and `test_bars`
+    (purge >= horizon + longest feature window), at most `max_folds`, most recent last.
+
+    `cpcv`: combinatorial purged cross-validation (`models.cpcv`): the timeline is cut into
+    `groups` (N) groups; each of the C(N, k) combinations of `test_groups` (k) groups is a split
+    trained on the other bars, less `purge_bars` on both sides of every test group and
+    `embargo_bars` after it; the last `val_bars` training bars of each split validate it. The
+    split predictions assemble into k / N * C(N, k) backtest paths. `train_bars`, `test_bars`
+    and `max_folds` belong to walk-forward and are refused here; `purge_bars` None is the
+    horizon + the longest feature window + the longest model window (checked when the folds are
+    made, against the data's length).
+    """
+
+    scheme: Literal["rolling", "expanding", "cpcv"] = "rolling"
     train_bars: int = Field(default=20_000, ge=100)
     val_bars: int = Field(default=4_000, ge=10)
     test_bars: int = Field(default=4_000, ge=10)
     purge_bars: int | None = Field(
-        default=None, ge=0, description="None = horizon + longest feature window"
+        default=None,
+        ge=0,
+        description="None = horizon + longest feature window (+ longest model window for cpcv)",
     )
     embargo_bars: int = Field(default=60, ge=0)
     max_folds: int | None = Field(default=None, ge=1)
+    groups: int | None = Field(default=None, ge=2, description="cpcv: N, the number of groups")
+    test_groups: int | None = Field(
+        default=None, ge=1, description="cpcv: k, the test groups of each split (1 <= k < N)"
+    )
+
+    @model_validator(mode="after")
+    def _scheme_fields(self) -> FoldConfig:
+        if self.scheme != "cpcv":
+            if self.groups is not None or self.test_groups is not None:
+                raise ValueError(
+                    f"groups and test_groups belong to scheme 'cpcv', not {self.scheme!r}"
+                )
+            return self
+        if self.groups is None or self.test_groups is None:
+            raise ValueError("scheme 'cpcv' needs groups (N) and test_groups (k)")
+        if self.test_groups >= self.groups:
+            raise ValueError(
+                f"test_groups ({self.test_groups}) must be smaller than groups ({self.groups}): "
+                "every split needs training groups"
+            )
+        # Compared with the defaults rather than with what was set, so that a dumped config
+        # (every field written out) loads again.
+        walk_forward = [
+            f"{name}={getattr(self, name)}"
+            for name in ("train_bars", "test_bars", "max_folds")
+            if getattr(self, name) != type(self).model_fields[name].default
+        ]
+        if walk_forward:
+            raise ValueError(
+                f"{', '.join(walk_forward)}: walk-forward settings, which scheme 'cpcv' does "
+                "not use (it sizes its groups from the data: groups, test_groups)"
+            )
+        splits = math.comb(self.groups, self.test_groups)
+        if splits > MAX_CPCV_SPLITS:
+            raise ValueError(
+                f"C({self.groups}, {self.test_groups}) = {splits} splits, each a model per "
+                f"trial, exceeds {MAX_CPCV_SPLITS}"
+            )
+        return self
 
 
 ModelFamily = Literal["lstm", "gru", "tcn"]

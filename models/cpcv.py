@@ -193,6 +193,17 @@ class PathSharpes:
             "share_positive": self.share_positive,
         }
 
+    @classmethod
+    def from_summary(cls, data: dict[str, Any]) -> PathSharpes:
+        """The PathSharpes whose `summary()` is `data`."""
+        return cls(
+            sharpes=np.asarray(data["sharpes"], dtype=np.float64),
+            quantiles={str(k): float(v) for k, v in data["quantiles"].items()},
+            mean=float(data["mean"]),
+            std=float(data["std"]),
+            share_positive=float(data["share_positive"]),
+        )
+
 
 def path_sharpe_distribution(
     path_returns: npt.ArrayLike,

@@ -192,6 +192,21 @@ def window_ends(
     return np.flatnonzero(ok).astype(np.int64)
 
 
+def window_ends_in(
+    arrays: MarketArrays,
+    ranges: Sequence[tuple[int, int]],
+    window_bars: int,
+    *,
+    labelled: bool,
+) -> np.ndarray:
+    """`window_ends` over several half-open [start_ms, end_ms) ranges, ascending: with
+    `labelled`, no label reaches past the end of its own range."""
+    if not ranges:
+        return np.zeros(0, dtype=np.int64)
+    ends = [window_ends(arrays, a, b, window_bars, labelled=labelled) for a, b in ranges]
+    return np.sort(np.concatenate(ends))
+
+
 @dataclass(frozen=True)
 class Scaler:
     """Per-input mean and std fitted on one training range, and the target's scale.

@@ -5,6 +5,18 @@ its own sleeve of equal capital; the portfolio's per-bar return is the mean of t
 returns at that minute. Fold scores are annualised net Sharpe ratios of the portfolio over each
 test block (1-minute bars, 525,600 per year); a model's score is their mean. Blocks never span a
 data gap, a fold boundary or a symbol: positions are flat at every break.
+
+Under CPCV (`models.folds.CpcvFolds`) each backtest path is scored as above, its test blocks
+being the N groups, each predicted by the split model the path assigns to it; as positions are
+flat at every group boundary, a path's record is exactly its splits' group backtests laid end
+to end (`models.cpcv.assemble_paths`). `combine_paths` turns the paths into one record:
+
+* score: the mean over paths of the path's annualised net Sharpe ratio (`PathDistribution`
+  keeps every path's, with quantiles, spread and the share above zero);
+* metrics: the mean over paths of each path metric, so `sharpe_per_bar`, `skew`, `kurtosis`
+  and `bars` (the DSR's inputs) describe the typical path: T = the timeline's bars, each once;
+* returns: per bar, the mean of the paths' net returns (each group's return averaged over the
+  phi split models that tested it), the track record that PBO and the equity curve use.
 """
 
 from __future__ import annotations
@@ -24,8 +36,9 @@ from models.backtest import (
     regime_breakdown,
     run_backtest,
 )
+from models.cpcv import PathSharpes, path_sharpe_distribution
 from models.dataset import MarketArrays, window_ends
-from models.folds import Fold
+from models.folds import CpcvFolds, Fold
 from models.metrics import moments, performance_summary, sharpe_per_bar
 
 
@@ -265,3 +278,131 @@ def baseline_predictions(
                 predicted[mask] = forecast.predicted_return
                 p_up[mask] = forecast.p_up
     return out
+
+
+@dataclass(frozen=True)
+class PathDistribution:
+    """A CPCV record's out-of-sample annualised net Sharpe ratio over its backtest paths, and
+    the set-up that made them (groups N, test groups k, purge and embargo in bars)."""
+
+    groups: int
+    test_groups: int
+    purge_bars: int
+    embargo_bars: int
+    sharpes: PathSharpes
+
+    @property
+    def paths(self) -> int:
+        return len(self.sharpes.sharpes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the set-up and `PathSharpes.summary()` (path count, every path's Sharpe,
+        quantiles, mean, std, share_positive)."""
+        return {
+            "groups": self.groups,
+            "test_groups": self.test_groups,
+            "purge_bars": self.purge_bars,
+            "embargo_bars": self.embargo_bars,
+            **self.sharpes.summary(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PathDistribution:
+        return cls(
+            groups=int(data["groups"]),
+            test_groups=int(data["test_groups"]),
+            purge_bars=int(data["purge_bars"]),
+            embargo_bars=int(data["embargo_bars"]),
+            sharpes=PathSharpes.from_summary(data),
+        )
+
+
+@dataclass(frozen=True)
+class CpcvEvaluation:
+    """A CPCV record (see the module) and its distribution of path Sharpe ratios."""
+
+    record: Evaluation
+    distribution: PathDistribution
+
+
+def cpcv_path_bars(arrays: MarketArrays, cpcv: CpcvFolds, path: int) -> OutOfSampleBars:
+    """The out-of-sample rows of a CPCV path: every bar of every group, a block breaking at each
+    group boundary (the same rows for every path)."""
+    return OutOfSampleBars.of(arrays, cpcv.path_folds(path))
+
+
+def combine_paths(
+    name: str, cpcv: CpcvFolds, paths: Sequence[Evaluation], bars_per_year: float
+) -> CpcvEvaluation:
+    """One CPCV record named `name` from the `evaluate` record of every path, in path order."""
+    if len(paths) != cpcv.plan.n_paths:
+        raise ValueError(f"{len(paths)} path records for {cpcv.plan.n_paths} paths")
+    timeline = paths[0].open_time_ms
+    if any(not np.array_equal(p.open_time_ms, timeline) for p in paths[1:]):
+        raise ValueError("CPCV paths must be scored on the same minutes")
+    path_returns = np.vstack([p.returns for p in paths])
+    sharpes = path_sharpe_distribution(path_returns, bars_per_year)
+    metrics = {key: float(np.mean([p.metrics[key] for p in paths])) for key in paths[0].metrics}
+    metrics["score"] = sharpes.mean
+    plan = cpcv.plan
+    return CpcvEvaluation(
+        record=Evaluation(
+            name=name,
+            open_time_ms=timeline,
+            returns=path_returns.mean(axis=0),
+            metrics=metrics,
+            fold_metrics=[
+                {**row, "path": index} for index, p in enumerate(paths) for row in p.fold_metrics
+            ],
+            regimes=[{**row, "path": index} for index, p in enumerate(paths) for row in p.regimes],
+        ),
+        distribution=PathDistribution(
+            groups=plan.n_groups,
+            test_groups=plan.k_test_groups,
+            purge_bars=plan.purge_bars,
+            embargo_bars=plan.embargo_bars,
+            sharpes=sharpes,
+        ),
+    )
+
+
+def evaluate_cpcv(
+    name: str,
+    arrays: MarketArrays,
+    cpcv: CpcvFolds,
+    config: BacktestConfig,
+    split_models: Sequence[Any] | None,
+) -> CpcvEvaluation:
+    """Score a candidate's split models (LoadedModels in `cpcv.splits` order) on every CPCV path;
+    None scores buy-and-hold on the same paths."""
+    paths = []
+    for path in range(cpcv.plan.n_paths):
+        folds = cpcv.path_folds(path)
+        test = cpcv_path_bars(arrays, cpcv, path)
+        predicted = p_up = None
+        if split_models is not None:
+            models = cpcv.path_models(path, split_models)
+            predicted, p_up = model_predictions(arrays, folds, test, models)
+        paths.append(evaluate(name, arrays, folds, test, config, predicted, p_up))
+    return combine_paths(name, cpcv, paths, config.bars_per_year)
+
+
+def cpcv_baselines(
+    arrays: MarketArrays, cpcv: CpcvFolds, config: BacktestConfig, seed: int, prefix: str
+) -> dict[str, CpcvEvaluation]:
+    """Every darts baseline on the CPCV paths, fitted per split on the split's longest
+    contiguous training run (the train range of its `path_folds` blocks); each record is named,
+    and keyed, `prefix` + the baseline's name."""
+    paths: dict[str, list[Evaluation]] = {}
+    for path in range(cpcv.plan.n_paths):
+        folds = cpcv.path_folds(path)
+        test = cpcv_path_bars(arrays, cpcv, path)
+        for model, (predicted, p_up) in baseline_predictions(arrays, folds, test, seed).items():
+            name = prefix + model
+            paths.setdefault(name, []).append(
+                evaluate(name, arrays, folds, test, config, predicted, p_up)
+            )
+    return {
+        name: combine_paths(name, cpcv, records, config.bars_per_year)
+        for name, records in paths.items()
+    }

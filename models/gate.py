@@ -1,11 +1,12 @@
 """The promotion gate: a candidate becomes `production` only when it survives the sweep's size.
 
 Conditions, all required: its Deflated Sharpe Ratio over every trial started (early-stopped ones
-included) is at least `min_dsr`; its walk-forward score (mean fold net Sharpe, annualised)
-beats buy-and-hold and every baseline on the same folds; it traded at least `min_trades` times;
-and, when `max_pbo` is set, the sweep's Probability of Backtest Overfitting is at most
-`max_pbo` (an undefined PBO, from fewer than two completed trials, does not block: there was
-no choice among records to overfit, and the DSR still counts every trial started).
+included) is at least `min_dsr`; its score (walk-forward: mean fold net Sharpe; CPCV: mean
+path net Sharpe; annualised) beats buy-and-hold and every baseline on the same folds or paths;
+it traded at least `min_trades` times; and, when `max_pbo` is set, the sweep's Probability of
+Backtest Overfitting is at most `max_pbo` (an undefined PBO, from fewer than two completed
+trials, does not block: there was no choice among records to overfit, and the DSR still counts
+every trial started).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def candidate_dsr(
     candidate: Evaluation, trial_sharpes_per_bar: Sequence[float], n_trials: int
 ) -> float:
     """DSR of the candidate against the expected best of `n_trials` (per-bar Sharpe, raw
-    kurtosis), the variance of Sharpe ratios taken over the trials that produced a record."""
+    kurtosis), the variance of Sharpe ratios taken over the trials that produced a record.
+    T is the record's `bars`; a CPCV record's per-bar Sharpe, skew and kurtosis are its mean
+    path's (`models.evaluation.combine_paths`), T the timeline's bars."""
     return deflated_sharpe_ratio(
         candidate.metrics["sharpe_per_bar"],
         list(trial_sharpes_per_bar),

@@ -46,6 +46,7 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
 
+from models.evaluation import PathDistribution
 from models.pbo import PboResult
 from models.runs import BUY_AND_HOLD, COMPLETED, EARLY_STOPPED, ERRORED, RunDir
 
@@ -74,6 +75,7 @@ SECTION_HEADINGS: tuple[str, ...] = (
     "Leaderboard",
     "Per-trial metrics",
     "Backtest overfitting",
+    "Path Sharpe distribution",
     "Equity curves",
     "Drawdowns",
     "Fold-by-fold results",
@@ -296,6 +298,7 @@ def write_html_report(
     regime_table: pd.DataFrame,
     gate: Mapping[str, Any],
     pbo: PboResult | None = None,
+    path_sharpes: Mapping[str, PathDistribution] | None = None,
     notes: Sequence[str] = (),
     generated_at: datetime | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
@@ -312,6 +315,9 @@ def write_html_report(
     (`promoted`, `reasons`, and anything else, e.g. version, dsr, thresholds, shown as is).
     `pbo`: the sweep's CSCV result (None: not computed), shown as its value and a histogram of
     the split logits.
+    `path_sharpes`: under CPCV, record name -> its distribution of path net Sharpe ratios, the
+    first entry the winner (plotted path by path), every entry summarised in a table; None for
+    a walk-forward sweep (one path).
     `notes` are listed at the end. `generated_at` defaults to now (UTC). Curves are plotted
     with at most `max_points` points each (`downsample_minmax`); `log_y` draws equity on a
     log axis when every value is positive. Missing or empty inputs render as a message in
@@ -332,6 +338,7 @@ def write_html_report(
         _section_leaderboard(board),
         _section_trial_metrics(leaderboard),
         _section_pbo(pbo),
+        _section_path_sharpes(path_sharpes),
         _section_equity(curves, plotted, log_y),
         _section_drawdowns(drawdowns),
         _section_table(
@@ -559,6 +566,58 @@ def _section_pbo(pbo: PboResult | None) -> str:
         bargap=0.05,
     )
     return _section(heading, caption + _figure_html(figure, "fig-pbo"))
+
+
+def _section_path_sharpes(path_sharpes: Mapping[str, PathDistribution] | None) -> str:
+    heading = "Path Sharpe distribution"
+    if not path_sharpes:
+        return _section(
+            heading,
+            _empty(
+                "Walk-forward folds give one out-of-sample path; the CPCV scheme "
+                "(folds.scheme: cpcv) gives a distribution of path Sharpe ratios."
+            ),
+        )
+    winner, first = next(iter(path_sharpes.items()))
+    caption = (
+        f"<p>Combinatorial purged cross-validation: N = {first.groups} groups, "
+        f"k = {first.test_groups} test groups, {first.paths} backtest paths, purge "
+        f"{first.purge_bars} and embargo {first.embargo_bars} bars. Each path covers the whole "
+        "timeline once, every group scored by a model that never trained on it (nor within the "
+        "purge and embargo around it). Annualised net Sharpe ratio per path; a record's score "
+        f"is the mean over paths. Plotted: {_esc(winner)}.</p>"
+    )
+    sharpes = first.sharpes.sharpes
+    figure = go.Figure(
+        go.Bar(
+            x=[f"path {p}" for p in range(len(sharpes))],
+            y=sharpes,
+            marker={"color": [_PALETTE[2] if v > 0 else _PALETTE[1] for v in sharpes]},
+            hovertemplate="%{x}: Sharpe %{y:.3f}<extra></extra>",
+        )
+    )
+    figure.add_hline(y=first.sharpes.mean, line={"color": "#444", "dash": "dash"})
+    figure.update_layout(
+        height=320,
+        yaxis={"title": {"text": "annualised net Sharpe"}},
+        xaxis={"title": {"text": "backtest path"}},
+    )
+    table = pd.DataFrame(
+        [
+            {
+                "model": name,
+                "paths": d.paths,
+                "mean": d.sharpes.mean,
+                "std": d.sharpes.std,
+                **{f"q{level}": value for level, value in d.sharpes.quantiles.items()},
+                "share_positive": d.sharpes.share_positive,
+            }
+            for name, d in path_sharpes.items()
+        ]
+    )
+    return _section(
+        heading, caption + _figure_html(figure, "fig-path-sharpes") + _html_table(table, None)
+    )
 
 
 def curve_traces(

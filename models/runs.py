@@ -7,7 +7,8 @@
 <run>/trials/<trial_id>/config.json              the trial's sampled hyper-parameters
 <run>/trials/<trial_id>/fold_<i>/                fold i's model files (models.artifact)
 <run>/trials/<trial_id>/record.npz               out-of-sample record: open_time_ms, returns
-<run>/trials/<trial_id>/evaluation.json          metrics, per-fold metrics, regimes, folds
+<run>/trials/<trial_id>/evaluation.json          metrics, per-fold metrics, regimes, folds;
+                                                 under CPCV also the path Sharpe distribution
 <run>/references/<reference_dir>/                a reference record (buy-and-hold, each darts
                                                  baseline): record.npz and evaluation.json,
                                                  as a trial's
@@ -23,6 +24,11 @@ decoded back to the name by `RunDir.reference_names`.
 A Ray Train checkpoint of a trial is laid out as its trial directory (fold model files under
 `fold_<i>/`) and copied into it whole. Records written before the walk-forward folds were
 stored with them read back with `folds` None; readers say so instead of guessing the ranges.
+
+A CPCV record (`folds.scheme: cpcv`) stores no walk-forward folds (`folds` is empty): its
+per-fold metrics are per path and group (a `path` key beside `fold`, the group), and
+`TrialRecord.paths` holds its distribution of path Sharpe ratios; the fold directories
+`fold_<i>/` hold split i's model (splits in `itertools.combinations` order).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from models.evaluation import Evaluation
+from models.evaluation import Evaluation, PathDistribution
 from models.folds import Fold
 
 LEADERBOARD_PARQUET: Final = "leaderboard.parquet"
@@ -66,17 +72,22 @@ ERRORED: Final = "error"
 # Key of the walk-forward fold ranges in evaluation.json; "folds" already holds the per-fold
 # metrics, which older readers expect there.
 _FOLD_RANGES: Final = "fold_ranges"
+# Key of a CPCV record's path Sharpe distribution in evaluation.json.
+_CPCV_PATHS: Final = "cpcv_paths"
 
 
 @dataclass(frozen=True)
 class TrialRecord:
     """A trial's saved out-of-sample record and the walk-forward folds it was scored on.
 
-    `folds` is None for a record written before folds were stored with records.
+    `folds` is None for a record written before folds were stored with records, and empty
+    for a CPCV record, whose `paths` is its distribution of path Sharpe ratios (None for a
+    walk-forward record).
     """
 
     evaluation: Evaluation
     folds: tuple[Fold, ...] | None
+    paths: PathDistribution | None = None
 
 
 @dataclass(frozen=True)
@@ -149,24 +160,28 @@ class TrialDir:
     def has_record(self) -> bool:
         return self.record.is_file() and self.evaluation.is_file()
 
-    def save(self, evaluation: Evaluation, folds: Sequence[Fold]) -> None:
+    def save(
+        self,
+        evaluation: Evaluation,
+        folds: Sequence[Fold],
+        paths: PathDistribution | None = None,
+    ) -> None:
         """Write the out-of-sample record: `record.npz` (`open_time_ms`, UTC epoch ms of each
         test minute, and `returns`, portfolio net per-bar simple returns) and
-        `evaluation.json` (`metrics`, per-fold metrics under `folds`, `regimes`, and the
-        walk-forward folds' train/validation/test ranges in epoch ms). Creates the directory."""
+        `evaluation.json` (`metrics`, per-fold metrics under `folds`, `regimes`, the
+        walk-forward folds' train/validation/test ranges in epoch ms, and a CPCV record's
+        path Sharpe distribution). Creates the directory."""
         self.path.mkdir(parents=True, exist_ok=True)
         np.savez(self.record, open_time_ms=evaluation.open_time_ms, returns=evaluation.returns)
-        self.evaluation.write_text(
-            json.dumps(
-                {
-                    "metrics": evaluation.metrics,
-                    "folds": evaluation.fold_metrics,
-                    "regimes": evaluation.regimes,
-                    _FOLD_RANGES: [fold.as_dict() for fold in folds],
-                },
-                default=float,
-            )
-        )
+        data = {
+            "metrics": evaluation.metrics,
+            "folds": evaluation.fold_metrics,
+            "regimes": evaluation.regimes,
+            _FOLD_RANGES: [fold.as_dict() for fold in folds],
+        }
+        if paths is not None:
+            data[_CPCV_PATHS] = paths.as_dict()
+        self.evaluation.write_text(json.dumps(data, default=float))
 
     def load(self, name: str | None = None) -> TrialRecord:
         """The record `save` wrote, its Evaluation named `name` (default: `record_name`, else
@@ -187,7 +202,12 @@ class TrialDir:
             regimes=data["regimes"],
         )
         folds = None if ranges is None else tuple(Fold(**fold) for fold in ranges)
-        return TrialRecord(evaluation=evaluation, folds=folds)
+        paths = data.get(_CPCV_PATHS)
+        return TrialRecord(
+            evaluation=evaluation,
+            folds=folds,
+            paths=None if paths is None else PathDistribution.from_dict(paths),
+        )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,13 @@ registered as a new version, with its metrics and the gate's decision, so that a
 candidate stays inspectable; only a passing one moves the `production` alias. Every sweep also
 gets its Probability of Backtest Overfitting (`models.pbo`, CSCV over the completed trials'
 out-of-sample per-bar net returns), in the summary, the registered metadata and the report.
+
+Under `folds.scheme: cpcv` the candidates and the references (buy-and-hold, the darts
+baselines) are scored on the same CPCV paths (`models.evaluation.combine_paths`): a record's
+score is its mean path net Sharpe, the summary's `path_sharpes` holds every completed trial's
+distribution over paths, and the registered model is the split trained on the newest bars. The
+DSR then counts every trial started, as under walk-forward, with T = the timeline's bars and the
+typical path's per-bar Sharpe, skew and kurtosis; PBO runs on the trials' path-average returns.
 """
 
 from __future__ import annotations
@@ -25,17 +32,23 @@ from models.dataset import INPUT_COLUMNS, MarketArrays, load_silver
 from models.evaluation import (
     Evaluation,
     OutOfSampleBars,
+    PathDistribution,
     baseline_predictions,
+    cpcv_baselines,
     equity_curve,
     evaluate,
+    evaluate_cpcv,
 )
-from models.folds import Fold, make_folds
+from models.folds import CpcvFolds, Fold, Schedule, make_schedule, training_units
 from models.gate import GateDecision, apply_gate, candidate_dsr
 from models.pbo import PboResult, probability_of_backtest_overfitting
 from models.registry import PRODUCTION, ModelRegistry, current_git_commit
 from models.report import LEADERBOARD_METRICS, write_html_report, write_leaderboard
 from models.runs import BUY_AND_HOLD, COMPLETED, RunDir, aligned_returns
 from models.sweep import HYPERPARAMETERS, TrialOutcome, run_sweep
+
+BASELINE_PREFIX = "baseline:"
+"""A darts baseline's reference name is this prefix and the baseline's name."""
 
 
 @dataclass
@@ -45,17 +58,33 @@ class SelectionResult:
     gate: GateDecision
 
 
+@dataclass(frozen=True)
+class ScoredRecord:
+    """A record scored on the sweep's schedule, with its path Sharpe distribution under CPCV
+    (None under walk-forward)."""
+
+    evaluation: Evaluation
+    paths: PathDistribution | None = None
+
+
 def reference_evaluations(
-    arrays: MarketArrays, folds: list[Fold], test: OutOfSampleBars, job: TuneJobConfig
-) -> dict[str, Evaluation]:
-    """Buy-and-hold and every darts baseline, scored on the same folds as the candidates."""
+    arrays: MarketArrays, schedule: Schedule, job: TuneJobConfig
+) -> dict[str, ScoredRecord]:
+    """Buy-and-hold and every darts baseline, scored on the same folds (or CPCV paths) as the
+    candidates."""
+    if isinstance(schedule, CpcvFolds):
+        cpcv = {BUY_AND_HOLD: evaluate_cpcv(BUY_AND_HOLD, arrays, schedule, job.backtest, None)}
+        cpcv.update(cpcv_baselines(arrays, schedule, job.backtest, job.seed, BASELINE_PREFIX))
+        return {name: ScoredRecord(c.record, c.distribution) for name, c in cpcv.items()}
+    folds = list(schedule)
+    test = OutOfSampleBars.of(arrays, folds)
     references = {
         BUY_AND_HOLD: evaluate(BUY_AND_HOLD, arrays, folds, test, job.backtest, None, None)
     }
     for name, (predicted, p_up) in baseline_predictions(arrays, folds, test, job.seed).items():
-        key = f"baseline:{name}"
+        key = BASELINE_PREFIX + name
         references[key] = evaluate(key, arrays, folds, test, job.backtest, predicted, p_up)
-    return references
+    return {name: ScoredRecord(e) for name, e in references.items()}
 
 
 def leaderboard_frame(outcomes: list[TrialOutcome], dsr: dict[str, float]) -> pd.DataFrame:
@@ -102,23 +131,28 @@ def run_selection(
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = load_silver(lake, job.symbols)
-    folds = make_folds(int(arrays.open_time_ms.min()), int(arrays.open_time_ms.max()), job.folds)
-    test = OutOfSampleBars.of(arrays, folds)
-    progress(
-        f"data: {arrays.bars} bars of {', '.join(arrays.symbols)}; {len(folds)} folds; "
-        f"{len(test.rows)} test bars"
+    schedule = make_schedule(
+        int(arrays.open_time_ms.min()),
+        int(arrays.open_time_ms.max()),
+        job.folds,
+        max(job.search.window_bars),
     )
+    folds: list[Fold] = [] if isinstance(schedule, CpcvFolds) else list(schedule)
+    progress(f"data: {arrays.bars} bars of {', '.join(arrays.symbols)}; {_describe(schedule)}")
     run = RunDir(out_dir)
-    references = reference_evaluations(arrays, folds, test, job)
-    for name, reference in references.items():
+    scored_references = reference_evaluations(arrays, schedule, job)
+    for name, scored in scored_references.items():
         # Stored with the run so that readers (the dashboard) show the very reference the gate
         # compared against, not a re-scoring with other fees or symbols.
-        run.reference(name).save(reference, folds)
-        progress(f"reference {name}: score {reference.score:.3f}")
+        run.reference(name).save(scored.evaluation, folds, scored.paths)
+        progress(f"reference {name}: score {scored.evaluation.score:.3f}")
+    references = {name: scored.evaluation for name, scored in scored_references.items()}
     data_ref = ray.put(arrays)
-    outcomes = run_sweep(job, folds, data_ref, out_dir, shuffle_labels=shuffle_labels)
+    outcomes = run_sweep(job, schedule, data_ref, out_dir, shuffle_labels=shuffle_labels)
     completed = [o for o in outcomes if o.status == COMPLETED]
-    records = {o.trial_id: run.trial(o.trial_id).load().evaluation for o in completed}
+    stored = {o.trial_id: run.trial(o.trial_id).load() for o in completed}
+    records = {tid: record.evaluation for tid, record in stored.items()}
+    path_sharpes = {tid: r.paths for tid, r in stored.items() if r.paths is not None}
     trial_srs = [r.metrics["sharpe_per_bar"] for r in records.values()]
     dsr = {tid: candidate_dsr(r, trial_srs, len(outcomes)) for tid, r in records.items()}
     best = max(records.values(), key=lambda r: r.score, default=None)
@@ -136,7 +170,17 @@ def run_selection(
     if best is not None:
         best_outcome = next(o for o in completed if o.trial_id == best.name)
         decision.version = _register(
-            registry, job, arrays, folds, best, best_outcome, decision, references, run, pbo
+            registry,
+            job,
+            arrays,
+            schedule,
+            best,
+            best_outcome,
+            decision,
+            references,
+            run,
+            pbo,
+            path_sharpes.get(best.name),
         )
         if decision.promoted:
             registry.set_alias(
@@ -148,12 +192,16 @@ def run_selection(
             decision.production_after = decision.version
     board = leaderboard_frame(outcomes, dsr)
     leaderboard_paths = write_leaderboard(board, out_dir)
-    report_path = _report(run, board, records, best, references, decision, pbo)
+    reference_paths = {n: r.paths for n, r in scored_references.items() if r.paths is not None}
+    report_path = _report(
+        run, board, records, best, references, decision, pbo, path_sharpes, reference_paths
+    )
     status_counts = {s: sum(o.status == s for o in outcomes) for s in {o.status for o in outcomes}}
     summary = {
         "trials": len(outcomes),
         "trial_status": status_counts,
-        "folds": len(folds),
+        "scheme": job.folds.scheme,
+        "folds": len(training_units(schedule)),
         "symbols": list(arrays.symbols),
         "best_trial": best.name if best else None,
         "best_score": best.score if best else None,
@@ -163,6 +211,9 @@ def run_selection(
         "pbo": pbo.pbo,
         "pbo_detail": pbo.summary(),
         "gate": decision.as_dict(),
+        "path_sharpes": {tid: d.as_dict() for tid, d in sorted(path_sharpes.items())}
+        if isinstance(schedule, CpcvFolds)
+        else None,
         "leaderboard": str(leaderboard_paths[0]),
         "report": str(report_path),
         "seconds": round(time.perf_counter() - started, 1),
@@ -170,21 +221,70 @@ def run_selection(
     return SelectionResult(summary=summary, leaderboard=board, gate=decision)
 
 
+def _describe(schedule: Schedule) -> str:
+    if isinstance(schedule, CpcvFolds):
+        plan = schedule.plan
+        return (
+            f"CPCV N={plan.n_groups}, k={plan.k_test_groups}: {len(plan.splits)} splits, "
+            f"{plan.n_paths} paths; purge {plan.purge_bars}, embargo {plan.embargo_bars} bars"
+        )
+    return f"{len(schedule)} walk-forward folds"
+
+
+@dataclass(frozen=True)
+class _Registered:
+    """The model a sweep registers and the ranges it was trained, validated and scored on
+    (epoch ms, half-open)."""
+
+    index: int
+    training: dict[str, Any]
+    validation: dict[str, int]
+    evaluated: dict[str, int]
+
+
+def _registered(schedule: Schedule) -> _Registered:
+    """Walk-forward: the most recent fold's model. CPCV: the split tested on the first k
+    groups, which trains on the newest bars (its training runs listed under `ranges`)."""
+    if isinstance(schedule, CpcvFolds):
+        split = schedule.newest_split()
+        return _Registered(
+            index=split.index,
+            training={
+                "start_ms": split.train_ranges[0][0],
+                "end_ms": split.train_ranges[-1][1],
+                "ranges": [list(r) for r in split.train_ranges],
+            },
+            validation={"start_ms": split.val_start_ms, "end_ms": split.val_end_ms},
+            evaluated={
+                "start_ms": schedule.group_range_ms(0)[0],
+                "end_ms": schedule.group_range_ms(schedule.plan.n_groups - 1)[1],
+            },
+        )
+    first, last = schedule[0], schedule[-1]
+    return _Registered(
+        index=last.index,
+        training={"start_ms": last.train_start_ms, "end_ms": last.train_end_ms},
+        validation={"start_ms": last.val_start_ms, "end_ms": last.val_end_ms},
+        evaluated={"start_ms": first.test_start_ms, "end_ms": last.test_end_ms},
+    )
+
+
 def _register(
     registry: ModelRegistry,
     job: TuneJobConfig,
     arrays: MarketArrays,
-    folds: list[Fold],
+    schedule: Schedule,
     best: Evaluation,
     outcome: TrialOutcome,
     decision: GateDecision,
     references: dict[str, Evaluation],
     run: RunDir,
     pbo: PboResult,
+    paths: PathDistribution | None,
 ) -> str:
-    """Register the best trial's model of the most recent fold (the newest training data)."""
-    last = folds[-1]
-    files = read_model_dir(run.trial(best.name).fold(last.index))
+    """Register the best trial's model trained on the newest data (`_registered`)."""
+    chosen = _registered(schedule)
+    files = read_model_dir(run.trial(best.name).fold(chosen.index))
     metadata = {
         "trial_id": best.name,
         "hyperparameters": {k: outcome.config.get(k) for k in HYPERPARAMETERS},
@@ -193,9 +293,11 @@ def _register(
         "input_columns": list(INPUT_COLUMNS),
         "horizon_bars": HORIZON_BARS,
         "symbols": list(arrays.symbols),
-        "training_data_range": {"start_ms": last.train_start_ms, "end_ms": last.train_end_ms},
-        "validation_range": {"start_ms": last.val_start_ms, "end_ms": last.val_end_ms},
-        "evaluated_range": {"start_ms": folds[0].test_start_ms, "end_ms": last.test_end_ms},
+        "training_data_range": chosen.training,
+        "validation_range": chosen.validation,
+        "evaluated_range": chosen.evaluated,
+        "fold_scheme": job.folds.model_dump(mode="json"),
+        "cpcv_paths": None if paths is None else paths.as_dict(),
         "seed": job.seed,
         "metrics": best.metrics,
         "references": {name: ref.score for name, ref in references.items()},
@@ -234,21 +336,29 @@ def _report(
     references: dict[str, Evaluation],
     decision: GateDecision,
     pbo: PboResult,
+    path_sharpes: dict[str, PathDistribution],
+    reference_paths: dict[str, PathDistribution],
 ) -> Path:
     top = sorted(records.values(), key=lambda r: r.score, reverse=True)[:3]
+    shown_paths = (
+        {}
+        if best is None or best.name not in path_sharpes
+        else {best.name: path_sharpes[best.name], **reference_paths}
+    )
     shown = [*top, *references.values()]
     curves = {e.name: equity_curve(e) for e in shown}
     fold_table = pd.DataFrame([row for e in shown for row in e.fold_metrics])
     regime_table = pd.DataFrame([row for e in shown for row in e.regimes])
     return write_html_report(
         run.report,
-        title="Quant-AI sweep: walk-forward after costs",
+        title=f"Quant-AI sweep: {'CPCV' if shown_paths else 'walk-forward'} after costs",
         leaderboard=board,
         equity_curves=curves,
         fold_table=fold_table,
         regime_table=regime_table,
         gate=decision.as_dict(),
         pbo=pbo,
+        path_sharpes=shown_paths or None,
         notes=[
             "Sharpe: annualised from 1-minute net returns, sqrt(525,600) (24/7 markets).",
             "A decision at the close of bar t trades at the open of bar t+1.",

@@ -4,15 +4,17 @@ A trial is a Tune function that launches a `TorchTrainer` (Lightning workers, `S
 from the config) whose per-epoch validation losses reach Tune through `TuneReportCallback`, so
 ASHA can stop weak candidates early. When training finishes, the trial loads each fold's model
 with the shared load function, predicts that fold's test block, backtests the track record after
-costs and reports the walk-forward score (mean fold net Sharpe, annualised). Every trial leaves
-its fold models, per-bar returns and folds in its trial directory (`models.runs`).
+costs and reports the walk-forward score (mean fold net Sharpe, annualised). Under CPCV a trial
+trains one model per split, scores every backtest path and reports the mean path net Sharpe
+(`models.evaluation.combine_paths`). Every trial leaves its fold (or split) models, per-bar
+returns and folds (or path Sharpe distribution) in its trial directory (`models.runs`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,8 @@ from typing import Any
 from configs.schema import SearchSpaceConfig, TuneJobConfig
 from models.artifact import LoadedModel, load_model_files, read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays
-from models.evaluation import OutOfSampleBars, evaluate, model_predictions
-from models.folds import Fold
+from models.evaluation import OutOfSampleBars, evaluate, evaluate_cpcv, model_predictions
+from models.folds import CpcvFolds, Fold, Schedule, TrainingRanges, training_units
 from models.networks import ModelSpec
 from models.runs import COMPLETED, EARLY_STOPPED, ERRORED, RunDir, TrialDir
 from models.training import train_loop_per_worker
@@ -72,19 +74,22 @@ def spec_of(config: dict[str, Any]) -> ModelSpec:
     )
 
 
-def load_fold_models(trial_dir: TrialDir, folds: list[Fold]) -> list[LoadedModel]:
-    return [load_model_files(read_model_dir(trial_dir.fold(f.index))) for f in folds]
+def load_fold_models(
+    trial_dir: TrialDir, units: Sequence[Fold] | Sequence[TrainingRanges]
+) -> list[LoadedModel]:
+    """The trained model of each fold (or CPCV split), in the order given."""
+    return [load_model_files(read_model_dir(trial_dir.fold(u.index))) for u in units]
 
 
 def make_trial(
     job: TuneJobConfig,
-    folds: list[Fold],
+    schedule: Schedule,
     data_ref: Any,
     out_dir: Path,
     shuffle_labels: bool,
 ) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable of this sweep (closes over picklable values only)."""
-    folds_json = [f.as_dict() for f in folds]
+    folds_json = [unit.as_dict() for unit in training_units(schedule)]
     run = RunDir(out_dir)
 
     def trial(config: dict[str, Any]) -> None:
@@ -128,11 +133,17 @@ def make_trial(
             shutil.copytree(checkpoint_dir, trial_dir.path, dirs_exist_ok=True)
         trial_dir.config.write_text(json.dumps(config, default=str))
         arrays: MarketArrays = ray.get(data_ref)
-        test = OutOfSampleBars.of(arrays, folds)
-        models = load_fold_models(trial_dir, folds)
-        predicted, p_up = model_predictions(arrays, folds, test, models)
-        evaluation = evaluate(trial_id, arrays, folds, test, job.backtest, predicted, p_up)
-        trial_dir.save(evaluation, folds)
+        if isinstance(schedule, CpcvFolds):
+            models = load_fold_models(trial_dir, schedule.splits)
+            scored = evaluate_cpcv(trial_id, arrays, schedule, job.backtest, models)
+            evaluation = scored.record
+            trial_dir.save(evaluation, (), scored.distribution)
+        else:
+            test = OutOfSampleBars.of(arrays, schedule)
+            models = load_fold_models(trial_dir, schedule)
+            predicted, p_up = model_predictions(arrays, schedule, test, models)
+            evaluation = evaluate(trial_id, arrays, schedule, test, job.backtest, predicted, p_up)
+            trial_dir.save(evaluation, schedule)
         tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
 
     return trial
@@ -155,7 +166,7 @@ class TrialOutcome:
 
 def run_sweep(
     job: TuneJobConfig,
-    folds: list[Fold],
+    schedule: Schedule,
     data_ref: Any,
     out_dir: Path,
     *,
@@ -166,9 +177,10 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    # Reports per trial: one per fold epoch, the checkpoint report, then the evaluation. ASHA
-    # stops a trial when it reaches max_t, so max_t must lie past the evaluation report.
-    max_t = len(folds) * job.max_epochs + 3
+    # Reports per trial: one per fold (or split) epoch, the checkpoint report, then the
+    # evaluation. ASHA stops a trial when it reaches max_t, so max_t must lie past the
+    # evaluation report.
+    max_t = len(training_units(schedule)) * job.max_epochs + 3
     scheduler: Any = (
         ASHAScheduler(
             time_attr="training_iteration",
@@ -180,7 +192,7 @@ def run_sweep(
         else FIFOScheduler()
     )
     trainable = tune.with_resources(
-        make_trial(job, folds, data_ref, out_dir, shuffle_labels),
+        make_trial(job, schedule, data_ref, out_dir, shuffle_labels),
         {"CPU": job.scaling.trial_driver_cpus},
     )
     tuner = tune.Tuner(

@@ -1,4 +1,5 @@
-"""The Ray Train worker loop: one candidate trained on every walk-forward fold in turn.
+"""The Ray Train worker loop: one candidate trained on every walk-forward fold (or CPCV split)
+in turn.
 
 Runs inside `TorchTrainer` workers (Lightning with Ray's DDP strategy), so the same code trains
 on one local worker or several workers of a cluster. Each epoch's validation loss is reported to
@@ -20,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.artifact import model_files, write_model_dir
-from models.dataset import MarketArrays, Scaler, window_ends
-from models.folds import Fold
+from models.dataset import MarketArrays, Scaler, window_ends, window_ends_in
+from models.folds import TrainingRanges
 from models.lightning_module import SignalModule, WindowBatches
 from models.networks import ModelSpec
 from models.runs import TrialDir
@@ -92,7 +93,7 @@ def subsample(ends: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
 
 def train_fold(
     arrays: MarketArrays,
-    fold: Fold,
+    fold: TrainingRanges,
     spec: ModelSpec,
     *,
     seed: int,
@@ -102,12 +103,12 @@ def train_fold(
     epochs_before: int,
     distributed: bool,
 ) -> tuple[dict[str, bytes], float]:
-    """Train one fold; return the best-validation-epoch model files and that epoch's loss."""
+    """Train one fold (or CPCV split) on every window whose decision bar and label lie inside
+    one of its training ranges; return the best-validation-epoch model files and that epoch's
+    loss."""
     fold_seed = seed * 1000 + fold.index
     pl.seed_everything(fold_seed, workers=True)
-    train_ends = window_ends(
-        arrays, fold.train_start_ms, fold.train_end_ms, spec.window_bars, labelled=True
-    )
+    train_ends = window_ends_in(arrays, fold.train_ranges, spec.window_bars, labelled=True)
     train_ends = subsample(train_ends, max_train_windows, fold_seed)
     val_ends = window_ends(
         arrays, fold.val_start_ms, fold.val_end_ms, spec.window_bars, labelled=True
@@ -169,14 +170,15 @@ def _trainer(max_epochs: int, reporter: EpochReporter, distributed: bool) -> pl.
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: data (a one-element list holding the MarketArrays
-    ObjectRef), spec, folds, seed, max_epochs, max_train_windows, shuffle_labels, threads."""
+    ObjectRef), spec, folds (`TrainingRanges.as_dict()` of each fold or split), seed, max_epochs,
+    max_train_windows, shuffle_labels, threads."""
     import ray
     import ray.train
 
     torch.set_num_threads(int(config["threads"]))
     arrays: MarketArrays = ray.get(config["data"][0])
     spec = ModelSpec.model_validate(config["spec"])
-    folds = [Fold(**f) for f in config["folds"]]
+    folds = [TrainingRanges.from_dict(f) for f in config["folds"]]
     context = ray.train.get_context()
     with tempfile.TemporaryDirectory() as scratch:
         # Laid out as a trial directory, into which the sweep copies the checkpoint whole.

@@ -278,7 +278,7 @@ def best_section(record: TrialRecord, hold: TrialRecord | None) -> None:
         "annualised from 1-minute bars. Buy-and-hold is the sweep's own reference: the same "
         "folds, test minutes, fees and symbols (equal weight) as the trials."
     )
-    if record.folds is not None:
+    if record.folds:  # None: recorded before folds were; empty: a CPCV record (paths, no folds)
         st.markdown("**Walk-forward folds** (UTC; each range is [start, end) of bar open times)")
         st.dataframe(dr.folds_view(record.folds, best.fold_metrics), hide_index=True)
 

@@ -60,7 +60,7 @@ def test_two_worker_ddp_trains_one_model(ray_two_cpus: None, tmp_path: Path) -> 
         train_loop_config={
             "data": [ray.put(arrays)],
             "spec": spec.model_dump(mode="json"),
-            "folds": [f.as_dict() for f in folds],
+            "folds": [f.training_ranges().as_dict() for f in folds],
             "seed": 3,
             "max_epochs": 1,
             "max_train_windows": 1000,

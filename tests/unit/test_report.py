@@ -13,6 +13,8 @@ import plotly.offline
 import pytest
 
 from models import report
+from models.cpcv import path_sharpe_distribution
+from models.evaluation import PathDistribution
 from models.pbo import probability_of_backtest_overfitting
 from models.report import (
     SECTION_HEADINGS,
@@ -319,3 +321,23 @@ def test_pbo_section_says_when_pbo_is_undefined_or_missing(tmp_path: Path) -> No
     assert 'id="fig-pbo"' not in own
     _, page = render(tmp_path)
     assert "was not computed" in outside_plotly_js(page)
+
+
+def test_path_sharpe_section_plots_the_winners_paths_and_tabulates_each_record(
+    tmp_path: Path,
+) -> None:
+    def distribution(sharpes: list[float]) -> PathDistribution:
+        paths = np.array(sharpes)[:, None] / np.sqrt(525_600.0) + np.tile([1.0, -1.0], 50)
+        return PathDistribution(4, 2, 103, 20, path_sharpe_distribution(paths * 1e-3, 525_600.0))
+
+    winner = distribution([0.8, -0.2, 1.1])
+    _, page = render(
+        tmp_path, path_sharpes={"t2": winner, "buy_and_hold": distribution([0.3, 0.3, 0.3])}
+    )
+    own = outside_plotly_js(page)
+    assert "N = 4 groups, k = 2 test groups, 3 backtest paths, purge 103" in own
+    assert 'id="fig-path-sharpes"' in own and "Plotted: t2." in own
+    assert f"{winner.sharpes.share_positive:.4g}" in own and "buy_and_hold" in own
+    _, page = render(tmp_path)
+    own = outside_plotly_js(page)
+    assert 'id="fig-path-sharpes"' not in own and "Walk-forward folds give one" in own
