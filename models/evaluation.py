@@ -14,7 +14,7 @@ to end (`models.cpcv.assemble_paths`). `combine_paths` turns the paths into one 
 * score: the mean over paths of the path's annualised net Sharpe ratio (`PathDistribution`
   keeps every path's, with quantiles, spread and the share above zero);
 * metrics: the mean over paths of each path metric, so `sharpe_per_bar`, `skew`, `kurtosis`
-  and `bars` (the DSR's inputs) describe the typical path: T = the timeline's bars, each once;
+  and `bars` (the DSR's inputs) are path means: T = the timeline's bars, each counted once;
 * returns: per bar, the mean of the paths' net returns (each group's return averaged over the
   phi split models that tested it), the track record that PBO and the equity curve use.
 """

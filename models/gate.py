@@ -45,8 +45,8 @@ def candidate_dsr(
 ) -> float:
     """DSR of the candidate against the expected best of `n_trials` (per-bar Sharpe, raw
     kurtosis), the variance of Sharpe ratios taken over the trials that produced a record.
-    T is the record's `bars`; a CPCV record's per-bar Sharpe, skew and kurtosis are its mean
-    path's (`models.evaluation.combine_paths`), T the timeline's bars."""
+    T is the record's `bars`; a CPCV record's per-bar Sharpe, skew and kurtosis are means over
+    its paths (`models.evaluation.combine_paths`), T the timeline's bars."""
     return deflated_sharpe_ratio(
         candidate.metrics["sharpe_per_bar"],
         list(trial_sharpes_per_bar),

@@ -67,8 +67,9 @@ LEADERBOARD_METRICS: tuple[str, ...] = (
     "val_loss",
 )
 """A trial's metrics in a leaderboard, in column order: Sharpe ratios annualised from 1-minute
-bars (`score` is their mean over folds), returns and drawdowns as fractions, `val_loss` the
-last validation loss; NaN where the trial did not complete."""
+bars (`score` is their mean over folds, or under CPCV the mean path Sharpe, the other metrics
+then being means over paths), returns and drawdowns as fractions, `val_loss` the last
+validation loss; NaN where the trial did not complete."""
 
 SECTION_HEADINGS: tuple[str, ...] = (
     "Promotion decision",

@@ -11,7 +11,7 @@ baselines) are scored on the same CPCV paths (`models.evaluation.combine_paths`)
 score is its mean path net Sharpe, the summary's `path_sharpes` holds every completed trial's
 distribution over paths, and the registered model is the split trained on the newest bars. The
 DSR then counts every trial started, as under walk-forward, with T = the timeline's bars and the
-typical path's per-bar Sharpe, skew and kurtosis; PBO runs on the trials' path-average returns.
+paths' mean per-bar Sharpe, skew and kurtosis; PBO runs on the trials' path-average returns.
 """
 
 from __future__ import annotations
