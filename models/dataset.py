@@ -41,17 +41,18 @@ SILVER_COLUMNS: tuple[str, ...] = (
 
 
 def model_inputs(columns: Mapping[str, np.ndarray], close: np.ndarray) -> np.ndarray:
-    """The model's input matrix (float32 [bars, len(INPUT_COLUMNS)]) from spec feature columns.
+    """The model's inputs (float32 [*close.shape, len(INPUT_COLUMNS)]) from spec feature columns.
 
-    Used offline (Silver) and online (the polars engine in Serve), so both see the same inputs.
-    Nulls must already be NaN.
+    `close` and every column have one shape: [bars] for a matrix of bars, or [windows, bars]
+    for a batch of windows (the incremental engine's). Used offline (Silver) and online (Serve),
+    so both see the same inputs. Nulls must already be NaN.
     """
-    out = np.empty((len(close), len(INPUT_COLUMNS)), dtype=np.float32)
+    out = np.empty((*np.shape(close), len(INPUT_COLUMNS)), dtype=np.float32)
     for j, name in enumerate(INPUT_COLUMNS):
         values = np.asarray(columns[name], dtype=np.float64)
         if name in PRICE_SCALED_FEATURES:
             values = values / close
-        out[:, j] = values
+        out[..., j] = values
     return out
 
 

@@ -8,6 +8,7 @@ evaluation that justified promoting the model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +17,8 @@ import numpy as np
 import polars as pl
 
 from configs.schema import BacktestConfig
-from market.features.spec import HORIZON_BARS
+from market.features.incremental import FeatureWindows
+from market.features.spec import FEATURE_COLUMNS, HORIZON_BARS
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from models.artifact import LoadedModel
 from models.backtest import decide_signals
@@ -25,6 +27,7 @@ from serve.engine.online_features import latest_features
 from serve.engine.snapshot import Signal, SignalName
 
 SIGNAL_NAMES: dict[int, SignalName] = {1: "BUY", -1: "SELL", 0: "NEUTRAL"}
+FEATURE_INDEX = {name: j for j, name in enumerate(FEATURE_COLUMNS)}
 
 
 def bar_close_iso(open_time_ms: int) -> str:
@@ -35,6 +38,52 @@ def bar_close_iso(open_time_ms: int) -> str:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _neutral(
+    symbol: str,
+    open_time_ms: int,
+    close: float,
+    model_version: str,
+    feature_spec_hash: str,
+) -> Signal:
+    """The NEUTRAL, no-opinion signal of the bar opening at `open_time_ms`; callers set the
+    decision or the reason."""
+    return Signal(
+        symbol=symbol,
+        signal="NEUTRAL",
+        confidence=0.0,
+        p_up=None,
+        predicted_return=None,
+        predicted_close=None,
+        horizon_minutes=HORIZON_BARS,
+        as_of=bar_close_iso(open_time_ms),
+        bar_open_time_ms=open_time_ms,
+        close=close,
+        model_version=model_version,
+        feature_spec_hash=feature_spec_hash,
+        reason=None,
+    )
+
+
+def _decided(base: Signal, predicted: float, p_up: float, decision: int) -> Signal:
+    """`base` with the model's opinion (finite `p_up`) and the decision rule's answer."""
+    return replace(
+        base,
+        signal=SIGNAL_NAMES[decision],
+        confidence=max(p_up, 1.0 - p_up),
+        p_up=p_up,
+        predicted_return=_finite(predicted),
+        predicted_close=_finite(base.close * math.exp(predicted)),
+        reason=None if decision else "edge below the cost threshold",
+    )
+
+
+NOT_WARM_REASON = "features not warm yet (non-finite inputs)"
+
+
+def _gap_reason(window: int) -> str:
+    return f"a gap in the last {window} bars"
 
 
 def compute_signal(
@@ -57,29 +106,14 @@ def compute_signal(
     window = model.spec.window_bars
     tail = features.tail(window)
     open_times = tail["open_time"].cast(pl.Int64).to_numpy()
-    last_open = int(open_times[-1])
     close = float(tail["close"][-1])
-    base = Signal(
-        symbol=symbol,
-        signal="NEUTRAL",
-        confidence=0.0,
-        p_up=None,
-        predicted_return=None,
-        predicted_close=None,
-        horizon_minutes=HORIZON_BARS,
-        as_of=bar_close_iso(last_open),
-        bar_open_time_ms=last_open,
-        close=close,
-        model_version=model_version,
-        feature_spec_hash=feature_spec_hash,
-        reason=None,
-    )
+    base = _neutral(symbol, int(open_times[-1]), close, model_version, feature_spec_hash)
     if tail.height < window:
         return base.with_reason(
             "NEUTRAL", 0.0, f"only {tail.height} bars held; the model reads {window}"
         )
     if np.any(np.diff(open_times) != ONE_MINUTE_MS):
-        return base.with_reason("NEUTRAL", 0.0, f"a gap in the last {window} bars")
+        return base.with_reason("NEUTRAL", 0.0, _gap_reason(window))
     columns = {
         name: tail[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
         for name in INPUT_COLUMNS
@@ -87,19 +121,69 @@ def compute_signal(
     inputs = model_inputs(columns, tail["close"].cast(pl.Float64).to_numpy())
     predicted, p_up = model.predict_windows(inputs[None, :, :])
     if not (math.isfinite(predicted[0]) and math.isfinite(p_up[0])):
-        return base.with_reason("NEUTRAL", 0.0, "features not warm yet (non-finite inputs)")
+        return base.with_reason("NEUTRAL", 0.0, NOT_WARM_REASON)
     decision = int(decide_signals(p_up, predicted, thresholds)[0])
-    probability = float(p_up[0])
-    ret = float(predicted[0])
-    return replace(
-        base,
-        signal=SIGNAL_NAMES[decision],
-        confidence=max(probability, 1.0 - probability),
-        p_up=probability,
-        predicted_return=_finite(ret),
-        predicted_close=_finite(close * math.exp(ret)),
-        reason=None if decision else "edge below the cost threshold",
-    )
+    return _decided(base, float(predicted[0]), float(p_up[0]), decision)
+
+
+def compute_signals(
+    symbols: Sequence[str],
+    windows: FeatureWindows,
+    segment_bars: np.ndarray,
+    close: np.ndarray,
+    model: LoadedModel,
+    thresholds: BacktestConfig,
+    model_version: str,
+    feature_spec_hash: str,
+) -> list[Signal]:
+    """The signals of the newest bars of several symbols, from the incremental engine's state,
+    with one forward pass of `model` over every ready window.
+
+    `windows`: the symbols' last `model.spec.window_bars` feature rows
+    (market.features.incremental.IncrementalFeatures.windows, in `symbols` order);
+    `segment_bars`: bars each symbol has taken in its current segment; `close`: the close of
+    each symbol's newest bar. Gives what `compute_signal` gives on the symbol's held bars when
+    they cover at least `min_history_bars(window_bars)` minutes (the caller's check): a window
+    that reaches back past the start of its segment is NEUTRAL for the gap, one within the
+    segment's warm-up or with a non-finite input is NEUTRAL for warming up. Features equal the
+    batch engine's within ONLINE_RELATIVE_TOLERANCE (the recursive ones are seeded where the
+    incremental state's segment starts, not at the oldest bar held).
+    """
+    window = model.spec.window_bars
+    if windows.values.shape[:2] != (len(symbols), window):
+        raise ValueError(
+            f"windows of shape {windows.values.shape[:2]} for {len(symbols)} symbols and a "
+            f"{window}-bar model"
+        )
+    ready = np.flatnonzero(windows.ready)
+    predicted = np.full(len(symbols), np.nan)
+    p_up = np.full(len(symbols), np.nan)
+    if ready.size:
+        values = windows.values[ready]
+        columns = {name: values[..., FEATURE_INDEX[name]] for name in INPUT_COLUMNS}
+        predicted[ready], p_up[ready] = model.predict_windows(
+            model_inputs(columns, windows.close[ready])
+        )
+    finite = np.isfinite(predicted) & np.isfinite(p_up)
+    decisions = np.zeros(len(symbols), dtype=np.int64)
+    if finite.any():
+        decisions[finite] = decide_signals(p_up[finite], predicted[finite], thresholds)
+    signals = []
+    for i, symbol in enumerate(symbols):
+        base = _neutral(
+            symbol,
+            int(windows.open_time_ms[i]),
+            float(close[i]),
+            model_version,
+            feature_spec_hash,
+        )
+        if finite[i]:
+            signals.append(_decided(base, float(predicted[i]), float(p_up[i]), int(decisions[i])))
+        elif segment_bars[i] < window:
+            signals.append(base.with_reason("NEUTRAL", 0.0, _gap_reason(window)))
+        else:
+            signals.append(base.with_reason("NEUTRAL", 0.0, NOT_WARM_REASON))
+    return signals
 
 
 def bars_frame(symbol: str, bars: list[dict[str, Any]]) -> pl.DataFrame:
