@@ -22,8 +22,11 @@ MODEL_NAME = "signal"
 EAGER_THRESHOLDS = BacktestConfig(taker_fee_bps=0, slippage_bps=0, p_up_threshold=0.5)
 
 
-def register_model(registry_dir: Path, seed: int, *, promote: bool = True) -> str:
-    """Register an untrained (seeded) GRU with a scaler fitted on simulated bars.
+def register_model(
+    registry_dir: Path, seed: int, *, promote: bool = True, window_bars: int = 16
+) -> str:
+    """Register an untrained (seeded) GRU reading `window_bars` bars, with a scaler fitted on
+    simulated bars.
 
     An untrained network is enough for the service: it is loaded, run and swapped exactly like
     a trained one, in seconds. Returns the version id.
@@ -31,7 +34,11 @@ def register_model(registry_dir: Path, seed: int, *, promote: bool = True) -> st
     config = SimConfig(seed=seed, anchor_date=date(2024, 1, 1))
     arrays = arrays_from_table(silver_frame(simulated_bars(config, ["SIMFIT"], 1)).to_arrow())
     spec = ModelSpec(
-        family="gru", input_size=len(INPUT_COLUMNS), hidden_size=8, window_bars=16, batch_size=64
+        family="gru",
+        input_size=len(INPUT_COLUMNS),
+        hidden_size=8,
+        window_bars=window_bars,
+        batch_size=64,
     )
     ends = window_ends(
         arrays,

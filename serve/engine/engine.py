@@ -5,6 +5,16 @@ benchmark drives it from a thread), so it is testable without Ray. One signal is
 new closed bar per symbol and kept in memory until the next bar; every new signal goes to the
 Gold store, and realised outcomes are filled in once bar t+10 is held.
 
+Features are kept by the incremental engine (market.features.incremental): one state for the
+feed's symbols, with a ring of the serving model's window, advanced by each new closed bar. A
+tick advances it with every symbol's new bars (several per symbol after a backfill, one
+bar-step across symbols at a time) and then runs the model once, over the windows of every
+symbol that got a bar (serve.engine.signals.compute_signals). The state is built from the
+feed's held bars when a model is first loaded and rebuilt when a new model reads a window of
+another length, or when the feed reports a bar the state cannot take in order (a late minute
+filling a hole, or a burst longer than the feed holds): rare events that cost one pass over
+the held bars of every symbol.
+
 When the registry's `production` alias moves (a promotion or a rollback), `refresh_model` loads
 the new version beside the old one and swaps a single reference, so a request in flight sees
 either the old model or the new one, never a half-loaded one; the latest bar's signal is then
@@ -22,16 +32,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from configs.schema import BacktestConfig, ServeConfig
+from market.features.incremental import IncrementalFeatures
 from market.features.spec import spec_hash
 from models.artifact import LoadedModel, load_registered
 from models.registry import PRODUCTION, ModelRegistry
 from serve.engine.feed import BarFeed
 from serve.engine.gold import GoldStore, SignalRecord
 from serve.engine.online_features import min_history_bars
-from serve.engine.signals import compute_signal
+from serve.engine.signals import compute_signal, compute_signals
 from serve.engine.snapshot import (
     ConfidenceHistogram,
     EngineSnapshot,
@@ -49,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # Upper bounds of the served-confidence histogram (confidence lies in [0.5, 1]).
 CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
+# The open time of the newest bar taken by a symbol that has taken none.
+_NOTHING_TAKEN = np.iinfo(np.int64).min
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,12 @@ class SignalEngine:
         self.confidence_sum = 0.0
         self.outcomes: tuple[OutcomeSummary, ...] = self.gold.outcome_summary()
         self.sequence = 0
+        # The incremental feature state of the feed's symbols, with the serving model's window
+        # (None before a model is served), and the open time (epoch ms) and close of the
+        # newest bar each symbol has taken, by the state's symbol index.
+        self._features: IncrementalFeatures | None = None
+        self._taken_open_ms = np.full(len(self.feed.symbols), _NOTHING_TAKEN, dtype=np.int64)
+        self._taken_close = np.full(len(self.feed.symbols), np.nan)
         self._lock = threading.RLock()
 
     # -- model ---------------------------------------------------------------------------
@@ -139,8 +159,10 @@ class SignalEngine:
             self.serving = serving
             self.load_error = None
             self.reloads += 1
-            for symbol in self.feed.symbols:
-                self._update_signal(symbol)
+            window = model.spec.window_bars
+            if self._features is None or self._features.window_rows != window:
+                self._rebuild_features(window)
+            self._update_signals(self.feed.symbols)
             self.sequence += 1
         log.info("serving %s %s (was %s)", name, version, current)
         return True
@@ -151,25 +173,89 @@ class SignalEngine:
         """Poll the feed; compute, record and score signals of new bars. New bars per symbol."""
         new_bars = self.feed.poll()
         with self._lock:
-            for symbol, count in new_bars.items():
-                if count > 0:
-                    self._update_signal(symbol)
+            ticked = [symbol for symbol, count in new_bars.items() if count > 0]
+            if ticked:
+                self._take_new_bars(ticked, new_bars)
+                self._update_signals(ticked)
+                for symbol in ticked:
                     self._fill_outcomes(symbol)
-            if any(new_bars.values()):
                 self.outcomes = self.gold.outcome_summary()
             self.sequence += 1
         return new_bars
 
-    def _update_signal(self, symbol: str) -> None:
+    def _rebuild_features(self, window_bars: int) -> None:
+        """A fresh incremental state reading `window_bars` rows, advanced over every held bar."""
+        symbols = self.feed.symbols
+        self._features = IncrementalFeatures(symbols, window_bars)
+        self._taken_open_ms[:] = _NOTHING_TAKEN
+        self._taken_close[:] = np.nan
+        self._advance([self.feed.bars(symbol) for symbol in symbols])
+
+    def _take_new_bars(self, symbols: list[str], counts: dict[str, int]) -> None:
+        """Advance the state with the held bars of `symbols` newer than the last each took.
+
+        The feed counts a late minute (older than the newest bar held) and bars a burst pushed
+        out of its window as new too: the state cannot take those in order, so when a symbol's
+        count exceeds its bars newer than the last taken, the state is rebuilt from the held
+        bars (the same features the batch engine would compute over them)."""
+        features = self._features
+        if features is None:
+            return
+        taken = self._taken_open_ms[features.symbol_indices(symbols)]
+        frames = []
+        for symbol, last in zip(symbols, taken.tolist(), strict=True):
+            newer = self.feed.bars(symbol).filter(pl.col("open_time") > last)
+            if newer.height < counts[symbol]:
+                log.info("%s: a bar arrived out of order; rebuilding the feature state", symbol)
+                self._rebuild_features(features.window_rows)
+                return
+            frames.append(newer)
+        self._advance(frames)
+
+    def _advance(self, frames: list[pl.DataFrame]) -> None:
+        """Advance the state by `frames` (each the new bars of one symbol, in open-time order):
+        one advance per bar-step, taking the k-th new bar of every symbol that has one."""
+        features = self._features
+        frames = [frame for frame in frames if frame.height]
+        if features is None or not frames:
+            return
+        bars = pl.concat(frames)
+        arrays = features.bar_arrays(bars)
+        step = bars.select(pl.int_range(pl.len()).over("symbol")).to_series().to_numpy()
+        for k in range(int(step.max()) + 1):
+            features.advance(arrays.rows(step == k))
+        newest = arrays.rows(np.append(step[1:] == 0, True))  # each symbol's last row
+        self._taken_open_ms[newest.symbol] = newest.open_time_ms
+        self._taken_close[newest.symbol] = newest.close
+
+    def _update_signals(self, symbols: tuple[str, ...] | list[str]) -> None:
+        """Compute and record the signals of `symbols`' newest bars: one model forward pass
+        over their ready windows. Symbols holding fewer bars than the model needs (after
+        warm-up) keep their previous signal, if any."""
         serving = self.serving
-        bars = self.feed.bars(symbol)
-        if serving is None or bars.height == 0:
+        features = self._features
+        if serving is None or features is None:
             return
-        if bars.height < min_history_bars(serving.model.spec.window_bars):
+        needed = min_history_bars(serving.model.spec.window_bars)
+        eligible = [s for s in symbols if self.feed.bars(s).height >= needed]
+        if not eligible:
             return
-        signal = compute_signal(
-            symbol, bars, serving.model, serving.thresholds, serving.version, self.spec_hash
+        idx = features.symbol_indices(eligible)
+        signals = compute_signals(
+            eligible,
+            features.windows(idx),
+            features.segment_bars[idx],
+            self._taken_close[idx],
+            serving.model,
+            serving.thresholds,
+            serving.version,
+            self.spec_hash,
         )
+        for symbol, signal in zip(eligible, signals, strict=True):
+            self._publish(symbol, signal)
+
+    def _publish(self, symbol: str, signal: Signal) -> None:
+        """Serve `signal` for `symbol`; record it in Gold unless it repeats the current one."""
         previous = self.signals.get(symbol)
         self.signals[symbol] = signal
         if (
