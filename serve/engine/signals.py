@@ -1,4 +1,8 @@
-"""One signal from the latest bars: online features -> model inputs -> the model -> a decision.
+"""Signals: features -> model inputs -> the model -> a decision.
+
+`compute_signal` answers for one symbol from its bars (the batch engine recomputes the
+features: `/predict`); `compute_signals` answers for many symbols at once from the incremental
+engine's windows, with one forward pass (the live engine at each bar close).
 
 The decision rule is the backtest's (`models.backtest.decide_signals`), with the thresholds the
 model was selected with, so a served BUY means exactly what a BUY meant in the walk-forward
