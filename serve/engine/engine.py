@@ -192,20 +192,20 @@ class SignalEngine:
         self._advance([self.feed.bars(symbol) for symbol in symbols])
 
     def _take_new_bars(self, symbols: list[str], counts: dict[str, int]) -> None:
-        """Advance the state with the held bars of `symbols` newer than the last each took.
+        """Advance the state with the `counts[symbol]` newest held bars of each of `symbols`.
 
         The feed counts a late minute (older than the newest bar held) and bars a burst pushed
         out of its window as new too: the state cannot take those in order, so when a symbol's
-        count exceeds its bars newer than the last taken, the state is rebuilt from the held
-        bars (the same features the batch engine would compute over them)."""
+        newest `count` bars are not all newer than the last it took, the state is rebuilt from
+        the held bars (the same features the batch engine would compute over them)."""
         features = self._features
         if features is None:
             return
         taken = self._taken_open_ms[features.symbol_indices(symbols)]
         frames = []
         for symbol, last in zip(symbols, taken.tolist(), strict=True):
-            newer = self.feed.bars(symbol).filter(pl.col("open_time") > last)
-            if newer.height < counts[symbol]:
+            newer = self.feed.bars(symbol).tail(counts[symbol])
+            if newer.height < counts[symbol] or newer["open_time"][0] <= last:
                 log.info("%s: a bar arrived out of order; rebuilding the feature state", symbol)
                 self._rebuild_features(features.window_rows)
                 return
