@@ -53,7 +53,8 @@ _CLOSE, _RET_1, _TAKER_RATIO, _VOLUME = range(4)
 _WINDOW_INPUTS = 4
 # open_time before any bar: a symbol's first bar always starts a segment.
 _NO_BAR = np.iinfo(np.int64).min
-_FEATURE_INDEX = {name: j for j, name in enumerate(spec.FEATURE_COLUMNS)}
+# Column of each spec feature in the feature rows `advance` returns and `windows` holds.
+FEATURE_INDEX = {name: j for j, name in enumerate(spec.FEATURE_COLUMNS)}
 
 
 class StaleBarError(ValueError):

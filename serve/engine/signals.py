@@ -21,8 +21,8 @@ import numpy as np
 import polars as pl
 
 from configs.schema import BacktestConfig
-from market.features.incremental import FeatureWindows
-from market.features.spec import FEATURE_COLUMNS, HORIZON_BARS
+from market.features.incremental import FEATURE_INDEX, FeatureWindows
+from market.features.spec import HORIZON_BARS
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from models.artifact import LoadedModel
 from models.backtest import decide_signals
@@ -31,7 +31,6 @@ from serve.engine.online_features import latest_features
 from serve.engine.snapshot import Signal, SignalName
 
 SIGNAL_NAMES: dict[int, SignalName] = {1: "BUY", -1: "SELL", 0: "NEUTRAL"}
-FEATURE_INDEX = {name: j for j, name in enumerate(FEATURE_COLUMNS)}
 
 
 def bar_close_iso(open_time_ms: int) -> str:
