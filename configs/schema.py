@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     StringConstraints,
     field_validator,
     model_validator,
@@ -48,6 +49,32 @@ class StrictModel(BaseModel):
     """Base of every config model: unknown keys are an error, not a silent no-op."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObjectStoreConfig(StrictModel):
+    """How `s3://` locations (lake, registry, sweep runs) are reached. Every field left unset is
+    read from the standard environment, as every S3 tool reads it: `AWS_ENDPOINT_URL`,
+    `AWS_REGION` (or `AWS_DEFAULT_REGION`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`; keep
+    credentials in the environment rather than in a committed YAML."""
+
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:8333; None: AWS's own",
+    )
+    region: str | None = Field(default=None, description="None: the environment's, else us-east-1")
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    connect_timeout_s: float = Field(
+        default=3.0, gt=0, description="per connection attempt; bounds the reachability probe"
+    )
+    request_timeout_s: float = Field(default=60.0, gt=0, description="per request")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint_url {url!r} must start with http:// or https://")
+        return url
 
 
 class RayConfig(StrictModel):
@@ -197,6 +224,10 @@ class PipelineConfig(StrictModel):
     lake: str = "lake"
     registry: str = "registry"
     runs: str = Field(default="runs", description="where each sweep's leaderboard/report go")
+    object_store: ObjectStoreConfig = Field(
+        default_factory=ObjectStoreConfig,
+        description="endpoint, region and credentials of s3:// locations",
+    )
     tune: str | None = Field(
         default=DEFAULT_TUNE_CONFIG,
         description="tune YAML of the sweep stage (its `ray` section is ignored: the pipeline "

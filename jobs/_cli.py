@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from cluster.processes import exit_status, stop_on_sigterm
 from cluster.ray_runtime import shutdown
+from market.storage import StorageError
 
 RAY_SHUTDOWN_WAIT_S = 20.0
 """How long a stopped job waits for its local Ray to shut down before it exits anyway."""
@@ -51,9 +52,10 @@ def summary_stays_last() -> None:
 
 
 def run(main: Callable[[], int], job: str) -> NoReturn:
-    """Exit with `main()`'s status. SIGTERM (a container or systemd stop) is raised like Ctrl-C,
-    so the job's cleanup (`finally` blocks: stopping Serve) runs either way; the job then says
-    what stopped it, without a traceback, and exits 128 + the signal number.
+    """Exit with `main()`'s status, or 2 with a one-line message when a storage location cannot
+    be used (`market.storage.StorageError`). SIGTERM (a container or systemd stop) is raised
+    like Ctrl-C, so the job's cleanup (`finally` blocks: stopping Serve) runs either way; the
+    job then says what stopped it, without a traceback, and exits 128 + the signal number.
 
     After an interrupt the local Ray is shut down here, within `RAY_SHUTDOWN_WAIT_S` seconds,
     and the process ends without the interpreter's exit hooks: a terminal's Ctrl-C or a group
@@ -63,6 +65,10 @@ def run(main: Callable[[], int], job: str) -> NoReturn:
     stop_on_sigterm()
     try:
         status = main()
+    except StorageError as error:
+        # A location that cannot be used is the caller's to fix: one line, no traceback.
+        print(f"[{job}] error: {error}", file=sys.stderr, flush=True)
+        status = 2
     except KeyboardInterrupt as interrupt:
         print(f"[{job}] stopped by {str(interrupt) or 'SIGINT'}", file=sys.stderr, flush=True)
         # The line above is the job's last word: clients of processes the signal has already

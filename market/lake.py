@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from market.storage import is_uri
+
 BRONZE: Final = "bronze"
 SILVER: Final = "silver"
 QUARANTINE: Final = "quarantine"
@@ -29,11 +31,6 @@ SILVER_STATE_FILE: Final = "_state.json"
 
 GOLD_SQLITE_FILE: Final = "signals.sqlite"
 """Under `gold/`: the default SQLite Gold store of served signals."""
-
-
-def is_uri(location: str | Path) -> bool:
-    """True for `scheme://...` locations (object stores, `file://`), False for plain paths."""
-    return "://" in str(location)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Filesystem model registry: immutable numbered versions and audited aliases.
 
-The registry lives under one root, a local directory (relative paths are made absolute) or any
-URI `pyarrow.fs.FileSystem.from_uri` understands (`file://`, `s3://`, `gs://`, `hdfs://`):
+The registry lives under one root, a local directory (relative paths are made absolute) or a
+`file://`, `s3://` or `gs://` URI, resolved and probed by `market.storage` (an `s3://` endpoint
+and credentials from the standard AWS environment):
 
     <root>/<name>/versions/v0001/<file>...          the version's files (weights, config, scaler)
     <root>/<name>/versions/v0001/metadata.json      written last: its presence commits the version
@@ -70,6 +71,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+
+from market.storage import StorageError, is_uri, resolve
 
 PRODUCTION = "production"
 METADATA_FILE = "metadata.json"
@@ -346,16 +349,13 @@ def _open_store(uri: str, filesystem: Any | None) -> tuple[_Store, str]:
             root = Path(uri).absolute()
             return _LocalStore(root), str(root)
         return _ArrowStore(filesystem, uri), uri
-    if "://" not in uri:
-        root = Path(uri).expanduser().absolute()
-        return _LocalStore(root), str(root)
     try:
-        resolved, path = pafs.FileSystem.from_uri(uri)
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"cannot open registry {uri!r}: {exc}") from exc
-    if isinstance(resolved, pafs.LocalFileSystem):
-        return _LocalStore(Path(path)), uri
-    return _ArrowStore(resolved, path), uri
+        location = resolve(uri)
+    except StorageError as exc:
+        raise RegistryError(f"cannot open registry: {exc}") from exc
+    if location.is_local:
+        return _LocalStore(location.local_path()), uri if is_uri(uri) else location.uri
+    return _ArrowStore(location.filesystem, location.path), uri
 
 
 class ModelRegistry:

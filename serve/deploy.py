@@ -18,7 +18,8 @@ import httpx
 
 from cluster.ray_runtime import connect, local_ray_lost_processes
 from configs.schema import DEFAULT_GOLD_URL, FeedConfig, GoldConfig, IngestConfig, ServeConfig
-from market.lake import Lake, is_uri
+from market.lake import Lake
+from market.storage import is_uri
 from serve.operator import read_targets
 
 APP_NAME = "quant-ai"

@@ -17,7 +17,8 @@ import polars as pl
 from market.features.polars_engine import compute_features
 from market.features.spec import WARMUP_BARS
 from market.klines import BAR_COLUMNS
-from market.lake import Lake, is_uri
+from market.lake import Lake
+from market.storage import is_uri
 
 WindowEnd = Literal["latest signal", "latest Silver bar"]
 

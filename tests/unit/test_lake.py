@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from market.bronze import BronzeStore
-from market.lake import GOLD_SQLITE_FILE, SILVER_STATE_FILE, Lake, is_uri
+from market.lake import GOLD_SQLITE_FILE, SILVER_STATE_FILE, Lake
 from market.silver import plan_changes
+from market.storage import is_uri
 
 
 def test_local_lake_zones_are_directories_under_the_root(tmp_path: Path) -> None:

@@ -1,0 +1,172 @@
+"""Storage locations: a local path or a URI, resolved to a pyarrow filesystem and a path in it.
+
+Every location the platform stores to (a lake, a registry, a sweep's runs) follows these rules:
+
+* no scheme (`lake`, `/data/lake`, `~/lake`): a local path, made absolute;
+* `file:///data/lake`: the same local path;
+* `s3://bucket/prefix`: Amazon S3 or any S3-compatible store (SeaweedFS, MinIO, Ceph). Its
+  endpoint, region and credentials come from `ObjectStoreConfig`, and every field left unset
+  from the standard environment (`AWS_ENDPOINT_URL`, `AWS_REGION` / `AWS_DEFAULT_REGION`,
+  `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`); the region defaults to `us-east-1`;
+* `gs://bucket/prefix`: Google Cloud Storage, credentials as its client library finds them;
+* any other scheme: a `StorageError` at once.
+
+A remote location is probed when it is resolved (its bucket is looked up, each connection
+attempt bounded by `ObjectStoreConfig.connect_timeout_s`), so an unreachable store or a missing
+bucket is a `StorageError` naming the location before any work starts. A URI is never turned
+into a local path: nothing here creates a directory named like one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from configs.schema import ObjectStoreConfig
+
+SCHEMES: Final = ("file", "s3", "gs")
+"""The URI schemes a location may have; a location without one is a local path."""
+
+DEFAULT_REGION: Final = "us-east-1"
+
+_PROBE_ATTEMPTS: Final = 2
+"""Connection attempts of a remote filesystem's requests (the probe's included): one retry
+absorbs a dropped connection without letting an unreachable store stall a job."""
+
+
+class StorageError(Exception):
+    """A location that cannot be used: unknown scheme, unreachable store, missing bucket."""
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` locations (object stores, `file://`), False for plain paths."""
+    return "://" in str(location)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A resolved location: the URI (or absolute local path) it was named by, its filesystem and
+    the path inside that filesystem (`bucket/prefix` on an object store, no trailing slash)."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    path: str
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+    def local_path(self) -> Path:
+        """The location on the local filesystem; StorageError for an object store."""
+        if not self.is_local:
+            raise StorageError(f"{self.uri!r} is an object-store location, not a local path")
+        return Path(self.path)
+
+    def child(self, *names: str) -> Location:
+        """The location `names` below this one, on the same filesystem."""
+        suffix = "/".join(names)
+        return Location(f"{self.uri}/{suffix}", self.filesystem, f"{self.path}/{suffix}")
+
+
+def object_store_settings(
+    config: ObjectStoreConfig | None = None, environ: Mapping[str, str] | None = None
+) -> ObjectStoreConfig:
+    """`config` with every unset field taken from the standard AWS environment variables.
+
+    Resolve this once on a job's driver and hand the result to its tasks: a task on another
+    node then reaches the same store whatever that node's environment holds."""
+    config = config or ObjectStoreConfig()
+    env = os.environ if environ is None else environ
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    secret = env.get("AWS_SECRET_ACCESS_KEY")
+    filled = {
+        "endpoint_url": config.endpoint_url or env.get("AWS_ENDPOINT_URL") or None,
+        "region": config.region or region or DEFAULT_REGION,
+        "access_key_id": config.access_key_id or env.get("AWS_ACCESS_KEY_ID") or None,
+        "secret_access_key": config.secret_access_key or secret or None,
+    }
+    return ObjectStoreConfig.model_validate(config.model_dump() | filled)
+
+
+def s3_filesystem(config: ObjectStoreConfig) -> pafs.S3FileSystem:
+    """An S3 filesystem for `config` as is (see `object_store_settings` for the environment)."""
+    endpoint: dict[str, str] = {}
+    if config.endpoint_url:
+        url = urlsplit(config.endpoint_url)
+        endpoint = {"endpoint_override": url.netloc, "scheme": url.scheme}
+    secret = config.secret_access_key.get_secret_value() if config.secret_access_key else None
+    return pafs.S3FileSystem(
+        access_key=config.access_key_id,
+        secret_key=secret,
+        region=config.region or DEFAULT_REGION,
+        connect_timeout=config.connect_timeout_s,
+        request_timeout=config.request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_PROBE_ATTEMPTS),
+        allow_bucket_creation=False,
+        allow_bucket_deletion=False,
+        **endpoint,
+    )
+
+
+def resolve(
+    location: str | Path, config: ObjectStoreConfig | None = None, *, probe: bool = True
+) -> Location:
+    """The filesystem and path of `location` (see the module's rules). A remote one is probed
+    unless `probe` is False; StorageError when it cannot be used."""
+    text = str(location)
+    if not text:
+        raise StorageError("a storage location is empty")
+    if not is_uri(text):
+        path = Path(text).expanduser().absolute()
+        return Location(str(path), pafs.LocalFileSystem(), str(path))
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise StorageError(
+            f"{text!r}: unknown storage scheme {scheme!r}; a location is a local path or a "
+            f"URI with one of {', '.join(s + '://' for s in SCHEMES)}"
+        )
+    if scheme == "file":
+        path = Path(urlsplit(text).path).absolute()
+        return Location(str(path), pafs.LocalFileSystem(), str(path))
+    bucket_and_prefix = rest.strip("/")
+    if not bucket_and_prefix:
+        raise StorageError(f"{text!r} names no bucket")
+    uri = f"{scheme}://{bucket_and_prefix}"
+    filesystem: pafs.FileSystem
+    if scheme == "s3":
+        filesystem = s3_filesystem(object_store_settings(config))
+    else:
+        try:
+            filesystem, _ = pafs.FileSystem.from_uri(uri)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot open {uri!r}: {_first_line(exc)}") from exc
+    resolved = Location(uri, filesystem, bucket_and_prefix)
+    if probe:
+        endpoint = "Google Cloud Storage"
+        if scheme == "s3":
+            endpoint = object_store_settings(config).endpoint_url or "AWS S3"
+        _probe(resolved, bucket_and_prefix.split("/", 1)[0], endpoint)
+    return resolved
+
+
+def _probe(location: Location, bucket: str, endpoint: str) -> None:
+    try:
+        info = location.filesystem.get_file_info(bucket)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot reach {location.uri!r} at {endpoint}: {_first_line(exc)}"
+        ) from exc
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{location.uri!r}: bucket {bucket!r} does not exist")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

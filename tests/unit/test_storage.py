@@ -1,0 +1,107 @@
+"""Storage locations: paths and URIs resolved to a filesystem, or refused at once."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from configs.schema import ObjectStoreConfig, PipelineConfig
+from market.storage import StorageError, object_store_settings, resolve
+
+
+def test_a_plain_path_and_a_file_uri_are_the_same_local_location(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = resolve("lake")
+    from_uri = resolve(f"file://{tmp_path}/lake")
+    assert relative.is_local and from_uri.is_local
+    assert relative.local_path() == from_uri.local_path() == tmp_path / "lake"
+    assert relative.child("bronze", "x").path == str(tmp_path / "lake" / "bronze" / "x")
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("hdfs://namenode/lake", "unknown storage scheme 'hdfs'"),
+        ("s4://bucket/lake", "unknown storage scheme 's4'"),
+        ("s3://", "names no bucket"),
+        ("", "empty"),
+    ],
+)
+def test_an_unusable_location_is_refused_at_once_without_creating_anything(
+    location: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match=message):
+        resolve(location)
+    assert list(tmp_path.iterdir()) == [], "nothing named like the URI on local disk"
+
+
+def _refused_endpoint() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the socket is closed
+
+
+def test_an_unreachable_object_store_fails_fast_naming_location_and_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    endpoint = _refused_endpoint()
+    config = ObjectStoreConfig(
+        endpoint_url=endpoint, access_key_id="k", secret_access_key=SecretStr("s")
+    )
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        resolve("s3://bucket/lake", config)
+    assert time.monotonic() - started < 10
+    assert "s3://bucket/lake" in str(caught.value) and endpoint in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unset_object_store_fields_come_from_the_standard_environment() -> None:
+    environ = {
+        "AWS_ENDPOINT_URL": "http://env:1",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "env-key",
+        "AWS_SECRET_ACCESS_KEY": "env-secret",
+    }
+    from_env = object_store_settings(None, environ)
+    assert from_env.endpoint_url == "http://env:1" and from_env.region == "eu-west-1"
+    assert from_env.access_key_id == "env-key"
+    assert from_env.secret_access_key is not None
+    assert from_env.secret_access_key.get_secret_value() == "env-secret"
+
+    configured = ObjectStoreConfig(endpoint_url="http://config:2", region="ap-south-1")
+    merged = object_store_settings(configured, environ | {"AWS_REGION": "us-west-2"})
+    assert (merged.endpoint_url, merged.region) == ("http://config:2", "ap-south-1")
+    assert merged.access_key_id == "env-key", "what the config leaves unset"
+
+    assert object_store_settings(None, {}).region == "us-east-1"
+    assert object_store_settings(None, {}).endpoint_url is None
+
+
+def test_the_object_store_config_refuses_unknown_keys_and_non_http_endpoints() -> None:
+    with pytest.raises(ValidationError, match="endpoint_url"):
+        ObjectStoreConfig(endpoint_url="127.0.0.1:8333")
+    with pytest.raises(ValidationError, match="extra"):
+        PipelineConfig.model_validate({"object_store": {"bucket": "x"}})
+    config = PipelineConfig.model_validate(
+        {"object_store": {"endpoint_url": "https://s3.example", "connect_timeout_s": 1}}
+    )
+    assert config.object_store.endpoint_url == "https://s3.example"
+    assert "hunter2" not in repr(ObjectStoreConfig(secret_access_key=SecretStr("hunter2")))
+
+
+def test_a_gcs_location_resolves_to_the_gcs_filesystem_without_a_probe() -> None:
+    location = resolve("gs://bucket/lake", probe=False)
+    assert isinstance(location.filesystem, pafs.GcsFileSystem)
+    assert (location.uri, location.path) == ("gs://bucket/lake", "bucket/lake")
