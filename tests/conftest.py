@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -16,6 +17,7 @@ from market.bronze import BronzeStore
 from market.klines import ONE_DAY_MS, ONE_MINUTE_MS, RAW_FIELDS, date_start_ms
 from market.sources.base import ingest_symbol
 from market.sources.sim import SimSource
+from tests.object_store import ObjectStore, seaweedfs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("QUANT_AI_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -81,3 +83,17 @@ def spark(ray_local: None) -> Iterator[Any]:
     session, _ = start_spark(SparkConfig(executors=1, executor_cores=1, executor_memory="2g"))
     yield session
     stop_spark()
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore]:
+    """One SeaweedFS S3 server on loopback, shared by every object-store test of the session;
+    each test works under its own prefix (`object_prefix`)."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as store:
+        yield store
+
+
+@pytest.fixture
+def object_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of the test's own in the shared bucket."""
+    return f"{request.node.name}-{uuid.uuid4().hex[:8]}"
