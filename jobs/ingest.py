@@ -6,6 +6,7 @@ from cluster.ray_runtime import connect
 from configs.schema import SOURCES, IngestConfig, PipelineConfig, load_config
 from jobs._cli import base_parser, print_summary, run, setup_logging
 from market.ingest import run_ingest
+from market.storage import resolve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", help="dump file or glob (--source dump)")
     parser.add_argument("--start", help="ISO-8601 UTC start (inclusive)")
     parser.add_argument("--end", help="ISO-8601 UTC end (inclusive)")
-    parser.add_argument("--lake", required=True, help="lake directory")
+    parser.add_argument(
+        "--lake", required=True, help="lake: a local path or a URI (file://, s3://, gs://)"
+    )
     parser.add_argument("--config", help="pipeline YAML whose ingest.sim/ingest.binance apply")
     parser.add_argument("--base-url", help="Binance REST base URL (overrides the config)")
     parser.add_argument("--sim-days", type=int, help="days to simulate when --end is absent")
@@ -36,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         sim=base.ingest.sim,
         binance=binance,
     )
+    # An unusable lake fails here, before Ray starts (StorageError: one line, exit status 2).
+    resolve(args.lake, base.object_store)
     connect(base.ray, args.address)
-    print_summary(run_ingest(config, args.lake))
+    print_summary(run_ingest(config, args.lake, base.object_store))
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +28,7 @@ from configs.schema import (
 from jobs._cli import base_parser, print_summary, run, setup_logging, summary_stays_last
 from market.ingest import run_ingest
 from market.lake import Lake
+from market.storage import require_local
 from serve.deploy import deploy, feed_for, resolve_config, serve_until_stopped, wait_until_ok
 from serve.haproxy import PortBusyError, check_serve_ports
 
@@ -52,6 +52,9 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - started, 2)
 
 
+RUNS = "the sweep runs location (runs)"
+
+
 def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages) -> dict[str, Any]:
     """Ingest -> features -> (tune -> gate): the part the retraining schedule repeats."""
     ingest_cfg = config.ingest
@@ -68,7 +71,10 @@ def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages
     )
     if config.tune:
         job = load_config(config.tune, TuneJobConfig)
-        out = Path(config.runs) / f"tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        out = (
+            require_local(config.runs, RUNS)
+            / f"tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        )
         with stages.stage("tune", f"{config.tune} ({job.num_samples} trials) -> {out}"):
             from models.selection import run_selection
 
@@ -168,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     lake = args.lake or config.lake
     registry = args.registry or config.registry
+    # Locations this run cannot use fail here, before Ray starts (one line, exit status 2):
+    # Silver and the sweep runs are written to local disk so far.
+    _ = Lake.at(lake).silver
+    require_local(config.runs, RUNS)
     if args.ray_jobs:
         return submit_as_ray_jobs(args.ray_jobs, args.config, config, lake, registry)
     if config.serve and cluster_address(config.ray, args.address) is None:

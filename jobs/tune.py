@@ -10,6 +10,7 @@ from pathlib import Path
 from cluster.ray_runtime import connect
 from configs.schema import DEFAULT_TUNE_CONFIG, TuneJobConfig, load_config
 from jobs._cli import base_parser, print_summary, run, setup_logging
+from market.storage import require_local
 
 # Absolute, so that the job runs from any working directory.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / DEFAULT_TUNE_CONFIG
@@ -35,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     job = load_config(args.config, TuneJobConfig)
     if args.seed is not None:
         job = job.model_copy(update={"seed": args.seed})
-    out = Path(args.out or f"runs/tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    out = require_local(
+        args.out or f"runs/tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
+        "a sweep's output (--out)",
+    )
     connect(job.ray, args.address)
     from models.selection import run_selection
 

@@ -18,6 +18,11 @@ Concurrency: the writer of a source and symbol holds an advisory lock (`flock`) 
 `bronze/_locks/source=S/symbol=X.lock` while it reads what is stored and writes parts, so two
 ingests of one symbol run one after the other, and a cleanup removes only the temporaries of
 symbols whose lock it can take: those are the leftovers of a writer that died.
+
+All of the above is `BronzeStore`, on local disk. On an object store (no rename, no locks)
+`ObjectBronzeStore` keeps the same layout and guarantees with commit markers instead; see its
+docstring. `open_bronze` picks the one a lake's location needs, and sources see either through
+the `Bronze` protocol.
 """
 
 from __future__ import annotations
@@ -25,17 +30,23 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import Protocol
 
+import pyarrow.fs as pafs
+
+from configs.schema import ObjectStoreConfig
 from market.files import TMP_PREFIX, exclusive_lock, make_dirs_durably, write_durably
-from market.lake import Lake
+from market.lake import BRONZE, Lake
+from market.storage import Location, resolve
 
 _PART = re.compile(r"^part-(?P<first>\d+)-(?P<last>\d+)-(?P<tag>[A-Za-z0-9_.-]+)\.jsonl$")
 _LOCKS = "_locks"
 _DONE = "_done"
+_COMMITTED = "_committed"
 
 
 @dataclass(frozen=True)
@@ -79,9 +90,10 @@ class Batch:
 
 @dataclass(frozen=True)
 class PartInfo:
-    """A Bronze part file and the open-time range (epoch ms) its name records."""
+    """A Bronze part and the open-time range (epoch ms) its name records. `path` is the part's
+    path in its store's filesystem: a local path, or `bucket/key` on an object store."""
 
-    path: Path
+    path: PurePath
     source: str
     symbol: str
     day: str
@@ -105,56 +117,23 @@ class BronzeStore:
     def write(self, batch: Batch) -> Path | None:
         """Write `batch` as one part atomically and durably. Returns its path, or None when it
         existed. The part's first/last open times include the anchors of unparseable lines."""
-        known = [r.position_ms for r in batch.rows if r.position_ms is not None]
         if not batch.rows:
             return None
-        first = min(known) if known else 0
-        last = max(known) if known else 0
         directory = self.partition(batch.source, batch.symbol, batch.day)
-        target = directory / f"part-{first}-{last}-{batch.tag}.jsonl"
+        target = directory / part_name(batch)
         if target.exists():
             return None
+        text = part_text(batch)
         make_dirs_durably(directory)
-        metas = [batch.meta] * len(batch.rows) if isinstance(batch.meta, BatchMeta) else batch.meta
-        if len(metas) != len(batch.rows):
-            raise ValueError("one BatchMeta per row, or one for the whole batch")
-        lines = (
-            json.dumps(
-                {
-                    "fetched_at": meta.fetched_at,
-                    "request": meta.request,
-                    "batch": batch.tag,
-                    "seq": seq,
-                    "raw": row.raw,
-                },
-                separators=(",", ":"),
-            )
-            for seq, (row, meta) in enumerate(zip(batch.rows, metas, strict=True))
-        )
-        write_durably(target, "\n".join(lines) + "\n")
+        write_durably(target, text)
         return target
 
     def parts(self, source: str | None = None, symbol: str | None = None) -> list[PartInfo]:
         """Every part, optionally of one source and/or symbol, sorted by first open time."""
-        found: list[PartInfo] = []
         source_glob = f"source={source}" if source else "source=*"
         symbol_glob = f"symbol={symbol}" if symbol else "symbol=*"
-        for path in self.root.glob(f"{source_glob}/{symbol_glob}/date=*/part-*.jsonl"):
-            match = _PART.match(path.name)
-            if not match:
-                continue
-            found.append(
-                PartInfo(
-                    path=path,
-                    source=path.parents[2].name.split("=", 1)[1],
-                    symbol=path.parents[1].name.split("=", 1)[1],
-                    day=path.parent.name.split("=", 1)[1],
-                    first_ms=int(match["first"]),
-                    last_ms=int(match["last"]),
-                    tag=match["tag"],
-                )
-            )
-        return sorted(found, key=lambda p: (p.first_ms, p.last_ms, str(p.path)))
+        found = self.root.glob(f"{source_glob}/{symbol_glob}/date=*/part-*.jsonl")
+        return _sorted_parts(part_info(path) for path in found)
 
     def symbols(self) -> list[str]:
         """Symbols with at least one part, from any source."""
@@ -231,6 +210,120 @@ class BronzeStore:
     def is_done(self, kind: str, key: str) -> bool:
         return self.marker_path(kind, key).exists()
 
+    def records(self, part: PartInfo) -> Iterator[dict[str, object]]:
+        """The records of one part, in order."""
+        yield from read_part(Path(part.path))
+
+
+class ObjectBronzeStore:
+    """The Bronze zone on an object store, which has neither rename nor locks.
+
+    A part is committed in two single PUTs: the part object, then its commit marker, an object
+    at the same key under `<bronze>/_committed/`. Readers list the markers only, so a part whose
+    writer died before its marker is invisible; a rerun writes the same part again (its name is
+    derived from its rows), overwriting the leftover, and then the marker. Done-markers are one
+    PUT each. Without locks, two ingests of one symbol into one object-store lake at the same
+    time are not serialised: run one ingest per lake at a time.
+    """
+
+    def __init__(self, location: Location) -> None:
+        self.filesystem = location.filesystem
+        self.root = location.path
+
+    def _key(self, *names: str) -> str:
+        return "/".join((self.root, *names))
+
+    def write(self, batch: Batch) -> PurePosixPath | None:
+        """Write `batch` as one committed part. Returns its key, or None when it was committed
+        already."""
+        if not batch.rows:
+            return None
+        relative = "/".join(
+            (f"source={batch.source}", f"symbol={batch.symbol}", f"date={batch.day}")
+        )
+        relative = f"{relative}/{part_name(batch)}"
+        marker = self._key(_COMMITTED, relative)
+        if self.filesystem.get_file_info(marker).type == pafs.FileType.File:
+            return None
+        text = part_text(batch).encode("utf-8")
+        self._put(self._key(relative), text)
+        self._put(marker, json.dumps({"bytes": len(text), "rows": len(batch.rows)}).encode())
+        return PurePosixPath(self._key(relative))
+
+    def parts(self, source: str | None = None, symbol: str | None = None) -> list[PartInfo]:
+        """Every committed part, optionally of one source and/or symbol, sorted by first open
+        time."""
+        committed = self._key(_COMMITTED)
+        selector = pafs.FileSelector(committed, recursive=True, allow_not_found=True)
+        found: list[PartInfo | None] = []
+        for info in self.filesystem.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            part = part_info(PurePosixPath(self.root, info.path[len(committed) + 1 :]))
+            if part is not None and source in (None, part.source) and symbol in (None, part.symbol):
+                found.append(part)
+        return _sorted_parts(found)
+
+    def records(self, part: PartInfo) -> Iterator[dict[str, object]]:
+        """The records of one part, in order."""
+        with self.filesystem.open_input_stream(str(part.path)) as stream:
+            text = stream.read().decode("utf-8")
+        for line in text.splitlines():
+            if line.strip():
+                yield json.loads(line)
+
+    @contextmanager
+    def symbol_lock(self, source: str, symbol: str) -> Iterator[None]:
+        """No lock exists on an object store; commit markers keep readers consistent."""
+        yield
+
+    def remove_temporaries(self) -> int:
+        """Nothing to remove: an uncommitted part is invisible and overwritten by the rerun."""
+        return 0
+
+    def remove_own_temporaries(self, source: str, symbol: str) -> int:
+        return 0
+
+    def mark_done(self, kind: str, key: str, info: dict[str, object]) -> None:
+        """Record that a unit of work is stored (one PUT). Call it only after the parts it
+        vouches for were committed."""
+        self._put(self._key(_DONE, kind, f"{key}.json"), json.dumps(info, sort_keys=True).encode())
+
+    def read_marker(self, kind: str, key: str) -> dict[str, object] | None:
+        """The info of a done-marker, or None when there is none."""
+        path = self._key(_DONE, kind, f"{key}.json")
+        if self.filesystem.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.filesystem.open_input_stream(path) as stream:
+            info = json.loads(stream.read().decode("utf-8"))
+        return info if isinstance(info, dict) else None
+
+    def _put(self, key: str, data: bytes) -> None:
+        with self.filesystem.open_output_stream(key) as stream:
+            stream.write(data)
+
+
+class Bronze(Protocol):
+    """What ingestion needs of a Bronze zone, on local disk or on an object store."""
+
+    def write(self, batch: Batch) -> PurePath | None: ...
+    def parts(self, source: str | None = None, symbol: str | None = None) -> list[PartInfo]: ...
+    def records(self, part: PartInfo) -> Iterator[dict[str, object]]: ...
+    def symbol_lock(self, source: str, symbol: str) -> AbstractContextManager[None]: ...
+    def remove_temporaries(self) -> int: ...
+    def remove_own_temporaries(self, source: str, symbol: str) -> int: ...
+    def mark_done(self, kind: str, key: str, info: dict[str, object]) -> None: ...
+    def read_marker(self, kind: str, key: str) -> dict[str, object] | None: ...
+
+
+def open_bronze(lake: str | Path, object_store: ObjectStoreConfig | None = None) -> Bronze:
+    """The Bronze zone of `lake` (a path or URI, see `market.storage`): a `BronzeStore` on local
+    disk, an `ObjectBronzeStore` on an object store. StorageError when `lake` cannot be used."""
+    root = resolve(lake, object_store)
+    if root.is_local:
+        return BronzeStore(root.local_path())
+    return ObjectBronzeStore(root.child(BRONZE))
+
 
 def _unlink_temporaries(directory: Path) -> int:
     removed = 0
@@ -238,6 +331,57 @@ def _unlink_temporaries(directory: Path) -> int:
         path.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def part_name(batch: Batch) -> str:
+    """`part-<first>-<last>-<tag>.jsonl` of a non-empty batch: first/last are the smallest and
+    largest positions (epoch ms) of its rows, unparseable lines' anchors included."""
+    known = [r.position_ms for r in batch.rows if r.position_ms is not None]
+    first = min(known) if known else 0
+    last = max(known) if known else 0
+    return f"part-{first}-{last}-{batch.tag}.jsonl"
+
+
+def part_text(batch: Batch) -> str:
+    """A batch's part contents: one JSON record per line, its ingestion metadata with it."""
+    metas = [batch.meta] * len(batch.rows) if isinstance(batch.meta, BatchMeta) else batch.meta
+    if len(metas) != len(batch.rows):
+        raise ValueError("one BatchMeta per row, or one for the whole batch")
+    lines = (
+        json.dumps(
+            {
+                "fetched_at": meta.fetched_at,
+                "request": meta.request,
+                "batch": batch.tag,
+                "seq": seq,
+                "raw": row.raw,
+            },
+            separators=(",", ":"),
+        )
+        for seq, (row, meta) in enumerate(zip(batch.rows, metas, strict=True))
+    )
+    return "\n".join(lines) + "\n"
+
+
+def part_info(path: PurePath) -> PartInfo | None:
+    """The part at `.../source=S/symbol=X/date=D/part-*.jsonl`, or None for another name."""
+    match = _PART.match(path.name)
+    if not match:
+        return None
+    return PartInfo(
+        path=path,
+        source=path.parents[2].name.split("=", 1)[1],
+        symbol=path.parents[1].name.split("=", 1)[1],
+        day=path.parent.name.split("=", 1)[1],
+        first_ms=int(match["first"]),
+        last_ms=int(match["last"]),
+        tag=match["tag"],
+    )
+
+
+def _sorted_parts(parts: Iterable[PartInfo | None]) -> list[PartInfo]:
+    found = [p for p in parts if p is not None]
+    return sorted(found, key=lambda p: (p.first_ms, p.last_ms, str(p.path)))
 
 
 def read_part(path: Path) -> Iterable[dict[str, object]]:

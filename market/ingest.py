@@ -12,13 +12,14 @@ from typing import Any
 
 import ray
 
-from configs.schema import IngestConfig
-from market.bronze import BronzeStore
+from configs.schema import IngestConfig, ObjectStoreConfig
+from market.bronze import open_bronze
 from market.klines import ONE_DAY_MS, ONE_MINUTE_MS, date_start_ms, parse_iso_ms
 from market.sources.base import KlineSource, ingest_symbol
 from market.sources.binance import BinanceClient, BinanceSource
 from market.sources.dump import DumpSource
 from market.sources.sim import SimSource
+from market.storage import object_store_settings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ def build_source(config: IngestConfig) -> KlineSource:
 
 
 @ray.remote(max_retries=2)
-def _ingest_task(config: IngestConfig, symbol: str, lake: str) -> dict[str, Any]:
+def _ingest_task(
+    config: IngestConfig, symbol: str, lake: str, object_store: ObjectStoreConfig
+) -> dict[str, Any]:
     from ray.experimental import tqdm_ray
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
@@ -62,19 +65,27 @@ def _ingest_task(config: IngestConfig, symbol: str, lake: str) -> dict[str, Any]
     # Ray draws the bars of every task on the driver's terminal, one line per symbol.
     bar = tqdm_ray.tqdm(desc=f"ingest {symbol}", unit="part")
     try:
-        report = ingest_symbol(source, symbol, BronzeStore(lake), on_part=lambda _: bar.update())
+        store = open_bronze(lake, object_store)
+        report = ingest_symbol(source, symbol, store, on_part=lambda _: bar.update())
     finally:
         bar.close()
     return asdict(report)
 
 
-def run_ingest(config: IngestConfig, lake: str | Path) -> dict[str, Any]:
-    """Ingest every configured symbol into Bronze as Ray tasks; returns the job summary."""
+def run_ingest(
+    config: IngestConfig, lake: str | Path, object_store: ObjectStoreConfig | None = None
+) -> dict[str, Any]:
+    """Ingest every configured symbol into Bronze as Ray tasks; returns the job summary.
+
+    `lake` is a path or URI; an object store's settings are completed from this process's
+    environment here, once, so every task reaches the same store on whichever node it runs.
+    A lake that cannot be opened raises `market.storage.StorageError` before any task starts."""
     resolve_range(config)  # fail fast on a bad range, before any task starts
-    store = BronzeStore(lake)
+    settings = object_store_settings(object_store)
+    store = open_bronze(lake, settings)
     removed = store.remove_temporaries()
     started = time.perf_counter()
-    pending = {_ingest_task.remote(config, s, str(lake)): s for s in config.symbols}
+    pending = {_ingest_task.remote(config, s, str(lake), settings): s for s in config.symbols}
     reports: list[dict[str, Any]] = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -10,7 +10,8 @@
 
 A lake is named by a local path or a URI (`s3://...`, `file://...`). `Lake.location(zone)`
 keeps a URI a URI; `Lake.local(zone)` is for the code that still writes through the local
-filesystem and refuses a URI instead of creating a directory named like one.
+filesystem (a path or `file://` lake) and refuses an object-store URI with a
+`market.storage.StorageError` instead of creating a directory named like it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from market.storage import is_uri
+from market.storage import StorageError, is_uri, local_path
 
 BRONZE: Final = "bronze"
 SILVER: Final = "silver"
@@ -42,7 +43,10 @@ class Lake:
     @classmethod
     def at(cls, lake: str | Path) -> Lake:
         root = str(lake)
-        return cls(root.rstrip("/") if is_uri(root) else root)
+        if not is_uri(root):
+            return cls(root)
+        scheme, rest = root.split("://", 1)
+        return cls(f"{scheme}://{rest.rstrip('/')}")
 
     def location(self, zone: str) -> str:
         """`<lake>/<zone>` as a string: a URI stays a URI, a path stays a path."""
@@ -51,13 +55,15 @@ class Lake:
         return str(Path(self.root) / zone)
 
     def local(self, zone: str) -> Path:
-        """`<lake>/<zone>` on the local filesystem; ValueError for a URI lake."""
-        if is_uri(self.root):
-            raise ValueError(
+        """`<lake>/<zone>` on the local filesystem (a path or `file://` lake); StorageError for
+        an object-store lake."""
+        root = local_path(self.root)
+        if root is None:
+            raise StorageError(
                 f"lake {self.root!r} is a URI, but the {zone} zone is written to a local "
                 "directory; use a local lake path"
             )
-        return Path(self.root) / zone
+        return root / zone
 
     @property
     def bronze(self) -> Path:

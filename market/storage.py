@@ -49,6 +49,28 @@ def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
 
 
+def local_path(location: str | Path) -> Path | None:
+    """The local path that a plain path or a `file://` URI names (as given: relative stays
+    relative); None for any other URI."""
+    text = str(location)
+    if not is_uri(text):
+        return Path(text)
+    if text.split("://", 1)[0].lower() == "file":
+        return Path(urlsplit(text).path)
+    return None
+
+
+def require_local(location: str | Path, what: str) -> Path:
+    """`local_path(location)`, for what is stored on the local filesystem only; StorageError for
+    an object-store URI, so that no local directory is ever named like one."""
+    path = local_path(location)
+    if path is None:
+        raise StorageError(
+            f"{what} {str(location)!r} is a URI, but {what} is stored on a local path only"
+        )
+    return path
+
+
 @dataclass(frozen=True)
 class Location:
     """A resolved location: the URI (or absolute local path) it was named by, its filesystem and
@@ -122,8 +144,9 @@ def resolve(
     text = str(location)
     if not text:
         raise StorageError("a storage location is empty")
-    if not is_uri(text):
-        path = Path(text).expanduser().absolute()
+    local = local_path(text)
+    if local is not None:
+        path = local.expanduser().absolute()
         return Location(str(path), pafs.LocalFileSystem(), str(path))
     scheme, rest = text.split("://", 1)
     scheme = scheme.lower()
@@ -132,9 +155,6 @@ def resolve(
             f"{text!r}: unknown storage scheme {scheme!r}; a location is a local path or a "
             f"URI with one of {', '.join(s + '://' for s in SCHEMES)}"
         )
-    if scheme == "file":
-        path = Path(urlsplit(text).path).absolute()
-        return Location(str(path), pafs.LocalFileSystem(), str(path))
     bucket_and_prefix = rest.strip("/")
     if not bucket_and_prefix:
         raise StorageError(f"{text!r} names no bucket")

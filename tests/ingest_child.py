@@ -28,7 +28,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from market.bronze import BronzeStore, read_part
+from configs.schema import ObjectStoreConfig
+from market.bronze import BronzeStore, open_bronze
 from market.klines import ONE_DAY_MS, ONE_MINUTE_MS, date_start_ms, parse_iso_ms
 from market.sources.base import ingest_symbol
 from market.sources.dump import DumpSource
@@ -60,12 +61,15 @@ def write_dump_file(
     return path
 
 
-def stored_rows(lake: Path) -> Counter[tuple[str, str, str, str, str]]:
-    """Every stored Bronze line as (source, symbol, date, batch tag, raw), with multiplicity."""
+def stored_rows(
+    lake: Path | str, object_store: ObjectStoreConfig | None = None
+) -> Counter[tuple[str, str, str, str, str]]:
+    """Every stored Bronze line as (source, symbol, date, batch tag, raw), with multiplicity;
+    `lake` is a path or URI."""
     rows: Counter[tuple[str, str, str, str, str]] = Counter()
-    store = BronzeStore(lake)
+    store = open_bronze(lake, object_store)
     for part in store.parts():
-        for record in read_part(part.path):
+        for record in store.records(part):
             rows[(part.source, part.symbol, part.day, part.tag, str(record["raw"]))] += 1
     return rows
 

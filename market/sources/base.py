@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from market.bronze import Batch, BatchMeta, BronzeStore
+from market.bronze import Batch, BatchMeta, Bronze
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class KlineSource(Protocol):
 
     name: str
 
-    def batches(self, symbol: str, store: BronzeStore) -> Iterator[Batch]: ...
+    def batches(self, symbol: str, store: Bronze) -> Iterator[Batch]: ...
 
 
 @dataclass
@@ -48,7 +48,7 @@ def now_iso() -> str:
 def ingest_symbol(
     source: KlineSource,
     symbol: str,
-    store: BronzeStore,
+    store: Bronze,
     on_part: Callable[[int], None] | None = None,
 ) -> IngestReport:
     """Store every batch `source` yields for `symbol`, skipping minutes its tag already holds.
@@ -82,7 +82,7 @@ def ingest_symbol(
 def _store_batches(
     source: KlineSource,
     symbol: str,
-    store: BronzeStore,
+    store: Bronze,
     report: IngestReport,
     on_part: Callable[[int], None] | None,
 ) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from configs.schema import BinanceConfig
-from market.bronze import Batch, BatchMeta, BronzeStore, RawKline
+from market.bronze import Batch, BatchMeta, Bronze, RawKline
 from market.klines import ONE_MINUTE_MS, to_millis, utc_date
 from market.sources.base import now_iso
 
@@ -191,7 +191,7 @@ class BinanceSource:
         self.end_ms = end_ms
         self.clock = clock
 
-    def batches(self, symbol: str, store: BronzeStore) -> Iterator[Batch]:
+    def batches(self, symbol: str, store: Bronze) -> Iterator[Batch]:
         # Only closed klines: a bar is final once its close time has passed.
         newest_closed = int(self.clock() * 1000) // ONE_MINUTE_MS * ONE_MINUTE_MS - ONE_MINUTE_MS
         end = min(self.end_ms, newest_closed)

@@ -23,7 +23,7 @@ from datetime import date
 from itertools import groupby
 from pathlib import Path
 
-from market.bronze import Batch, BatchMeta, BronzeStore, RawKline
+from market.bronze import Batch, BatchMeta, Bronze, RawKline
 from market.klines import to_millis, utc_date
 from market.sources.base import now_iso
 
@@ -121,7 +121,7 @@ class DumpSource:
         named = [f for f in files if f.name.upper().startswith(f"{symbol.upper()}-")]
         return named or files
 
-    def batches(self, symbol: str, store: BronzeStore) -> Iterator[Batch]:
+    def batches(self, symbol: str, store: Bronze) -> Iterator[Batch]:
         wanted: Range = (self.start_ms, self.end_ms)
         for path in self.files_for(symbol):
             sha = file_sha256(path)

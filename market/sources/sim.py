@@ -20,7 +20,7 @@ from datetime import date, timedelta
 import numpy as np
 
 from configs.schema import SimConfig
-from market.bronze import Batch, BatchMeta, BronzeStore, RawKline
+from market.bronze import Batch, BatchMeta, Bronze, RawKline
 from market.klines import ONE_DAY_MS, ONE_MINUTE_MS, date_start_ms, utc_date
 from market.sources.base import now_iso
 
@@ -190,7 +190,7 @@ class SimSource:
         digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:10]
         self.tag = f"sim-{digest}"
 
-    def batches(self, symbol: str, store: BronzeStore) -> Iterator[Batch]:
+    def batches(self, symbol: str, store: Bronze) -> Iterator[Batch]:
         simulator = MarketSimulator(self.config, symbol)
         first, last = utc_date(self.start_ms), utc_date(self.end_ms)
         request = f"sim seed={self.config.seed} {self.start_ms}..{self.end_ms}"

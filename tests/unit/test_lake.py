@@ -9,7 +9,7 @@ import pytest
 from market.bronze import BronzeStore
 from market.lake import GOLD_SQLITE_FILE, SILVER_STATE_FILE, Lake
 from market.silver import plan_changes
-from market.storage import is_uri
+from market.storage import StorageError, is_uri
 
 
 def test_local_lake_zones_are_directories_under_the_root(tmp_path: Path) -> None:
@@ -34,9 +34,9 @@ def test_uri_lake_keeps_uris_and_refuses_local_directories(tmp_path: Path) -> No
     assert lake.root == "s3://bucket/lake"
     assert lake.silver_location == "s3://bucket/lake/silver"
     assert lake.location("quarantine") == "s3://bucket/lake/quarantine"
-    with pytest.raises(ValueError, match="is a URI"):
+    with pytest.raises(StorageError, match="is a URI"):
         _ = lake.bronze
-    with pytest.raises(ValueError, match="is a URI"):
+    with pytest.raises(StorageError, match="is a URI"):
         _ = lake.gold_sqlite_url
     # Nothing named like the URI was created anywhere relative to the working directory.
     assert not Path("s3:").exists()
@@ -54,8 +54,8 @@ def test_bronze_and_silver_refuse_a_uri_lake_without_creating_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="is a URI"):
+    with pytest.raises(StorageError, match="is a URI"):
         BronzeStore("s3://bucket/lake")
-    with pytest.raises(ValueError, match="is a URI"):
+    with pytest.raises(StorageError, match="is a URI"):
         plan_changes("s3://bucket/lake")
     assert list(tmp_path.iterdir()) == []

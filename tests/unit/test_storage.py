@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import socket
 import time
 from pathlib import Path
@@ -11,7 +12,12 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from configs.schema import ObjectStoreConfig, PipelineConfig
-from market.storage import StorageError, object_store_settings, resolve
+from market.bronze import BronzeStore, open_bronze
+from market.lake import Lake
+from market.storage import StorageError, object_store_settings, require_local, resolve
+from tests.conftest import REPO
+
+PIPELINE_CONFIG = REPO / "configs" / "pipeline" / "local.yaml"
 
 
 def test_a_plain_path_and_a_file_uri_are_the_same_local_location(
@@ -23,6 +29,7 @@ def test_a_plain_path_and_a_file_uri_are_the_same_local_location(
     assert relative.is_local and from_uri.is_local
     assert relative.local_path() == from_uri.local_path() == tmp_path / "lake"
     assert relative.child("bronze", "x").path == str(tmp_path / "lake" / "bronze" / "x")
+    assert isinstance(open_bronze(f"file://{tmp_path}/lake"), BronzeStore)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +46,7 @@ def test_an_unusable_location_is_refused_at_once_without_creating_anything(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StorageError, match=message):
-        resolve(location)
+        open_bronze(location)
     assert list(tmp_path.iterdir()) == [], "nothing named like the URI on local disk"
 
 
@@ -60,7 +67,7 @@ def test_an_unreachable_object_store_fails_fast_naming_location_and_endpoint(
     )
     started = time.monotonic()
     with pytest.raises(StorageError) as caught:
-        resolve("s3://bucket/lake", config)
+        open_bronze("s3://bucket/lake", config)
     assert time.monotonic() - started < 10
     assert "s3://bucket/lake" in str(caught.value) and endpoint in str(caught.value)
     assert "\n" not in str(caught.value)
@@ -105,3 +112,39 @@ def test_a_gcs_location_resolves_to_the_gcs_filesystem_without_a_probe() -> None
     location = resolve("gs://bucket/lake", probe=False)
     assert isinstance(location.filesystem, pafs.GcsFileSystem)
     assert (location.uri, location.path) == ("gs://bucket/lake", "bucket/lake")
+
+
+def test_lake_zones_written_locally_take_a_file_uri_and_refuse_an_object_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert Lake.at(f"file://{tmp_path}/lake/").silver == tmp_path / "lake" / "silver"
+    for lake in ("s3://bucket/lake", "s3://", "gs://bucket/lake/"):
+        with pytest.raises(StorageError, match="is a URI"):
+            _ = Lake.at(lake).silver
+    with pytest.raises(StorageError, match=r"runs 's3://bucket/runs' is a URI"):
+        require_local("s3://bucket/runs", "runs")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("jobs.features", "--lake", "s3://bucket/lake"),
+        ("jobs.tune", "--lake", "lake", "--registry", "registry", "--out", "s3://bucket/runs"),
+        ("jobs.pipeline", "--lake", "s3://bucket/lake", "--config", str(PIPELINE_CONFIG)),
+    ],
+)
+def test_jobs_refuse_an_object_store_where_they_write_local_disk_before_ray_starts(
+    argv: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = importlib.import_module(argv[0])
+
+    def no_ray(*_: object) -> None:
+        raise AssertionError("Ray was started before the location was checked")
+
+    monkeypatch.setattr(module, "connect", no_ray)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match="is a URI"):
+        module.main(list(argv[1:]))
+    assert list(tmp_path.iterdir()) == []
