@@ -145,6 +145,9 @@ def seaweedfs(directory: Path) -> Iterator[ObjectStore]:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-master.telemetry=false",
+        # Its Unix sockets too go in the test's directory, not /tmp.
+        f"-filer.localSocket={directory / 'filer.sock'}",
+        f"-s3.localSocket={directory / 's3.sock'}",
     ]
     env = {
         **os.environ,
@@ -164,6 +167,8 @@ def seaweedfs(directory: Path) -> Iterator[ObjectStore]:
         yield ObjectStore(store.endpoint_url, BUCKET, process.pid, time.monotonic() - started)
     finally:
         _stop(process)
+        # The one socket whose path has no flag: SeaweedFS names it after the port.
+        Path(f"/tmp/seaweedfs-admin-grpc-{admin_grpc}.sock").unlink(missing_ok=True)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
