@@ -1,6 +1,7 @@
 """Storage locations: a local path or a URI, resolved to a pyarrow filesystem and a path in it.
 
-Every location the platform stores to (a lake, a registry, a sweep's runs) follows these rules:
+Every location the platform is given (a lake, a registry, a sweep's runs) is read by these rules
+(which of them may be on an object store so far: the README's "Storage locations"):
 
 * no scheme (`lake`, `/data/lake`, `~/lake`): a local path, made absolute;
 * `file:///data/lake`: the same local path;
@@ -35,9 +36,10 @@ SCHEMES: Final = ("file", "s3", "gs")
 
 DEFAULT_REGION: Final = "us-east-1"
 
-_PROBE_ATTEMPTS: Final = 2
-"""Connection attempts of a remote filesystem's requests (the probe's included): one retry
-absorbs a dropped connection without letting an unreachable store stall a job."""
+_REQUEST_ATTEMPTS: Final = 2
+"""Attempts of every S3 request, the reachability probe's included: one retry absorbs a dropped
+connection or a throttled request, while an unreachable store fails a job within two connect
+timeouts."""
 
 
 class StorageError(Exception):
@@ -129,7 +131,7 @@ def s3_filesystem(config: ObjectStoreConfig) -> pafs.S3FileSystem:
         region=config.region or DEFAULT_REGION,
         connect_timeout=config.connect_timeout_s,
         request_timeout=config.request_timeout_s,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_PROBE_ATTEMPTS),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=_REQUEST_ATTEMPTS),
         allow_bucket_creation=False,
         allow_bucket_deletion=False,
         **endpoint,
