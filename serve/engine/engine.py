@@ -16,9 +16,9 @@ filling a hole, or a burst longer than the feed holds): rare events that cost on
 the held bars of every symbol.
 
 When the registry's `production` alias moves (a promotion or a rollback), `refresh_model` loads
-the new version beside the old one and swaps a single reference, so a request in flight sees
-either the old model or the new one, never a half-loaded one; the latest bar's signal is then
-recomputed with the new model.
+the new version beside the old one and swaps a single reference (`serve.engine.production`), so
+a request in flight sees either the old model or the new one, never a half-loaded one; the
+latest bar's signal is then recomputed with the new model.
 """
 
 from __future__ import annotations
@@ -29,32 +29,26 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 
-from configs.schema import BacktestConfig, ServeConfig
+from configs.schema import ServeConfig
 from market.features.incremental import IncrementalFeatures
-from market.features.spec import spec_hash
-from models.artifact import LoadedModel, load_registered
-from models.registry import PRODUCTION, ModelRegistry
 from serve.engine.feed import BarFeed
 from serve.engine.gold import GoldStore, SignalRecord
 from serve.engine.online_features import min_history_bars
-from serve.engine.signals import compute_signal, compute_signals
+from serve.engine.production import ProductionModel, ServingModel
+from serve.engine.signals import compute_signals
 from serve.engine.snapshot import (
     ConfidenceHistogram,
     EngineSnapshot,
-    InvalidBarsError,
-    ModelInfo,
     OutcomeSummary,
     Signal,
     SignalCount,
     SymbolState,
     UnknownSymbolError,
-    require_loaded,
 )
 
 log = logging.getLogger(__name__)
@@ -63,32 +57,6 @@ log = logging.getLogger(__name__)
 CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 # The open time of the newest bar taken by a symbol that has taken none.
 _NOTHING_TAKEN = np.iinfo(np.int64).min
-
-
-@dataclass(frozen=True)
-class ServingModel:
-    """The model being served, with the registry facts `/models/current` shows."""
-
-    version: str
-    model: LoadedModel
-    metadata: dict[str, Any]
-    thresholds: BacktestConfig
-    loaded_at_ms: int
-
-    def info(self) -> ModelInfo:
-        meta = self.metadata
-        return ModelInfo(
-            version=self.version,
-            family=self.model.spec.family,
-            window_bars=self.model.spec.window_bars,
-            feature_spec_hash=meta.get("feature_spec_hash"),
-            metrics=meta.get("metrics", {}),
-            training_data_range=meta.get("training_data_range"),
-            evaluated_range=meta.get("evaluated_range"),
-            gate=meta.get("gate"),
-            thresholds=self.thresholds,
-            loaded_at_ms=self.loaded_at_ms,
-        )
 
 
 class SignalEngine:
@@ -104,12 +72,8 @@ class SignalEngine:
         self.config = config
         self.clock = clock
         self.feed = feed or BarFeed(config.feed, clock=clock)
-        self.registry = ModelRegistry(config.registry)
+        self.model = ProductionModel(config, clock)
         self.gold = GoldStore(config.gold.url)
-        self.spec_hash = spec_hash()
-        self.serving: ServingModel | None = None
-        self.load_error: str | None = None
-        self.reloads = 0
         self.signals: dict[str, Signal] = {}
         self.signal_counts: Counter[tuple[str, str]] = Counter(self.gold.counts_by_signal())
         self.confidence_counts = [0] * len(CONFIDENCE_BUCKETS)
@@ -126,45 +90,31 @@ class SignalEngine:
 
     # -- model ---------------------------------------------------------------------------
 
+    @property
+    def serving(self) -> ServingModel | None:
+        return self.model.serving
+
+    @property
+    def load_error(self) -> str | None:
+        return self.model.load_error
+
+    @property
+    def reloads(self) -> int:
+        return self.model.reloads
+
     def refresh_model(self) -> bool:
-        """Follow the production alias; True when a new version was swapped in."""
-        name = self.config.model_name
-        try:
-            version = self.registry.get_alias(name, PRODUCTION)
-        except Exception as error:  # a registry on shared storage can blip; keep serving
-            log.warning("registry %s unreadable: %s", self.config.registry, error)
+        """Follow the production alias; True when a new version was swapped in (and every
+        symbol's latest signal recomputed with it, under the same lock as the swap)."""
+        serving = self.model.fetch()
+        if serving is None:
             return False
-        current = self.serving.version if self.serving else None
-        if version is None or version == current:
-            return False
-        try:
-            metadata = self.registry.metadata(name, version)
-            model = load_registered(self.registry, name, version)
-            thresholds = self.config.backtest or BacktestConfig.model_validate(
-                metadata.get("backtest", {})
-            )
-        except Exception as error:
-            self.load_error = f"loading {name} {version} failed: {type(error).__name__}: {error}"
-            log.error("%s; still serving %s", self.load_error, current)
-            return False
-        if metadata.get("feature_spec_hash") not in (None, self.spec_hash):
-            self.load_error = (
-                f"{name} {version} was trained on feature spec {metadata['feature_spec_hash']}, "
-                f"this service computes {self.spec_hash}: refusing it (training/serving skew)"
-            )
-            log.error(self.load_error)
-            return False
-        serving = ServingModel(version, model, metadata, thresholds, int(self.clock() * 1000))
         with self._lock:
-            self.serving = serving
-            self.load_error = None
-            self.reloads += 1
-            window = model.spec.window_bars
+            self.model.install(serving)
+            window = serving.model.spec.window_bars
             if self._features is None or self._features.window_rows != window:
                 self._rebuild_features(window)
             self._update_signals(self.feed.symbols)
             self.sequence += 1
-        log.info("serving %s %s (was %s)", name, version, current)
         return True
 
     # -- bars ----------------------------------------------------------------------------
@@ -249,7 +199,7 @@ class SignalEngine:
             serving.model,
             serving.thresholds,
             serving.version,
-            self.spec_hash,
+            self.model.spec_hash,
         )
         for symbol, signal in zip(eligible, signals, strict=True):
             self._publish(symbol, signal)
@@ -333,19 +283,8 @@ class SignalEngine:
             )
 
     def predict(self, symbol: str, bars: pl.DataFrame) -> Signal:
-        """The signal the serving model gives a window of bars supplied by a client.
-
-        Raises NoModelError, or InvalidBarsError when there are too few bars for the model."""
-        serving = require_loaded(self.serving, self.load_error)
-        needed = min_history_bars(serving.model.spec.window_bars)
-        if bars.height < needed:
-            raise InvalidBarsError(
-                f"{bars.height} bars supplied; the model needs at least {needed} consecutive "
-                f"1-minute bars ({serving.model.spec.window_bars} in its window plus warm-up)"
-            )
-        return compute_signal(
-            symbol, bars, serving.model, serving.thresholds, serving.version, self.spec_hash
-        )
+        """The signal the serving model gives client bars (`ProductionModel.predict`)."""
+        return self.model.predict(symbol, bars)
 
     def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         if symbol is not None and symbol not in self.feed.symbols:
