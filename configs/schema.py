@@ -611,6 +611,24 @@ class OperatorConfig(StrictModel):
         return self
 
 
+class PredictConfig(StrictModel):
+    """The `/predict` deployment: replicas of their own, apart from the engine that builds the
+    snapshots `/signal` reads, so that no amount of `/predict` traffic delays a signal.
+
+    Each replica runs at most `max_ongoing_requests` predictions at once; each ingress replica
+    queues at most `max_queued_requests` more while every predict replica is busy, and answers
+    any request past that at once with 503 `busy` and `Retry-After` rather than queue it.
+    """
+
+    replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(
+        default=2, ge=1, description="predictions one replica runs at once"
+    )
+    max_queued_requests: int = Field(
+        default=8, ge=0, description="requests one ingress replica queues when all are busy"
+    )
+
+
 class ServeConfig(StrictModel):
     """The Ray Serve application of `python -m jobs.deploy` / `serve deploy`."""
 
@@ -632,6 +650,7 @@ class ServeConfig(StrictModel):
     )
     max_predict_bars: int = Field(default=2000, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    predict: PredictConfig = PredictConfig()
     operator: OperatorConfig = OperatorConfig()
     auth: AuthConfig = AuthConfig()
     feed: FeedConfig = FeedConfig()

@@ -1,10 +1,18 @@
-"""The Ray Serve application: a FastAPI ingress composed with the signal engine deployment.
+"""The Ray Serve application: a FastAPI ingress composed with the signal engine deployment and
+the `/predict` deployment.
 
     SignalIngress (FastAPI, JWT, rate limit)  --handle-->  SignalEngineDeployment
         answers /signal from a snapshot in memory,        live bars, production model,
         refreshed every `snapshot_poll_s`;                 Gold store, registry watch
         operator port (serve.operator): /metrics and
         the detailed /readyz, one listener per replica
+                                              --handle-->  PredictDeployment
+        /predict                                           its own replicas and copy of the
+                                                           production model, registry watch
+
+`/predict` never reaches the engine: a flood of client bars cannot delay the snapshots `/signal`
+reads. Its replicas run at most `predict.max_ongoing_requests` each; past that each ingress
+replica queues `predict.max_queued_requests` and refuses the rest with 503 `busy`.
 
 `build_app(config)` returns the bound application for `serve.run`; `app_builder(args)` is the
 import path for a Serve config file (`serve deploy` / `serve run configs/serve/...`), taking the
@@ -22,18 +30,27 @@ from typing import Any
 import ray
 from ray import serve
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from configs.schema import ServeConfig, load_config
 from serve.api.apps import make_apps
 from serve.engine.engine import SignalEngine
+from serve.engine.production import ProductionModel
 from serve.engine.signals import bars_frame
-from serve.engine.snapshot import EngineSnapshot, InvalidBarsError, Signal
+from serve.engine.snapshot import (
+    EngineSnapshot,
+    InvalidBarsError,
+    NoModelError,
+    PredictBusyError,
+    Signal,
+)
 from serve.operator import OperatorServer
 
 log = logging.getLogger(__name__)
 
 ENGINE_DEPLOYMENT = "SignalEngine"
+PREDICT_DEPLOYMENT = "Predict"
 INGRESS_DEPLOYMENT = "SignalIngress"
 # How often the engine deployment polls its feed (seconds): new bars are picked up within this.
 ENGINE_TICK_S = 0.5
@@ -72,9 +89,6 @@ class SignalEngineDeployment:
         self._ensure_loop()
         return self.engine.snapshot()
 
-    def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        return self.engine.predict(symbol, bars_frame(symbol, bars))
-
     def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         return self.engine.history(symbol, limit)
 
@@ -84,11 +98,57 @@ class SignalEngineDeployment:
             raise RuntimeError("the engine loop stopped")
 
 
-class HandleBackend:
-    """The ingress' view of the engine: a snapshot refreshed in the background over a handle."""
+@serve.deployment(name=PREDICT_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+class PredictDeployment:
+    """Answers `/predict`: its own copy of the production model, following the registry's
+    alias as the engine does (`ProductionModel`), and features from the batch engine.
 
-    def __init__(self, engine: DeploymentHandle, poll_s: float) -> None:
+    Predictions run in worker threads, so the replica's event loop stays free for the registry
+    watch and Serve's health checks however long a forward takes.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = ServeConfig.model_validate(config)
+        self.model = ProductionModel(self.config)
+        self.model.refresh()
+        self._task: asyncio.Task[None] | None = None
+        with contextlib.suppress(RuntimeError):  # no running loop: started on first call
+            self._ensure_loop()
+
+    def _ensure_loop(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch_registry())
+
+    async def _watch_registry(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.model.refresh)
+            except Exception:  # the watch must outlive any one failed check; the next retries
+                log.exception("registry check failed")
+            await asyncio.sleep(self.config.registry_poll_s)
+
+    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+        self._ensure_loop()
+        return await asyncio.to_thread(self._predict, symbol, bars)
+
+    def _predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+        return self.model.predict(symbol, bars_frame(symbol, bars))
+
+    async def check_health(self) -> None:
+        self._ensure_loop()
+        if self._task is not None and self._task.done():
+            raise RuntimeError("the registry watch stopped")
+
+
+class HandleBackend:
+    """The ingress' view of the engine, a snapshot refreshed in the background over a handle,
+    and of the `/predict` deployment."""
+
+    def __init__(
+        self, engine: DeploymentHandle, predictor: DeploymentHandle, poll_s: float
+    ) -> None:
         self.engine = engine
+        self.predictor = predictor
         self.poll_s = poll_s
         self._snapshot: EngineSnapshot | None = None
         self._task: asyncio.Task[None] | None = None
@@ -114,15 +174,19 @@ class HandleBackend:
             self._task.cancel()
 
     async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        """The engine's signal for client bars; InvalidBarsError (its client message only) when
-        the engine cannot use them. Any other engine failure is raised as it came."""
+        """The `/predict` deployment's signal for client bars; InvalidBarsError (its client
+        message only) when it cannot use them, NoModelError when it has no model, and
+        PredictBusyError when its replicas are busy and this replica's queue for them is full.
+        Any other failure is raised as it came."""
         try:
-            result: Signal = await self.engine.predict.remote(symbol, bars)
+            result: Signal = await self.predictor.predict.remote(symbol, bars)
+        except BackPressureError as error:
+            raise PredictBusyError(error.retry_after_s or 1.0) from None
         except RayTaskError as error:
             # The handle raises the replica's exception as a RayTaskError that is also an instance
             # of its class, but whose text is the remote traceback (frames, server paths): hand on
             # the original exception, whose message is the one meant for the client.
-            if isinstance(error.cause, InvalidBarsError):
+            if isinstance(error.cause, InvalidBarsError | NoModelError):
                 raise error.cause from None
             raise
         return result
@@ -143,9 +207,11 @@ class SignalIngress:
     replica.
     """
 
-    def __init__(self, engine: DeploymentHandle, config: dict[str, Any]) -> None:
+    def __init__(
+        self, engine: DeploymentHandle, predictor: DeploymentHandle, config: dict[str, Any]
+    ) -> None:
         self.config = ServeConfig.model_validate(config)
-        self.backend = HandleBackend(engine, self.config.snapshot_poll_s)
+        self.backend = HandleBackend(engine, predictor, self.config.snapshot_poll_s)
         self.apps = make_apps(self.backend, self.config)
         context = serve.get_replica_context()
         self.operator = OperatorServer(
@@ -172,13 +238,18 @@ class SignalIngress:
 
 
 def build_app(config: ServeConfig) -> Any:
-    """The bound Serve application (engine + ingress) for `serve.run`."""
+    """The bound Serve application (engine + predictor + ingress) for `serve.run`."""
     data = config.model_dump(mode="json")
     engine = SignalEngineDeployment.bind(data)  # type: ignore[attr-defined]
+    predictor = PredictDeployment.options(  # type: ignore[attr-defined]
+        num_replicas=config.predict.replicas,
+        max_ongoing_requests=config.predict.max_ongoing_requests,
+        max_queued_requests=config.predict.max_queued_requests,
+    ).bind(data)
     ingress = SignalIngress.options(  # type: ignore[attr-defined]
         num_replicas=config.ingress_replicas, max_ongoing_requests=config.max_ongoing_requests
     )
-    return ingress.bind(engine, data)
+    return ingress.bind(engine, predictor, data)
 
 
 def app_builder(args: dict[str, str]) -> Any:

@@ -1,7 +1,10 @@
 """The API on plain uvicorn: the engine in-process, driven by a background thread.
 
 For the benchmark's "plain FastAPI" side and for single-process use without Ray. The handler code
-is the same `make_api` the Serve ingress runs; only the backend differs.
+is the same `make_api` the Serve ingress runs; only the backend differs. `/predict` is routed as
+on Serve: never through the engine thread that builds the snapshots, but on worker threads with
+the engine's production model, at most `predict.max_ongoing_requests +
+predict.max_queued_requests` at once, the rest refused with 503 `busy`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from typing import Any
 
 from configs.schema import ServeConfig
 from serve.api.apps import ApiApps, make_apps
+from serve.api.ratelimit import ConcurrencyLimit
 from serve.engine.engine import SignalEngine
 from serve.engine.signals import bars_frame
-from serve.engine.snapshot import EngineSnapshot, Signal
+from serve.engine.snapshot import EngineSnapshot, PredictBusyError, Signal
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,10 @@ class LocalBackend:
         self._snapshot: EngineSnapshot | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        predict = engine.config.predict
+        self._predictions = ConcurrencyLimit(
+            predict.max_ongoing_requests + predict.max_queued_requests
+        )
 
     def snapshot(self) -> EngineSnapshot | None:
         return self._snapshot
@@ -65,8 +73,13 @@ class LocalBackend:
             await asyncio.to_thread(self._thread.join, 5.0)
 
     async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        frame = bars_frame(symbol, bars)
-        return await asyncio.to_thread(self.engine.predict, symbol, frame)
+        if not self._predictions.try_acquire():
+            raise PredictBusyError()
+        try:
+            frame = bars_frame(symbol, bars)
+            return await asyncio.to_thread(self.engine.predict, symbol, frame)
+        finally:
+            self._predictions.release()
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.engine.history, symbol, limit)

@@ -56,6 +56,7 @@ from serve.engine.snapshot import (
     InvalidBarsError,
     ModelInfo,
     NoModelError,
+    PredictBusyError,
     Signal,
     SignalPendingError,
     UnknownSymbolError,
@@ -86,7 +87,9 @@ class Backend(Protocol):
 
     async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
         """A signal for client-supplied bars; raises InvalidBarsError, whose message is meant
-        for the client, for unusable bars. Any other exception is a server fault."""
+        for the client, for unusable bars, NoModelError when the predictor has no model yet, and
+        PredictBusyError when every predictor is busy and no more requests may wait. Any other
+        exception is a server fault."""
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         """Served signals, newest first."""
@@ -408,6 +411,11 @@ def make_api(
             return await backend.predict(payload.symbol, [bar.model_dump() for bar in payload.bars])
         except InvalidBarsError as error:
             raise ApiError(422, "invalid_request", str(error)) from None
+        except NoModelError as error:
+            raise no_model(error) from None
+        except PredictBusyError as error:
+            retry_after = str(max(1, math.ceil(error.retry_after_s)))
+            raise ApiError(503, "busy", str(error), {"Retry-After": retry_after}) from None
         except Exception:
             # Answered here rather than by the catch-all handler, which re-raises into the server
             # after answering; the exception's text (a replica traceback) goes to the log only.

@@ -30,7 +30,8 @@ ERROR_MEANINGS = {
     413: "request body too large",
     422: "malformed input",
     429: "rate limited; `Retry-After` gives the seconds to wait",
-    503: "not ready: no production model, the engine has not reported, or stale features",
+    503: "not ready: no production model, the engine has not reported, or stale features; "
+    "on /predict also `busy` (every prediction worker busy; `Retry-After` gives the seconds)",
 }
 
 

@@ -51,6 +51,15 @@ class InvalidBarsError(ValueError):
     only the request's own facts, never a server path or an exception from deeper down."""
 
 
+class PredictBusyError(RuntimeError):
+    """Every `/predict` worker is busy and the queue before them is full: the request is refused
+    at once (503 with Retry-After) rather than queued without bound."""
+
+    def __init__(self, retry_after_s: float = 1.0) -> None:
+        super().__init__("every prediction worker is busy; retry later")
+        self.retry_after_s = retry_after_s
+
+
 def require_loaded(model: T | None, load_error: str | None) -> T:
     """`model`, or NoModelError with `load_error` as its reason when none is loaded."""
     if model is None:

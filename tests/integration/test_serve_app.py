@@ -12,10 +12,12 @@ the operator ports must close and the target files go (checked in the fixture's 
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
@@ -35,6 +37,7 @@ from configs.schema import (
     GoldConfig,
     JwtConfig,
     OperatorConfig,
+    PredictConfig,
     RayConfig,
     ServeConfig,
     SimConfig,
@@ -161,6 +164,9 @@ def serve_config(tmp: Path, port: int, **feed: Any) -> ServeConfig:
         snapshot_poll_s=0.2,
         max_predict_bars=1000,
         max_body_bytes=200_000,
+        # One prediction at a time and one more queued per ingress replica: a flood of /predict
+        # is mostly refused with 503 busy (test_predict_flood_leaves_signal_fresh).
+        predict=PredictConfig(replicas=1, max_ongoing_requests=1, max_queued_requests=1),
         operator=OperatorConfig(
             port=free_range(4), ports_per_node=4, targets_dir=str(tmp / "prometheus-targets")
         ),
@@ -507,8 +513,8 @@ def test_predict_errors(service: Service) -> None:
 
 
 def test_predict_engine_rejection_carries_no_replica_traceback(service: Service) -> None:
-    """Too few bars is refused by the engine replica, across the handle: the client reads the
-    engine's message only, not the remote traceback the handle raises it in."""
+    """Too few bars is refused by the predict replica, across the handle: the client reads the
+    replica's message only, not the remote traceback the handle raises it in."""
     response = service.client.post(
         "/predict", json={"symbol": "SIMAAA", "bars": real_bars(20)}, headers=bearer(token())
     )
@@ -516,6 +522,63 @@ def test_predict_engine_rejection_carries_no_replica_traceback(service: Service)
     detail = response.json()["detail"]
     assert detail.startswith("20 bars supplied; the model needs at least"), detail
     assert 'File "' not in detail and "/" not in detail, detail
+
+
+def flood_predict(url: str, body: dict[str, Any], stop: threading.Event) -> Counter[str]:
+    """POST `body` to /predict back to back until `stop`; the answers counted by outcome."""
+    outcomes: Counter[str] = Counter()
+    headers = bearer(token(lifetime_s=600))
+    with httpx.Client(base_url=url, timeout=30.0) as client:
+        while not stop.is_set():
+            response = client.post("/predict", json=body, headers=headers)
+            if response.status_code == 200:
+                outcomes["ok"] += 1
+            elif (
+                response.status_code == 503
+                and response.json()["error"] == "busy"
+                and int(response.headers["Retry-After"]) >= 1
+            ):
+                outcomes["busy"] += 1
+            else:
+                outcomes[f"{response.status_code} {response.text[:200]}"] += 1
+    return outcomes
+
+
+def test_predict_flood_leaves_signal_fresh(service: Service) -> None:
+    """Six clients flood /predict with 400-bar windows for 8 s. The /predict deployment runs
+    one at a time and refuses the excess with 503 busy; meanwhile /signal keeps following the
+    feed (it replays 4 bars a second), answering from snapshots the engine keeps building."""
+    body = {"symbol": "SIMAAA", "bars": real_bars(400)}
+    headers = bearer(token(lifetime_s=600))
+    stop = threading.Event()
+    seen: list[tuple[float, int]] = []  # (when, the signal's bar open time in ms)
+    latencies: list[float] = []
+    with ThreadPoolExecutor(6) as pool:
+        floods = [pool.submit(flood_predict, service.url, body, stop) for _ in range(6)]
+        time.sleep(1.0)
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            response = service.get("/signal?symbol=SIMAAA", headers=headers)
+            latencies.append(time.perf_counter() - started)
+            assert response.status_code == 200, response.text
+            assert response.json()["reason"] is None or "stale" not in response.json()["reason"]
+            seen.append((time.monotonic(), response.json()["bar_open_time_ms"]))
+            time.sleep(0.1)
+        stop.set()
+        outcomes: Counter[str] = sum((f.result() for f in floods), Counter())
+    assert set(outcomes) == {"ok", "busy"}, outcomes
+    # The signal kept pace with the feed: over the window it advanced by about as many bars
+    # as the replay produced (4 a second), and never stood still for long.
+    elapsed_s = seen[-1][0] - seen[0][0]
+    advanced_bars = (seen[-1][1] - seen[0][1]) // 60_000
+    assert advanced_bars >= 4.0 * (elapsed_s - 3.0), (advanced_bars, elapsed_s)
+    advances = [when for (_, before), (when, bar) in itertools.pairwise(seen) if bar > before]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(advances)]
+    assert gaps and max(gaps) < 3.0, gaps
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.25, latencies
+    assert latencies[-1] < 2.0, latencies
 
 
 # -- history, models, metrics ----------------------------------------------------------------
@@ -620,6 +683,19 @@ def run_load(service: Service, seconds: float, action: Any) -> tuple[int, int, s
     return sum(r[0] for r in results), sum(r[1] for r in results), versions
 
 
+def predicted_version(service: Service) -> Callable[[], str]:
+    """A call that returns the model version /predict answers with now."""
+    body = {"symbol": "SIMAAA", "bars": real_bars(300)}
+
+    def version() -> str:
+        response = service.client.post("/predict", json=body, headers=bearer(token()))
+        assert response.status_code == 200, response.text
+        answer: str = response.json()["model_version"]
+        return answer
+
+    return version
+
+
 def test_hot_swap_under_load_fails_no_request(service: Service) -> None:
     registry = ModelRegistry(str(service.registry))
     before = registry.get_alias(MODEL_NAME, "production")
@@ -651,6 +727,11 @@ def test_hot_swap_under_load_fails_no_request(service: Service) -> None:
         timeout_s=30,
         what="a signal of the new version",
     )
+    # The /predict deployment follows the alias on its own, with its own copy of the model.
+    predict_version = predicted_version(service)
+    service.wait_for(
+        lambda: predict_version() == new_version, timeout_s=30, what="/predict on the new version"
+    )
 
     ok, failed, _ = run_load(
         service,
@@ -662,6 +743,9 @@ def test_hot_swap_under_load_fails_no_request(service: Service) -> None:
         lambda: service.get("/models/current", headers=bearer(token())).json()["version"] == before,
         timeout_s=30,
         what="the rollback in /models/current",
+    )
+    service.wait_for(
+        lambda: predict_version() == before, timeout_s=30, what="/predict on the rolled-back one"
     )
 
 

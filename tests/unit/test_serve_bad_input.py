@@ -4,17 +4,21 @@ or the text of a model-load failure in a body."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
 
-from configs.schema import ServeConfig
+from configs.schema import PredictConfig, ServeConfig
 from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS
 from serve.api.auth import TokenService
 from serve.api.metrics import ApiMetrics
@@ -22,7 +26,14 @@ from serve.api.operator import make_operator_api
 from serve.api.routes import make_api
 from serve.app import HandleBackend
 from serve.engine.engine import SignalEngine
-from serve.engine.snapshot import NO_MODEL_DETAIL, EngineSnapshot, InvalidBarsError, Signal
+from serve.engine.snapshot import (
+    NO_MODEL_DETAIL,
+    EngineSnapshot,
+    InvalidBarsError,
+    NoModelError,
+    PredictBusyError,
+    Signal,
+)
 from serve.local import LocalBackend
 from tests.serve_support import known_clients, register_model
 from tests.unit.test_serve_engine import FakeClock, config_for
@@ -182,7 +193,7 @@ def replica_error(cause: Exception) -> RayTaskError:
 
 
 class FakeHandle:
-    """A DeploymentHandle to an engine whose `predict` raises `error`."""
+    """A DeploymentHandle to a predictor whose `predict` raises `error`."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error
@@ -193,27 +204,73 @@ class FakeHandle:
 
 
 def run(coro: Any) -> Any:
-    import asyncio
-
     return asyncio.new_event_loop().run_until_complete(coro)
 
 
-def test_handle_backend_unwraps_invalid_bars_from_the_replica() -> None:
-    wrapped = replica_error(InvalidBarsError("20 bars supplied"))
-    assert isinstance(wrapped, InvalidBarsError) and "File" in str(wrapped)
-    backend = HandleBackend(FakeHandle(wrapped), poll_s=1.0)  # type: ignore[arg-type]
-    with pytest.raises(InvalidBarsError) as caught:
-        run(backend.predict("SIMAAA", []))
-    assert str(caught.value) == "20 bars supplied"
+def predicting_backend(error: Exception) -> HandleBackend:
+    """A HandleBackend whose predictor raises `error` (its engine is never called)."""
+    engine = FakeHandle(AssertionError("the engine must not predict"))
+    return HandleBackend(engine, FakeHandle(error), poll_s=1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "cause", [InvalidBarsError("20 bars supplied"), NoModelError(None)], ids=["bars", "no-model"]
+)
+def test_handle_backend_unwraps_client_errors_from_the_replica(cause: Exception) -> None:
+    wrapped = replica_error(cause)
+    assert isinstance(wrapped, type(cause)) and "File" in str(wrapped)
+    with pytest.raises(type(cause)) as caught:
+        run(predicting_backend(wrapped).predict("SIMAAA", []))
+    assert str(caught.value) == str(cause)
     assert not isinstance(caught.value, RayTaskError)
+
+
+def test_handle_backend_turns_back_pressure_into_busy() -> None:
+    """Serve's router refuses a call past `max_queued_requests` with BackPressureError."""
+    refused = BackPressureError(num_queued_requests=8, max_queued_requests=8, retry_after_s=2.5)
+    with pytest.raises(PredictBusyError) as caught:
+        run(predicting_backend(refused).predict("SIMAAA", []))
+    assert caught.value.retry_after_s == 2.5
 
 
 def test_handle_backend_passes_other_engine_errors_on() -> None:
     wrapped = replica_error(ValueError("shape mismatch in /srv/model.py"))
-    backend = HandleBackend(FakeHandle(wrapped), poll_s=1.0)  # type: ignore[arg-type]
+    backend = predicting_backend(wrapped)
     with pytest.raises(RayTaskError) as caught:
         run(backend.predict("SIMAAA", []))
     assert not isinstance(caught.value, InvalidBarsError)
+
+
+def test_local_backend_refuses_predictions_past_its_limit(tmp_path: Path) -> None:
+    """In-process, as on Serve: at most max_ongoing + max_queued predictions at once; the next
+    is refused at once rather than queued."""
+    register_model(tmp_path / "registry", seed=1)
+    config = config_for(tmp_path).model_copy(
+        update={"predict": PredictConfig(max_ongoing_requests=1, max_queued_requests=0)}
+    )
+    engine = SignalEngine(config, clock=FakeClock())
+    engine.tick()
+    bars = client_bars(engine, 5)
+    release = threading.Event()
+    answer = engine.snapshot()  # any value: what the held prediction returns
+
+    def held_prediction(*_: Any) -> Any:
+        release.wait(10.0)
+        return answer
+
+    engine.predict = held_prediction  # type: ignore[method-assign]
+    backend = LocalBackend(engine)
+
+    async def scenario() -> Any:
+        first = asyncio.create_task(backend.predict("SIMAAA", bars))
+        await asyncio.sleep(0.05)  # the first holds the only slot now
+        with pytest.raises(PredictBusyError):
+            await backend.predict("SIMAAA", bars)
+        release.set()
+        return await first
+
+    assert run(scenario()) is answer
+    engine.close()
 
 
 class FailingBackend:
@@ -255,8 +312,10 @@ class FailingBackend:
             "internal_error",
             "internal error; see the service log",
         ),
+        (NoModelError(None), 503, "no_model", NO_MODEL_DETAIL),
+        (PredictBusyError(2.5), 503, "busy", "every prediction worker is busy; retry later"),
     ],
-    ids=["invalid-bars", "replica-value-error", "engine-fault"],
+    ids=["invalid-bars", "replica-value-error", "engine-fault", "no-model", "busy"],
 )
 def test_predict_translates_engine_errors(
     served: Served,
@@ -271,6 +330,8 @@ def test_predict_translates_engine_errors(
     response = post_predict(failing, client_bars(served.engine))
     assert response.status_code == status, response.text
     assert response.json() == {"error": code, "detail": detail}
+    if code == "busy":  # seconds, rounded up
+        assert response.headers["Retry-After"] == "3"
     if status == 500:  # the operator's copy: the full text, with the traceback
         assert SERVER_PATH in caplog.text and "Traceback" in caplog.text
 
