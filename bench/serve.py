@@ -7,7 +7,10 @@ load runs: the handler is measured, not the feature engine). (a) is deployed by
 `serve.deploy.deploy`, exactly as `jobs.deploy` does it (HAProxy ingress, direct-ingress
 replicas); (b) serves `serve.local.make_local_api` with uvicorn in a child process. A closed-loop
 load generator (`bench.loadgen`: wrk when installed, else raw asyncio sockets, in its own
-process) runs at 1 and 16 keep-alive connections for a fixed time. Last line: one JSON object.
+process) runs at 1 and 16 keep-alive connections for a fixed time. Then `/predict` with a
+400-bar window (JSON body of client bars) is timed on one keep-alive connection, one request
+after another (`predict_p50_ms_c1`, served by the `/predict` deployment on Serve). Last line: one
+JSON object.
 
     .venv/bin/python -m bench.serve [--duration 8] [--mode haproxy|proxy]
 """
@@ -16,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bench.loadgen import LoadResult, run_load
 from cluster.ray_runtime import free_port
@@ -34,10 +41,15 @@ from configs.schema import (
     ServeConfig,
     SimConfig,
 )
+from market.sim_silver import simulated_bars
 from serve.deploy import deploy, wait_until_ok
 
 SYMBOL = "SIMBENCH"
 SECRET = "bench-secret-" + "b" * 40
+PREDICT_BARS = 400
+PREDICT_REQUESTS = 60
+PREDICT_WARMUP_REQUESTS = 5
+SCOPES = ["signals:read", "signals:predict"]
 
 
 def bench_config(tmp: Path, port: int, mode: str) -> ServeConfig:
@@ -76,29 +88,59 @@ def token(config: ServeConfig) -> str:
 
     store = ClientStore.load(config.auth.clients_file)
     if "bench" not in store:
-        store.add("bench", ["signals:read"])
-    value, _ = TokenService.from_config(config.auth.jwt).mint("bench", ["signals:read"], 3600)
+        store.add("bench", SCOPES)
+    value, _ = TokenService.from_config(config.auth.jwt).mint("bench", SCOPES, 3600)
     return value
 
 
-def measure(url: str, headers: dict[str, str], duration_s: float) -> dict[str, LoadResult]:
-    return {
+def predict_body() -> dict[str, Any]:
+    """A `/predict` request of PREDICT_BARS consecutive simulated 1-minute bars."""
+    frame = simulated_bars(SimConfig(seed=5, anchor_date=date(2024, 5, 1)), [SYMBOL], 1)
+    bars = [
+        {k: v for k, v in row.items() if k != "symbol"}
+        for row in frame.head(PREDICT_BARS).iter_rows(named=True)
+    ]
+    return {"symbol": SYMBOL, "bars": bars}
+
+
+def predict_p50_ms(base_url: str, headers: dict[str, str]) -> float:
+    """Median ms of a 400-bar `/predict` on one keep-alive connection, requests back to back
+    (after PREDICT_WARMUP_REQUESTS unmeasured ones). Raises on any answer but 200."""
+    body = json.dumps(predict_body()).encode()
+    post_headers = {**headers, "Content-Type": "application/json"}
+    times: list[float] = []
+    with httpx.Client(base_url=base_url, timeout=30.0) as client:
+        for k in range(PREDICT_WARMUP_REQUESTS + PREDICT_REQUESTS):
+            started = time.perf_counter()
+            response = client.post("/predict", content=body, headers=post_headers)
+            elapsed = time.perf_counter() - started
+            response.raise_for_status()
+            if k >= PREDICT_WARMUP_REQUESTS:
+                times.append(elapsed * 1000)
+    return statistics.median(times)
+
+
+def measure(base_url: str, headers: dict[str, str], duration_s: float) -> dict[str, Any]:
+    """`/signal` under load at 1 and 16 connections, then the `/predict` median."""
+    url = f"{base_url}/signal?symbol={SYMBOL}"
+    wait_until_ok(url, timeout_s=180, headers=headers)
+    results: dict[str, Any] = {
         f"c{c}": run_load(url, headers, concurrency=c, duration_s=duration_s, warmup_s=2.0)
         for c in (1, 16)
     }
+    results["predict_p50_ms_c1"] = predict_p50_ms(base_url, headers)
+    return results
 
 
-def run_serve_side(config: ServeConfig, duration_s: float) -> dict[str, LoadResult]:
+def run_serve_side(config: ServeConfig, duration_s: float) -> dict[str, Any]:
     from ray import serve
 
     from cluster.ray_runtime import shutdown
 
     try:
         deployed = deploy(config, address=None)
-        url = f"{deployed['url']}/signal?symbol={SYMBOL}"
         headers = {"Authorization": f"Bearer {token(config)}"}
-        wait_until_ok(url, timeout_s=180, headers=headers)
-        return measure(url, headers, duration_s)
+        return measure(str(deployed["url"]), headers, duration_s)
     finally:
         serve.shutdown()
         shutdown()
@@ -111,10 +153,8 @@ def run_plain_side(config_path: Path, config: ServeConfig, duration_s: float) ->
         stdout=subprocess.DEVNULL,
     )
     try:
-        url = f"http://127.0.0.1:{port}/signal?symbol={SYMBOL}"
         headers = {"Authorization": f"Bearer {token(config)}"}
-        wait_until_ok(url, timeout_s=180, headers=headers)
-        return measure(url, headers, duration_s)
+        return measure(f"http://127.0.0.1:{port}", headers, duration_s)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -136,9 +176,12 @@ def plain_server(config_path: str) -> None:
     )
 
 
-def summary(serve_side: dict[str, LoadResult], plain: dict[str, LoadResult]) -> dict[str, Any]:
+def summary(serve_side: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
     def ms(value: float) -> float:
         return round(value, 3)
+
+    serve_loads: list[LoadResult] = [serve_side["c1"], serve_side["c16"]]
+    plain_loads: list[LoadResult] = [plain["c1"], plain["c16"]]
 
     return {
         "serve_rps_c1": round(serve_side["c1"].rps, 1),
@@ -155,9 +198,12 @@ def summary(serve_side: dict[str, LoadResult], plain: dict[str, LoadResult]) -> 
         "plain_p99_ms_c1": ms(plain["c1"].p99_ms),
         "plain_p50_ms_c16": ms(plain["c16"].p50_ms),
         "plain_p99_ms_c16": ms(plain["c16"].p99_ms),
-        "errors": sum(r.errors for r in (*serve_side.values(), *plain.values())),
-        "serve_errors": sum(r.errors for r in serve_side.values()),
-        "plain_errors": sum(r.errors for r in plain.values()),
+        "predict_p50_ms_c1": ms(serve_side["predict_p50_ms_c1"]),
+        "plain_predict_p50_ms_c1": ms(plain["predict_p50_ms_c1"]),
+        "predict_ratio_c1": round(serve_side["predict_p50_ms_c1"] / plain["predict_p50_ms_c1"], 3),
+        "errors": sum(r.errors for r in (*serve_loads, *plain_loads)),
+        "serve_errors": sum(r.errors for r in serve_loads),
+        "plain_errors": sum(r.errors for r in plain_loads),
     }
 
 
