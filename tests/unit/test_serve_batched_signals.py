@@ -72,7 +72,7 @@ def per_symbol_signal(engine: SignalEngine, symbol: str) -> Signal | None:
     if bars.height < min_history_bars(serving.model.spec.window_bars):
         return None
     return compute_signal(
-        symbol, bars, serving.model, serving.thresholds, serving.version, engine.spec_hash
+        symbol, bars, serving.model, serving.thresholds, serving.version, engine.model.spec_hash
     )
 
 
