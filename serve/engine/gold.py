@@ -36,7 +36,7 @@ A table created before the ``accounted`` flag existed is migrated when a store o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,6 +88,9 @@ _WRITE_LOCK: Final = "gold_write_lock"
 _SCHEMA_LOCK_KEY: Final = 0x601D5161
 # How long a SQLite writer waits for another writer's lock before failing, in seconds.
 _SQLITE_BUSY_TIMEOUT_S: Final = 30.0
+# Symbols looked up by one pending-outcomes query: bound parameters, kept below SQLite's
+# oldest limit of 999 per statement.
+_SYMBOLS_PER_LOOKUP: Final = 500
 
 _METADATA = MetaData()
 
@@ -330,13 +333,21 @@ class GoldStore:
         Uses INSERT ... ON CONFLICT DO NOTHING, so concurrent writers never raise: exactly one
         row per key and one accounted row per bar are kept, the first ones committed.
         """
-        values = asdict(record)
-        for name in _OPTIONAL_OUTPUTS:
-            values[name] = _opt_float(values[name])
+        return self.record_many((record,))[0]
+
+    def record_many(self, records: Sequence[SignalRecord]) -> list[bool]:
+        """Store ``records`` in one transaction; for each, in order, what :meth:`record` returns.
+
+        The same rows and answers as recording them one by one in this order: within the batch,
+        too, the first record of a key or of a bar wins. One commit (and, on SQLite, one write
+        lock) for the batch instead of one per record: a tick's signals of every symbol at once.
+        """
+        if not records:
+            return []
         insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+        # One statement of each kind, values bound per record: compiled once, not per record.
         as_accounted = (
             insert(GOLD_SIGNALS)
-            .values(**values, accounted=True)
             # No conflict target: skipped on the (symbol, bar, model) key and on the bar's
             # accounted index alike.
             .on_conflict_do_nothing()
@@ -344,16 +355,26 @@ class GoldStore:
             # of the primary key and reports rowcount -1. A skipped row returns nothing.
             .returning(GOLD_SIGNALS.c.id)
         )
-        as_history = (
-            insert(GOLD_SIGNALS)
-            .values(**values, accounted=False)
-            .on_conflict_do_nothing(index_elements=list(_UNIQUE_KEY))
+        as_history = insert(GOLD_SIGNALS).on_conflict_do_nothing(index_elements=list(_UNIQUE_KEY))
+        # Every writer inserts in (symbol, bar) order: PostgreSQL makes an insert that conflicts
+        # with another transaction's uncommitted row wait for it, and two replicas inserting
+        # overlapping batches in different orders would deadlock. The sort is stable, so the
+        # records of one bar (the only ones a record's answer depends on) keep their order.
+        order = sorted(
+            range(len(records)),
+            key=lambda i: (records[i].symbol, records[i].bar_open_time_ms),
         )
+        accounted = [False] * len(records)
         with self._write() as conn, conn.begin():
-            if conn.execute(as_accounted).first() is not None:
-                return True
-            conn.execute(as_history)
-        return False
+            # Statement by statement, not executemany: whether a record is accounted depends on
+            # the records before it, the batch's own included.
+            for i in order:
+                values = _record_values(records[i])
+                is_first = conn.execute(as_accounted, {**values, "accounted": True}).first()
+                if is_first is None:
+                    conn.execute(as_history, {**values, "accounted": False})
+                accounted[i] = is_first is not None
+        return accounted
 
     def fill_outcomes(self, symbol: str, closes: Mapping[int, float], now_ms: int) -> int:
         """Fill the outcomes of ``symbol``'s pending signals whose horizon bar is in ``closes``.
@@ -364,28 +385,19 @@ class GoldStore:
         ``filled_at_ms = now_ms``. Rows already filled are never touched again. Returns the
         number of rows filled; all of them are written in one transaction.
         """
-        if not closes:
+        return self.fill_outcomes_many({symbol: closes}, now_ms)
+
+    def fill_outcomes_many(
+        self, closes_by_symbol: Mapping[str, Mapping[int, float]], now_ms: int
+    ) -> int:
+        """:meth:`fill_outcomes` of every symbol in ``closes_by_symbol`` (symbol -> its closes),
+        in one transaction; the total number of rows filled. Every close is checked before
+        anything is written, so a bad one fills nothing."""
+        for closes in closes_by_symbol.values():
+            _check_closes(closes)
+        if not any(closes_by_symbol.values()):
             return 0
-        for open_time, price in closes.items():
-            if not math.isfinite(price) or price <= 0:
-                raise ValueError(f"close of bar {open_time} must be a positive number, got {price}")
-        first, last = min(closes), max(closes)
         t = GOLD_SIGNALS.c
-        outcome_time = t.bar_open_time_ms + t.horizon_minutes * ONE_MINUTE_MS
-        pending = (
-            select(t.id, t.bar_open_time_ms, t.horizon_minutes, t.signal, t.close)
-            .where(
-                t.symbol == symbol,
-                t.filled_at_ms.is_(None),
-                # horizon_minutes >= 1, so the decision bar is before the last close: this bound
-                # lets the pending index do a range scan; the next one is exact.
-                t.bar_open_time_ms < last,
-                outcome_time.between(first, last),
-            )
-            # PostgreSQL: a concurrent filler waits here, then sees the rows filled and skips
-            # them. SQLite ignores FOR UPDATE; BEGIN IMMEDIATE already serialises writers.
-            .with_for_update()
-        )
         fill = (
             update(GOLD_SIGNALS)
             .where(t.id == bindparam("b_id"), t.filled_at_ms.is_(None))
@@ -399,13 +411,14 @@ class GoldStore:
         )
         with self._write() as conn, conn.begin():
             params = []
-            for row in conn.execute(pending):
-                outcome_close = closes.get(
-                    row.bar_open_time_ms + row.horizon_minutes * ONE_MINUTE_MS
-                )
-                if outcome_close is None:
-                    continue  # a bar inside [first, last] that the caller did not give
-                params.append(_outcome(row.id, row.signal, row.close, outcome_close, now_ms))
+            # One lookup per chunk of symbols, not one per symbol. In symbol order, rows locked
+            # in (symbol, id) order: concurrent fillers lock in one order and cannot deadlock.
+            given = sorted(
+                (item for item in closes_by_symbol.items() if item[1]), key=lambda item: item[0]
+            )
+            for start in range(0, len(given), _SYMBOLS_PER_LOOKUP):
+                chunk = dict(given[start : start + _SYMBOLS_PER_LOOKUP])
+                params.extend(_pending_outcomes(conn, chunk, now_ms))
             if not params:
                 return 0
             updated = conn.execute(fill, params).rowcount
@@ -499,6 +512,54 @@ def _add_accounted_flag(conn: Connection) -> None:
     first = select(func.min(t.id)).group_by(t.symbol, t.bar_open_time_ms)
     conn.execute(update(GOLD_SIGNALS).where(t.id.in_(first)).values(accounted=True))
     _ACCOUNTED_BAR.create(conn)
+
+
+def _record_values(record: SignalRecord) -> dict[str, Any]:
+    """The column values of ``record``: NaN model outputs become NULL."""
+    values = asdict(record)
+    for name in _OPTIONAL_OUTPUTS:
+        values[name] = _opt_float(values[name])
+    return values
+
+
+def _check_closes(closes: Mapping[int, float]) -> None:
+    for open_time, price in closes.items():
+        if not math.isfinite(price) or price <= 0:
+            raise ValueError(f"close of bar {open_time} must be a positive number, got {price}")
+
+
+def _pending_outcomes(
+    conn: Connection, closes_by_symbol: Mapping[str, Mapping[int, float]], now_ms: int
+) -> list[dict[str, Any]]:
+    """The fill parameters of the pending signals of ``closes_by_symbol``'s symbols whose
+    horizon bar is in their closes (none empty), their rows locked until the transaction ends."""
+    first = min(min(closes) for closes in closes_by_symbol.values())
+    last = max(max(closes) for closes in closes_by_symbol.values())
+    t = GOLD_SIGNALS.c
+    outcome_time = t.bar_open_time_ms + t.horizon_minutes * ONE_MINUTE_MS
+    pending = (
+        select(t.id, t.symbol, t.bar_open_time_ms, t.horizon_minutes, t.signal, t.close)
+        .where(
+            t.symbol.in_(list(closes_by_symbol)),
+            t.filled_at_ms.is_(None),
+            # horizon_minutes >= 1, so the decision bar is before the last close: this bound
+            # lets the pending index do a range scan; the exact test is the lookup below.
+            t.bar_open_time_ms < last,
+            outcome_time.between(first, last),
+        )
+        # PostgreSQL: a concurrent filler waits here, then sees the rows filled and skips
+        # them. SQLite ignores FOR UPDATE; BEGIN IMMEDIATE already serialises writers.
+        .order_by(t.symbol, t.id)
+        .with_for_update()
+    )
+    params = []
+    for row in conn.execute(pending):
+        outcome_open_ms = row.bar_open_time_ms + row.horizon_minutes * ONE_MINUTE_MS
+        outcome_close = closes_by_symbol[row.symbol].get(outcome_open_ms)
+        if outcome_close is None:
+            continue  # a bar inside [first, last] that the caller did not give for this symbol
+        params.append(_outcome(row.id, row.signal, row.close, outcome_close, now_ms))
+    return params
 
 
 def _outcome(

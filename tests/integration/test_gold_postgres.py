@@ -137,6 +137,37 @@ def test_concurrent_writers_same_keys(store: GoldStore, postgres_url: str) -> No
     replicas[1].close()
 
 
+def test_concurrent_batches_in_opposite_orders(store: GoldStore, postgres_url: str) -> None:
+    # Replicas writing and filling overlapping batches, half of them in reverse order: no
+    # deadlock, one row per key, one accounted record per bar.
+    replicas = [store, GoldStore(postgres_url)]
+    symbols = [f"S{i:02d}USDT" for i in range(10)]
+    bars = [T0 + i * MINUTE for i in range(4)]
+    workers = 6
+    start = threading.Barrier(workers)
+
+    def write(worker: int) -> tuple[int, list[bool]]:
+        records = [rec(t, symbol=s, model_version=f"m{worker % 2}") for s in symbols for t in bars]
+        closes = {s: {t + H * MINUTE: 101.0 for t in bars} for s in symbols}
+        if worker % 3:
+            records.reverse()
+            closes = dict(reversed(closes.items()))
+        gold = replicas[worker % 2]
+        start.wait()
+        accounted = gold.record_many(records)
+        return gold.fill_outcomes_many(closes, NOW), accounted
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(write, range(workers)))
+    assert sum(sum(accounted) for _, accounted in results) == len(symbols) * len(bars)
+    assert sum(filled for filled, _ in results) == 2 * len(symbols) * len(bars)
+    counts = row_counts(postgres_url)
+    assert len(counts) == 2 * len(symbols) * len(bars)
+    assert set(counts.values()) == {1}
+    assert sum(store.counts_by_signal().values()) == len(symbols) * len(bars)
+    replicas[1].close()
+
+
 def test_concurrent_schema_creation(postgres_url: str) -> None:
     drop_table(postgres_url)
     start = threading.Barrier(6)

@@ -433,3 +433,104 @@ def test_unreachable_postgres_error_hides_password() -> None:
 def test_invalid_record_is_rejected(change: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         replace(rec(T0), **change)
+
+
+def table_rows(url: str) -> list[tuple[object, ...]]:
+    """Every stored row, every column but the id, in storage order."""
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as raw:
+        rows = raw.execute("SELECT * FROM gold_signals ORDER BY id").fetchall()
+    return [row[1:] for row in rows]
+
+
+def test_record_many_equals_recording_one_by_one(tmp_path: Path) -> None:
+    batches = [
+        # A bar served by two models and a key repeated inside one batch.
+        [rec(T0), rec(T0, "SELL", model_version="m2"), rec(T0, symbol="ETHUSDT"), rec(T0)],
+        [],
+        # Across batches: the key again (other values: the first write wins), a third model.
+        [replace(rec(T0), confidence=0.9), rec(T0, model_version="m3"), rec(T0 + MINUTE)],
+        [replace(rec(T0 + 2 * MINUTE, "NEUTRAL"), p_up=math.nan, predicted_return=None)],
+    ]
+    one_url, many_url = (f"sqlite:///{tmp_path / name}" for name in ("one.sqlite", "many.sqlite"))
+    one, many = GoldStore(one_url), GoldStore(many_url)
+    one_by_one = [[one.record(record) for record in batch] for batch in batches]
+    batched = [many.record_many(batch) for batch in batches]
+    assert batched == one_by_one
+    assert batched == [[True, False, True, False], [], [False, False, True], [True]]
+    assert table_rows(many_url) == table_rows(one_url)
+    assert len(table_rows(many_url)) == 6
+    assert many.counts_by_signal() == one.counts_by_signal()
+    one.close()
+    many.close()
+
+
+def test_concurrent_batches_keep_one_row_per_key_and_one_accounted_per_bar(url: str) -> None:
+    stores = [GoldStore(url), GoldStore(url)]  # two "replicas" on one file
+    bars = [T0 + i * MINUTE for i in range(20)]
+    start = threading.Barrier(6)
+
+    def write(worker: int) -> list[tuple[SignalRecord, bool]]:
+        # Overlapping batches in different orders; workers of one parity serve the same model.
+        order = bars if worker % 3 else bars[::-1]
+        batches = [order[:12], order[8:]]
+        start.wait()
+        written = []
+        for batch in batches:
+            records = [rec(t, model_version=f"m{worker % 2}") for t in batch]
+            written += zip(records, stores[worker % 2].record_many(records), strict=True)
+        return written
+
+    with ThreadPoolExecutor(6) as pool:
+        results = [item for worker in pool.map(write, range(6)) for item in worker]
+    accounted = {(r.bar_open_time_ms, r.model_version) for r, is_first in results if is_first}
+    assert sorted(t for t, _ in accounted) == bars  # each bar counted by exactly one write
+    rows = stores[0].history(None, 1000)
+    assert len(rows) == 2 * len(bars)  # one row per (bar, model)
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as raw:
+        stored = raw.execute(
+            "SELECT bar_open_time_ms, model_version FROM gold_signals WHERE accounted"
+        ).fetchall()
+    assert set(stored) == accounted  # the writes told "accounted" are the rows accounted
+    for store in stores:
+        store.close()
+
+
+def test_fill_outcomes_many_equals_filling_symbol_by_symbol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Lookups of two symbols each, so that the batch spans several.
+    monkeypatch.setattr("serve.engine.gold._SYMBOLS_PER_LOOKUP", 2)
+    symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT"]
+    records = [
+        rec(T0 + i * MINUTE, ("BUY", "SELL", "NEUTRAL")[(i + k) % 3], 100.0 + k, symbol)
+        for k, symbol in enumerate(symbols)
+        for i in range(5)
+    ]
+    closes = {
+        # Each symbol its own closes; SOLUSDT only some of its horizon bars, XRPUSDT none.
+        "BTCUSDT": {T0 + (H + i) * MINUTE: 101.0 + i for i in range(5)},
+        "ETHUSDT": {T0 + (H + i) * MINUTE: 99.0 - i for i in range(3)},
+        "SOLUSDT": {T0 + (H + 1) * MINUTE: 103.0, T0 + (H + 4) * MINUTE: 104.0},
+        "XRPUSDT": {},
+        "ADAUSDT": {T0 + H * MINUTE: 1.0},  # no signals
+    }
+    one_url, many_url = (f"sqlite:///{tmp_path / name}" for name in ("one.sqlite", "many.sqlite"))
+    one, many = GoldStore(one_url), GoldStore(many_url)
+    one.record_many(records)
+    many.record_many(records)
+    assert sum(one.fill_outcomes(s, c, NOW) for s, c in closes.items()) == 10
+    assert many.fill_outcomes_many(closes, NOW) == 10
+    assert table_rows(many_url) == table_rows(one_url)
+    assert many.fill_outcomes_many(closes, NOW + 1) == 0  # filled rows are never refilled
+    assert table_rows(many_url) == table_rows(one_url)
+    one.close()
+    many.close()
+
+
+def test_fill_outcomes_many_with_a_bad_close_fills_nothing(store: GoldStore) -> None:
+    store.record_many([rec(T0), rec(T0, symbol="ETHUSDT")])
+    bad = {"BTCUSDT": {T0 + H * MINUTE: 101.0}, "ETHUSDT": {T0 + H * MINUTE: math.nan}}
+    with pytest.raises(ValueError, match="positive number"):
+        store.fill_outcomes_many(bad, NOW)
+    assert all(row["filled_at_ms"] is None for row in store.history(None, 10))
+    assert store.fill_outcomes_many({}, NOW) == 0
