@@ -127,8 +127,7 @@ class SignalEngine:
             if ticked:
                 self._take_new_bars(ticked, new_bars)
                 self._update_signals(ticked)
-                for symbol in ticked:
-                    self._fill_outcomes(symbol)
+                self._fill_outcomes(ticked)
                 self.outcomes = self.gold.outcome_summary()
             self.sequence += 1
         return new_bars
@@ -201,11 +200,17 @@ class SignalEngine:
             serving.version,
             self.model.spec_hash,
         )
-        for symbol, signal in zip(eligible, signals, strict=True):
-            self._publish(symbol, signal)
+        published = [
+            self._publish(symbol, signal) for symbol, signal in zip(eligible, signals, strict=True)
+        ]
+        records = [record for record in published if record is not None]
+        # One Gold transaction for the batch; the metrics count each (symbol, bar) once.
+        for record, accounted in zip(records, self.gold.record_many(records), strict=True):
+            if accounted:
+                self._count(record)
 
-    def _publish(self, symbol: str, signal: Signal) -> None:
-        """Serve `signal` for `symbol`; record it in Gold unless it repeats the current one."""
+    def _publish(self, symbol: str, signal: Signal) -> SignalRecord | None:
+        """Serve `signal` for `symbol`; its Gold record, None when it repeats the current one."""
         previous = self.signals.get(symbol)
         self.signals[symbol] = signal
         if (
@@ -213,8 +218,8 @@ class SignalEngine:
             and previous.bar_open_time_ms == signal.bar_open_time_ms
             and previous.model_version == signal.model_version
         ):
-            return
-        record = SignalRecord(
+            return None
+        return SignalRecord(
             symbol=symbol,
             bar_open_time_ms=signal.bar_open_time_ms,
             signal=signal.signal,
@@ -229,19 +234,23 @@ class SignalEngine:
             reason=signal.reason,
             served_at_ms=int(self.clock() * 1000),
         )
-        if self.gold.record(record):
-            self.signal_counts[(symbol, signal.signal)] += 1
-            if signal.confidence > 0:
-                bucket = bisect_left(CONFIDENCE_BUCKETS, signal.confidence)
-                self.confidence_counts[min(bucket, len(CONFIDENCE_BUCKETS) - 1)] += 1
-                self.confidence_sum += signal.confidence
 
-    def _fill_outcomes(self, symbol: str) -> None:
-        bars = self.feed.bars(symbol)
-        if bars.height == 0:
-            return
-        closes = self.feed.closes_since(symbol, int(bars["open_time"][0]))
-        self.gold.fill_outcomes(symbol, closes, int(self.clock() * 1000))
+    def _count(self, record: SignalRecord) -> None:
+        """Count a served signal in the metrics: once per (symbol, bar), its accounted record."""
+        self.signal_counts[(record.symbol, record.signal)] += 1
+        if record.confidence > 0:
+            bucket = bisect_left(CONFIDENCE_BUCKETS, record.confidence)
+            self.confidence_counts[min(bucket, len(CONFIDENCE_BUCKETS) - 1)] += 1
+            self.confidence_sum += record.confidence
+
+    def _fill_outcomes(self, symbols: list[str]) -> None:
+        """Fill the Gold outcomes that `symbols`' held bars realise, in one transaction."""
+        closes_by_symbol = {}
+        for symbol in symbols:
+            bars = self.feed.bars(symbol)
+            if bars.height:
+                closes_by_symbol[symbol] = self.feed.closes_since(symbol, int(bars["open_time"][0]))
+        self.gold.fill_outcomes_many(closes_by_symbol, int(self.clock() * 1000))
 
     # -- reads ---------------------------------------------------------------------------
 
