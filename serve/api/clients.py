@@ -29,6 +29,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import threading
@@ -63,6 +64,10 @@ MAX_SECRET_CHARS: Final = 1024
 """Longer presented secrets are rejected without hashing (ours are 43 characters)."""
 
 _INVALID_CLIENT_DETAIL: Final = "unknown client id or wrong client secret"
+# Seconds between the extra checks of the file a client not known yet triggers (see
+# ClientStore._lookup): short, so a client another replica has just added is accepted at once,
+# but bounded, so a stream of unknown ids or removed clients' tokens costs at most 10 stats/s.
+UNKNOWN_CLIENT_CHECK_S: Final = 0.1
 
 CLIENT_ID_PATTERN: Final = r"^[A-Za-z0-9._@:-]+$"
 
@@ -226,6 +231,7 @@ class ClientStore:
         self._clock = clock
         self._wall_clock = wall_clock
         self._next_check = clock()
+        self._last_check = -math.inf
         # The signature of a file found invalid: not re-read (nor re-logged) until it changes.
         self._rejected: FileSignature | None = None
 
@@ -281,8 +287,7 @@ class ClientStore:
         """The enabled client whose id and secret these are; else
         `AuthError(401, "invalid_client")`. Unknown ids and disabled clients cost one scrypt
         too, and the error does not say what was wrong."""
-        self.refresh()
-        entry = self._contents.clients.get(client_id)
+        entry = self._lookup(client_id)
         if len(secret) > MAX_SECRET_CHARS:
             # No hashing of attacker-sized input; length is not secret, so this leaks nothing.
             raise AuthError(401, "invalid_client", _INVALID_CLIENT_DETAIL)
@@ -298,29 +303,48 @@ class ClientStore:
     def check_token(self, claims: Claims) -> None:
         """Refuse a verified token whose client is no longer registered or is disabled, or
         whose `jti` is revoked: `AuthError(401, "revoked_token")`. Two dictionary lookups, plus
-        one stat of the file per reload interval."""
-        self.refresh()
+        one stat of the file per reload interval (more often for a client not known yet)."""
+        entry = self._lookup(claims.subject)
         contents = self._contents
-        entry = contents.clients.get(claims.subject)
         if entry is None or entry.disabled:
             raise AuthError(401, "revoked_token", "the token's client has been removed or disabled")
         if claims.token_id is not None and claims.token_id in contents.revoked:
             raise AuthError(401, "revoked_token", "the token has been revoked")
 
-    def refresh(self) -> None:
+    def _lookup(self, client_id: str) -> ClientEntry | None:
+        """The entry of `client_id` after `refresh`; a client not known yet gets the file checked
+        again `soon`. Another replica sharing the file may have just added the client (and
+        issued it a token): without that check this replica would refuse the client for up to
+        a reload interval."""
+        self.refresh()
+        entry = self._contents.clients.get(client_id)
+        if entry is None:
+            self.refresh(soon=True)
+            entry = self._contents.clients.get(client_id)
+        return entry
+
+    def refresh(self, soon: bool = False) -> None:
         """Re-read the file if it changed since it was last read; at most one check (a stat)
-        per reload interval. Never raises: an unreadable or invalid file keeps the last good
-        contents and is logged as an error, an absent file means no clients."""
-        if self._path is None or self._clock() < self._next_check:
+        per reload interval, or with `soon` one per UNKNOWN_CLIENT_CHECK_S (0.1 s; the interval
+        if shorter). Never raises: an unreadable or invalid file keeps the last good contents
+        and is logged as an error, an absent file means no clients."""
+        if self._path is None:
+            return
+        if soon:
+            due = self._last_check + min(self._reload_interval_s, UNKNOWN_CLIENT_CHECK_S)
+        else:
+            due = self._next_check
+        if self._clock() < due:
             return
         # One thread checks; requests arriving meanwhile go on with the current contents.
         if not self._lock.acquire(blocking=False):
             return
         try:
-            now = self._clock()
-            if now < self._next_check:
+            checked_at = self._clock()
+            if checked_at < due:
                 return
-            self._next_check = now + self._reload_interval_s
+            self._last_check = checked_at
+            self._next_check = checked_at + self._reload_interval_s
             self._reload(self._path)
         finally:
             self._lock.release()

@@ -31,7 +31,7 @@ from configs.schema import (
 )
 from serve.api import tokens as cli
 from serve.api.auth import AuthError, Claims, TokenService, read_token_identity
-from serve.api.clients import ClientStore, RevokedToken, verify_secret
+from serve.api.clients import UNKNOWN_CLIENT_CHECK_S, ClientStore, RevokedToken, verify_secret
 from serve.api.metrics import ApiMetrics
 from serve.api.operator import make_operator_api
 from serve.api.routes import make_api
@@ -273,6 +273,38 @@ def test_a_client_added_after_the_start_is_accepted_after_the_reload(dep: Deploy
     issued = dep.post_token("late")
     assert issued.status_code == 200, issued.text
     assert dep.models(issued.json()["access_token"]).status_code == ACCEPTED
+
+
+def test_a_client_another_replica_just_added_is_accepted_within_the_interval(
+    dep: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica sharing the file adds a client and issues it a token: this replica checks
+    the file again for the unknown client (at most once per UNKNOWN_CLIENT_CHECK_S) instead of
+    refusing it for the rest of its reload interval."""
+    assert dep.models(dep.token()).status_code == ACCEPTED  # the regular check, at start
+    stats: list[Any] = []
+    real_stat = os.stat
+
+    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if Path(path) == dep.clients_file:
+            stats.append(path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr("serve.api.clients.os.stat", counting_stat)
+    dep.secrets["late"] = dep.cli_out("add-client", "--id", "late", "--scope", SCOPE_READ)
+    late = dep.token("late")  # as minted by the replica that has read the new file
+    # Right after the regular check, unknown clients wait for the short recheck interval.
+    assert all(refused(dep.models(late)) for _ in range(5))
+    assert stats == []
+    dep.clock.now += UNKNOWN_CLIENT_CHECK_S
+    assert UNKNOWN_CLIENT_CHECK_S < INTERVAL_S
+    assert all(dep.models(late).status_code == ACCEPTED for _ in range(5))
+    assert len(stats) == 1
+    # A token of a client that stays unknown costs one stat per recheck interval, not per request.
+    ghost = dep.token("ghost")
+    dep.clock.now += UNKNOWN_CLIENT_CHECK_S
+    assert all(refused(dep.models(ghost)) for _ in range(20))
+    assert len(stats) == 2
 
 
 def test_a_token_over_the_lifetime_cap_is_refused_by_the_api(dep: Deployment) -> None:
