@@ -10,6 +10,10 @@ tests off the RayDP start-up.
   the features, windows or backtest would turn noise into a 'signal' and fail this test;
 - shuffled labels on the planted data: no edge, nothing promoted;
 - the same seed and config give the same leaderboard.
+
+The planted and repeated sweeps are the smoke sweep itself (4 trials, ASHA stopping some). The
+control sweeps (random walks, shuffled labels) run its first two candidates on the same data:
+see `control_config`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 
 from configs.schema import SimConfig
 from market.sim_silver import write_sim_silver
@@ -35,10 +40,29 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "tune" / "smoke.yaml"
 SYMBOLS = ["SIMAAA", "SIMBBB"]
 DAYS = 14
+CONTROL_TRIALS = 2
 BOARD_COLUMNS = ["trial_index", "status", "iterations", "score", "val_loss", "family"]
 
 
-def run_tune(lake: Path, registry: Path, out: Path, *extra: str) -> dict[str, Any]:
+def control_config(directory: Path) -> Path:
+    """The smoke config with 2 trials instead of 4, for the sweeps that must find no edge.
+
+    Their checks keep their power with 2 trials: the data, folds and test bars are the smoke
+    sweep's, so each trial's out-of-sample accuracy has the same standard error; a look-ahead
+    leak lifts every trial, so two trials expose it as surely as four; and the gate deflates a
+    Sharpe ratio by the expected best of fewer trials, so a random walk clears a lower hurdle
+    to be promoted: refusing it with 2 trials is at least as demanding as with 4.
+    """
+    smoke: dict[str, Any] = yaml.safe_load(SMOKE.read_text())
+    smoke["num_samples"] = CONTROL_TRIALS
+    path = directory / "control.yaml"
+    path.write_text(yaml.safe_dump(smoke))
+    return path
+
+
+def run_tune(
+    lake: Path, registry: Path, out: Path, *extra: str, config: Path = SMOKE
+) -> dict[str, Any]:
     completed = subprocess.run(
         [
             sys.executable,
@@ -49,7 +73,7 @@ def run_tune(lake: Path, registry: Path, out: Path, *extra: str) -> dict[str, An
             "--registry",
             str(registry),
             "--config",
-            str(SMOKE),
+            str(config),
             "--out",
             str(out),
             *extra,
@@ -135,7 +159,11 @@ def test_no_signal_is_never_promoted(seed: int, tmp_path: Path) -> None:
     lake = tmp_path / "lake"
     config = SimConfig(seed=seed, anchor_date=date(2024, 1, 1), signal_strength=0.0)
     write_sim_silver(lake, config, SYMBOLS, DAYS)
-    summary = run_tune(lake, tmp_path / "registry", tmp_path / "out", "--seed", str(seed))
+    control = control_config(tmp_path)
+    summary = run_tune(
+        lake, tmp_path / "registry", tmp_path / "out", "--seed", str(seed), config=control
+    )
+    assert summary["trials"] == CONTROL_TRIALS
     gate = summary["gate"]
     assert not gate["promoted"]
     assert gate["dsr"] < 0.95, gate
@@ -144,7 +172,11 @@ def test_no_signal_is_never_promoted(seed: int, tmp_path: Path) -> None:
 
 
 def test_shuffled_labels_give_no_edge(planted_lake: Path, tmp_path: Path) -> None:
-    summary = run_tune(planted_lake, tmp_path / "registry", tmp_path / "out", "--shuffle-labels")
+    control = control_config(tmp_path)
+    summary = run_tune(
+        planted_lake, tmp_path / "registry", tmp_path / "out", "--shuffle-labels", config=control
+    )
+    assert summary["trials"] == CONTROL_TRIALS
     assert not summary["gate"]["promoted"]
     assert summary["best_directional_accuracy"] < 0.53
 
