@@ -130,10 +130,16 @@ def ray_jobs_head() -> Iterator[RayHead]:
 
 
 @pytest.fixture(scope="module")
-def jobs_client() -> Iterator[Any]:
-    """A JobSubmissionClient, with the token, for a Ray head started for this module."""
+def jobs_head() -> Iterator[RayHead]:
+    """One Ray head for the whole module: each test's jobs end before the next test starts."""
     with ray_jobs_head() as head:
-        yield connect_client(head.address, head.token)
+        yield head
+
+
+@pytest.fixture(scope="module")
+def jobs_client(jobs_head: RayHead) -> Any:
+    """A JobSubmissionClient, with the token, for the module's Ray head."""
+    return connect_client(jobs_head.address, jobs_head.token)
 
 
 def _wait_until_jobs_run(client: Any, timeout_s: float = 90.0) -> None:
@@ -267,7 +273,7 @@ def test_the_ingest_stage_runs_as_a_ray_job_from_the_repository(
     assert any((tmp_path / "lake" / "bronze").rglob("*")), "nothing written to Bronze"
 
 
-def test_jobs_pipeline_submits_its_stages_as_ray_jobs(tmp_path: Path) -> None:
+def test_jobs_pipeline_submits_its_stages_as_ray_jobs(jobs_head: RayHead, tmp_path: Path) -> None:
     """`python -m jobs.pipeline --ray-jobs URL`: ingest and Silver run as Ray jobs on a cluster."""
     config = tmp_path / "pipeline.yaml"
     config.write_text(
@@ -280,24 +286,23 @@ def test_jobs_pipeline_submits_its_stages_as_ray_jobs(tmp_path: Path) -> None:
             ]
         )
     )
-    with ray_jobs_head() as head:
-        completed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "jobs.pipeline",
-                "--config",
-                str(config),
-                "--skip-tune",
-                "--ray-jobs",
-                head.address,
-            ],
-            cwd=REPO,
-            env={**os.environ, "RAY_AUTH_TOKEN": head.token},
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.pipeline",
+            "--config",
+            str(config),
+            "--skip-tune",
+            "--ray-jobs",
+            jobs_head.address,
+        ],
+        cwd=REPO,
+        env={**os.environ, "RAY_AUTH_TOKEN": jobs_head.token},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert completed.returncode == 0, completed.stderr[-4000:]
     summary = json.loads(completed.stdout.strip().splitlines()[-1])
     assert summary["mode"] == "ray-jobs"
