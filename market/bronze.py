@@ -135,18 +135,10 @@ class BronzeStore:
         found = self.root.glob(f"{source_glob}/{symbol_glob}/date=*/part-*.jsonl")
         return _sorted_parts(part_info(path) for path in found)
 
-    def symbols(self) -> list[str]:
-        """Symbols with at least one part, from any source."""
-        return sorted({p.symbol for p in self.parts()})
-
     def covered_until(self, source: str, symbol: str) -> int | None:
         """The latest open time (epoch ms) stored for a source and symbol, if any."""
         parts = self.parts(source, symbol)
         return max(p.last_ms for p in parts) if parts else None
-
-    def has_part(self, source: str, symbol: str, day: date, tag: str) -> bool:
-        """Whether a part with this tag exists for the source, symbol and date."""
-        return any(self.partition(source, symbol, day).glob(f"part-*-{tag}.jsonl"))
 
     def _lock_file(self, *names: str) -> Path:
         path = self.root.joinpath(_LOCKS, *names)
@@ -206,9 +198,6 @@ class BronzeStore:
         except FileNotFoundError:
             return None
         return info if isinstance(info, dict) else None
-
-    def is_done(self, kind: str, key: str) -> bool:
-        return self.marker_path(kind, key).exists()
 
     def records(self, part: PartInfo) -> Iterator[dict[str, object]]:
         """The records of one part, in order."""
