@@ -17,6 +17,7 @@ from market.bronze import BronzeStore
 from market.klines import ONE_DAY_MS, ONE_MINUTE_MS, RAW_FIELDS, date_start_ms
 from market.sources.base import ingest_symbol
 from market.sources.sim import SimSource
+from tests.fake_binance_ws import StreamRig
 from tests.object_store import ObjectStore, seaweedfs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,3 +98,12 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectSto
 def object_prefix(request: pytest.FixtureRequest) -> str:
     """A key prefix of the test's own in the shared bucket."""
     return f"{request.node.name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def rigs() -> Iterator[list[StreamRig]]:
+    """Local Binance stream rigs a test starts (it appends them); each is closed afterwards."""
+    made: list[StreamRig] = []
+    yield made
+    for rig in made:
+        rig.close()

@@ -8,7 +8,6 @@ the fault broke is fetched from REST, and a lost connection is replaced after a 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import polars as pl
 import pytest
@@ -38,14 +37,6 @@ def at(minute: int) -> int:
 @pytest.fixture(scope="module")
 def dump_lines() -> list[str]:
     return load_dump_lines(require(REAL_1M), 160)
-
-
-@pytest.fixture
-def rigs() -> Iterator[list[StreamRig]]:
-    made: list[StreamRig] = []
-    yield made
-    for rig in made:
-        rig.close()
 
 
 @pytest.mark.parametrize("fault", ["drop", "stall", "shutdown", "duplicate", "swap", "malformed"])

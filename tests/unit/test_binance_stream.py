@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from collections.abc import Iterator
 from datetime import date
 
 import pytest
@@ -164,14 +163,6 @@ def test_a_failing_backfill_holds_klines_until_too_many_wait() -> None:
 
 
 # -- against the local servers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def rigs() -> Iterator[list[StreamRig]]:
-    made: list[StreamRig] = []
-    yield made
-    for rig in made:
-        rig.close()
 
 
 def test_closed_klines_arrive_exactly_once_in_order_from_history_and_stream(

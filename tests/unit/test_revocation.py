@@ -109,6 +109,19 @@ class Deployment:
         }
         return self.client.post("/token", data=form)
 
+    def count_stats(self, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+        """From now on, every `stat` of the clients file by the store, in a list."""
+        stats: list[Any] = []
+        real_stat = os.stat
+
+        def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            if Path(path) == self.clients_file:
+                stats.append(path)
+            return real_stat(path, *args, **kwargs)
+
+        monkeypatch.setattr("serve.api.clients.os.stat", counting_stat)
+        return stats
+
     def wait_reload(self) -> None:
         """Let the reload interval pass (the file is checked on the next request)."""
         self.clock.now += INTERVAL_S
@@ -169,15 +182,7 @@ def test_the_file_is_checked_at_most_once_per_interval(
 ) -> None:
     token = dep.token()
     assert dep.models(token).status_code == ACCEPTED  # the first check, at start
-    stats: list[Any] = []
-    real_stat = os.stat
-
-    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if Path(path) == dep.clients_file:
-            stats.append(path)
-        return real_stat(path, *args, **kwargs)
-
-    monkeypatch.setattr("serve.api.clients.os.stat", counting_stat)
+    stats = dep.count_stats(monkeypatch)
     assert dep.cli("remove-client", "--id", "desk") == 0
     dep.clock.now += INTERVAL_S - 0.01
     # Within the interval the replica has not looked yet: the token is still served.
@@ -282,15 +287,7 @@ def test_a_client_another_replica_just_added_is_accepted_within_the_interval(
     the file again for the unknown client (at most once per UNKNOWN_CLIENT_CHECK_S) instead of
     refusing it for the rest of its reload interval."""
     assert dep.models(dep.token()).status_code == ACCEPTED  # the regular check, at start
-    stats: list[Any] = []
-    real_stat = os.stat
-
-    def counting_stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        if Path(path) == dep.clients_file:
-            stats.append(path)
-        return real_stat(path, *args, **kwargs)
-
-    monkeypatch.setattr("serve.api.clients.os.stat", counting_stat)
+    stats = dep.count_stats(monkeypatch)
     dep.secrets["late"] = dep.cli_out("add-client", "--id", "late", "--scope", SCOPE_READ)
     late = dep.token("late")  # as minted by the replica that has read the new file
     # Right after the regular check, unknown clients wait for the short recheck interval.
