@@ -629,6 +629,38 @@ class PredictConfig(StrictModel):
     )
 
 
+class EngineShardsConfig(StrictModel):
+    """How the feed's symbols are split across signal-engine shards (Serve deployments).
+
+    Each shard owns its symbols' feed subscription, incremental feature state, model copy and Gold
+    writes; the ingress answers `/signal` for a symbol from its owner's snapshot. Size the split
+    either by `shards` (a count) or by `symbols_per_shard` (the shard count is then the symbols
+    divided by it, rounded up), not both; neither set means one shard. `cpus_per_shard` is the Ray
+    CPU reservation of each shard's replica (0: placed anywhere; give it CPUs so that Ray spreads
+    shards over the nodes that have them).
+    """
+
+    shards: int | None = Field(default=None, ge=1, description="number of engine shards")
+    symbols_per_shard: int | None = Field(
+        default=None, ge=1, description="symbols one shard owns at most"
+    )
+    cpus_per_shard: float = Field(default=0.0, ge=0, description="Ray CPUs reserved per shard")
+
+    @model_validator(mode="after")
+    def _one_sizing(self) -> EngineShardsConfig:
+        if self.shards is not None and self.symbols_per_shard is not None:
+            raise ValueError("set either engine.shards or engine.symbols_per_shard, not both")
+        return self
+
+    def count(self, symbols: int) -> int:
+        """The number of shards for `symbols` served symbols (at least 1, at most `symbols`)."""
+        if self.symbols_per_shard is not None:
+            wanted = -(-symbols // self.symbols_per_shard)
+        else:
+            wanted = self.shards or 1
+        return max(1, min(wanted, symbols))
+
+
 class ServeConfig(StrictModel):
     """The Ray Serve application of `python -m jobs.deploy` / `serve deploy`."""
 
@@ -651,6 +683,7 @@ class ServeConfig(StrictModel):
     max_predict_bars: int = Field(default=2000, ge=1)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     predict: PredictConfig = PredictConfig()
+    engine: EngineShardsConfig = EngineShardsConfig()
     operator: OperatorConfig = OperatorConfig()
     auth: AuthConfig = AuthConfig()
     feed: FeedConfig = FeedConfig()
@@ -659,6 +692,16 @@ class ServeConfig(StrictModel):
         default=None,
         description="decision thresholds; None uses those the model was selected with",
     )
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> ServeConfig:
+        shards = self.engine.shards
+        if shards is not None and shards > len(self.feed.symbols):
+            raise ValueError(
+                f"engine.shards is {shards} but the feed serves {len(self.feed.symbols)} "
+                "symbols: every shard must own at least one"
+            )
+        return self
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -1,9 +1,10 @@
-"""The Ray Serve application: a FastAPI ingress composed with the signal engine deployment and
+"""The Ray Serve application: a FastAPI ingress composed with the signal engine shards and
 the `/predict` deployment.
 
-    SignalIngress (FastAPI, JWT, rate limit)  --handle-->  SignalEngineDeployment
-        answers /signal from a snapshot in memory,        live bars, production model,
-        refreshed every `snapshot_poll_s`;                 Gold store, registry watch
+    SignalIngress (FastAPI, JWT, rate limit)  --handles->  SignalEngineDeployment x shards
+        answers /signal from a snapshot in memory,        each: its share of the symbols'
+        merged from every shard's, refreshed every        live bars, its model copy, Gold
+        `snapshot_poll_s`;                                writes, registry watch
         operator port (serve.operator): /metrics and
         the detailed /readyz, one listener per replica
                                               --handle-->  PredictDeployment
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -37,6 +39,7 @@ from configs.schema import ServeConfig, load_config
 from serve.api.apps import make_apps
 from serve.engine.engine import SignalEngine
 from serve.engine.production import ProductionModel
+from serve.engine.shards import ShardPlan
 from serve.engine.signals import bars_frame
 from serve.engine.snapshot import (
     EngineSnapshot,
@@ -44,6 +47,9 @@ from serve.engine.snapshot import (
     NoModelError,
     PredictBusyError,
     Signal,
+    UnknownSymbolError,
+    merge_snapshots,
+    unavailable_symbols,
 )
 from serve.operator import OperatorServer
 
@@ -141,37 +147,74 @@ class PredictDeployment:
 
 
 class HandleBackend:
-    """The ingress' view of the engine, a snapshot refreshed in the background over a handle,
-    and of the `/predict` deployment."""
+    """The ingress' view of the engine shards, one snapshot merged from each shard's, refreshed
+    in the background over their handles, and of the `/predict` deployment.
+
+    Each shard is polled by a task of its own, so a slow or restarting shard delays only its own
+    symbols: the merged snapshot keeps that shard's last snapshot (its symbols turn stale as it
+    ages, `merge_snapshots`) and, before its first one, lists its symbols as not ready.
+    """
 
     def __init__(
-        self, engine: DeploymentHandle, predictor: DeploymentHandle, poll_s: float
+        self,
+        engines: Sequence[DeploymentHandle],
+        predictor: DeploymentHandle,
+        poll_s: float,
+        plan: ShardPlan,
     ) -> None:
-        self.engine = engine
+        if len(engines) != plan.count:
+            raise ValueError(f"{plan.count} engine shards planned, {len(engines)} handles given")
+        self.engines = tuple(engines)
         self.predictor = predictor
         self.poll_s = poll_s
+        self.plan = plan
+        self._order = tuple(symbol for owned in plan.symbols for symbol in owned)
+        self._parts: list[EngineSnapshot | None] = [None] * plan.count
         self._snapshot: EngineSnapshot | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def snapshot(self) -> EngineSnapshot | None:
         return self._snapshot
 
-    async def _refresh(self) -> None:
+    def _merge(self) -> None:
+        reported = [part for part in self._parts if part is not None]
+        if not reported:
+            return
+        unavailable = [
+            state
+            for shard, part in enumerate(self._parts)
+            if part is None
+            for state in unavailable_symbols(
+                self.plan.symbols[shard], f"engine shard {shard} has not reported yet"
+            )
+        ]
+        self._snapshot = merge_snapshots(
+            reported,
+            symbol_order=self._order if len(self.engines) > 1 else (),
+            unavailable=unavailable,
+        )
+
+    async def _fetch(self, shard: int) -> None:
+        try:
+            self._parts[shard] = await self.engines[shard].snapshot.remote()
+        except Exception as error:  # the shard restarts: keep its last snapshot meanwhile
+            log.warning("engine shard %d snapshot failed: %s", shard, error)
+            return
+        self._merge()
+
+    async def _refresh(self, shard: int) -> None:
         while True:
-            try:
-                self._snapshot = await self.engine.snapshot.remote()
-            except Exception as error:  # the engine restarts: keep the last snapshot meanwhile
-                log.warning("engine snapshot failed: %s", error)
             await asyncio.sleep(self.poll_s)
+            await self._fetch(shard)
 
     async def start(self) -> None:
-        with contextlib.suppress(Exception):
-            self._snapshot = await self.engine.snapshot.remote()
-        self._task = asyncio.get_running_loop().create_task(self._refresh())
+        await asyncio.gather(*(self._fetch(shard) for shard in range(len(self.engines))))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._refresh(shard)) for shard in range(len(self.engines))]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
 
     async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
         """The `/predict` deployment's signal for client bars; InvalidBarsError (its client
@@ -192,8 +235,20 @@ class HandleBackend:
         return result
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self.engine.history.remote(symbol, limit)
-        return result
+        """Served signals, newest first: from the owner shard of `symbol`, or when it is None
+        the newest `limit` across every shard's own symbols."""
+        if symbol is not None:
+            owner = self.plan.owner(symbol)
+            if owner is None:
+                raise UnknownSymbolError(symbol)
+            result: list[dict[str, Any]] = await self.engines[owner].history.remote(symbol, limit)
+            return result
+        parts = await asyncio.gather(
+            *(engine.history.remote(None, limit) for engine in self.engines)
+        )
+        merged = [item for part in parts for item in part]
+        merged.sort(key=lambda item: item["bar_open_time_ms"], reverse=True)
+        return merged[:limit]
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0})
@@ -208,10 +263,15 @@ class SignalIngress:
     """
 
     def __init__(
-        self, engine: DeploymentHandle, predictor: DeploymentHandle, config: dict[str, Any]
+        self,
+        engines: list[DeploymentHandle],
+        predictor: DeploymentHandle,
+        config: dict[str, Any],
     ) -> None:
         self.config = ServeConfig.model_validate(config)
-        self.backend = HandleBackend(engine, predictor, self.config.snapshot_poll_s)
+        self.backend = HandleBackend(
+            engines, predictor, self.config.snapshot_poll_s, ShardPlan.of(self.config)
+        )
         self.apps = make_apps(self.backend, self.config)
         context = serve.get_replica_context()
         self.operator = OperatorServer(
@@ -237,10 +297,27 @@ class SignalIngress:
             operator.stop()
 
 
+def engine_deployment_name(shard: int, shards: int) -> str:
+    """The Serve deployment of engine shard `shard` of `shards`: `SignalEngine` when there is
+    one, else `SignalEngine-<shard>` (a shard's name is its identity across restarts)."""
+    return ENGINE_DEPLOYMENT if shards == 1 else f"{ENGINE_DEPLOYMENT}-{shard}"
+
+
 def build_app(config: ServeConfig) -> Any:
-    """The bound Serve application (engine + predictor + ingress) for `serve.run`."""
+    """The bound Serve application (engine shards + predictor + ingress) for `serve.run`.
+
+    Each engine shard is a deployment of one replica bound with its share of the feed's symbols
+    (`serve.engine.shards`): Serve's replicas of one deployment are interchangeable, so a shard
+    that owns particular symbols is a deployment of its own."""
     data = config.model_dump(mode="json")
-    engine = SignalEngineDeployment.bind(data)  # type: ignore[attr-defined]
+    plan = ShardPlan.of(config)
+    engines = [
+        SignalEngineDeployment.options(  # type: ignore[attr-defined]
+            name=engine_deployment_name(shard, plan.count),
+            ray_actor_options={"num_cpus": config.engine.cpus_per_shard},
+        ).bind(plan.shard_config(config, shard).model_dump(mode="json"))
+        for shard in range(plan.count)
+    ]
     predictor = PredictDeployment.options(  # type: ignore[attr-defined]
         num_replicas=config.predict.replicas,
         max_ongoing_requests=config.predict.max_ongoing_requests,
@@ -249,7 +326,7 @@ def build_app(config: ServeConfig) -> Any:
     ingress = SignalIngress.options(  # type: ignore[attr-defined]
         num_replicas=config.ingress_replicas, max_ongoing_requests=config.max_ongoing_requests
     )
-    return ingress.bind(engine, predictor, data)
+    return ingress.bind(engines, predictor, data)
 
 
 def app_builder(args: dict[str, str]) -> Any:

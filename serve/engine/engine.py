@@ -75,10 +75,12 @@ class SignalEngine:
         self.model = ProductionModel(config, clock)
         self.gold = GoldStore(config.gold.url)
         self.signals: dict[str, Signal] = {}
-        self.signal_counts: Counter[tuple[str, str]] = Counter(self.gold.counts_by_signal())
+        self.signal_counts: Counter[tuple[str, str]] = Counter(
+            self.gold.counts_by_signal(self.feed.symbols)
+        )
         self.confidence_counts = [0] * len(CONFIDENCE_BUCKETS)
         self.confidence_sum = 0.0
-        self.outcomes: tuple[OutcomeSummary, ...] = self.gold.outcome_summary()
+        self.outcomes: tuple[OutcomeSummary, ...] = self.gold.outcome_summary(self.feed.symbols)
         self.sequence = 0
         # The incremental feature state of the feed's symbols, with the serving model's window
         # (None before a model is served), and the open time (epoch ms) and close of the
@@ -128,7 +130,7 @@ class SignalEngine:
                 self._take_new_bars(ticked, new_bars)
                 self._update_signals(ticked)
                 self._fill_outcomes(ticked)
-                self.outcomes = self.gold.outcome_summary()
+                self.outcomes = self.gold.outcome_summary(self.feed.symbols)
             self.sequence += 1
         return new_bars
 
@@ -296,9 +298,11 @@ class SignalEngine:
         return self.model.predict(symbol, bars)
 
     def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        """Served signals of `symbol`, or of every symbol this engine serves when None (only its
+        own: engine shards may share one Gold store), newest first (`GoldStore.history`)."""
         if symbol is not None and symbol not in self.feed.symbols:
             raise UnknownSymbolError(symbol)
-        return self.gold.history(symbol, limit)
+        return self.gold.history(symbol, limit, among=self.feed.symbols)
 
     def close(self) -> None:
         self.gold.close()

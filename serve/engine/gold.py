@@ -427,8 +427,11 @@ class GoldStore:
         # The row locks (PostgreSQL) or the write lock (SQLite) guarantee every update applied.
         return len(params)
 
-    def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
-        """Served signals, newest decision bar first, at most ``limit`` (all symbols if None).
+    def history(
+        self, symbol: str | None, limit: int, *, among: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Served signals, newest decision bar first, at most ``limit``: of ``symbol``, or when
+        it is None of every symbol in ``among`` (an engine shard's), or of all symbols.
 
         Every model's record of a bar is listed, the latest stored first. JSON-ready dicts: the
         record's fields, ``as_of`` (the decision bar's open time as ISO-8601 UTC, next to
@@ -441,12 +444,15 @@ class GoldStore:
         stmt = select(GOLD_SIGNALS).order_by(t.bar_open_time_ms.desc(), t.id.desc()).limit(limit)
         if symbol is not None:
             stmt = stmt.where(t.symbol == symbol)
+        elif among is not None:
+            stmt = stmt.where(t.symbol.in_(list(among)))
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).mappings().all()
         return [_history_item(row) for row in rows]
 
-    def outcome_summary(self) -> tuple[OutcomeSummary, ...]:
-        """The realised outcomes of each symbol's served signals, in symbol order.
+    def outcome_summary(self, symbols: Sequence[str] | None = None) -> tuple[OutcomeSummary, ...]:
+        """The realised outcomes of each symbol's served signals (of `symbols` only, when given:
+        an engine shard's), in symbol order.
 
         One signal per (symbol, bar): its accounted record. ``pnl_bps`` is in basis points.
         """
@@ -466,6 +472,8 @@ class GoldStore:
             .group_by(t.symbol)
             .order_by(t.symbol)
         )
+        if symbols is not None:
+            stmt = stmt.where(t.symbol.in_(list(symbols)))
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).all()
         summary = []
@@ -484,13 +492,15 @@ class GoldStore:
             )
         return tuple(summary)
 
-    def counts_by_signal(self) -> dict[tuple[str, str], int]:
+    def counts_by_signal(self, symbols: Sequence[str] | None = None) -> dict[tuple[str, str], int]:
         """(symbol, signal) -> number of served signals, one per (symbol, bar) (its accounted
-        record), to restore counters after a restart."""
+        record), to restore counters after a restart; of `symbols` only, when given."""
         t = GOLD_SIGNALS.c
         stmt = (
             select(t.symbol, t.signal, func.count()).where(t.accounted).group_by(t.symbol, t.signal)
         )
+        if symbols is not None:
+            stmt = stmt.where(t.symbol.in_(list(symbols)))
         with self._engine.connect() as conn:
             return {(symbol, signal): int(n) for symbol, signal, n in conn.execute(stmt)}
 

@@ -12,6 +12,8 @@ without loading the model or feature code.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
@@ -217,3 +219,83 @@ class EngineSnapshot:
                 "NEUTRAL", 0.0, f"stale features: no new bar for {staleness:.0f} s"
             )
         return state.signal
+
+
+def unavailable_symbols(symbols: Sequence[str], reason: str) -> tuple[SymbolState, ...]:
+    """States for symbols whose engine shard has not reported a snapshot: no signal yet
+    (`/signal` answers 503 not_ready), never fresh (infinite staleness), `reason` as the error."""
+    return tuple(SymbolState(symbol, math.inf, None, reason) for symbol in symbols)
+
+
+def merge_snapshots(
+    parts: Sequence[EngineSnapshot],
+    *,
+    symbol_order: Sequence[str] = (),
+    unavailable: Sequence[SymbolState] = (),
+) -> EngineSnapshot:
+    """One snapshot of several engine shards, each owning its own symbols.
+
+    The merged snapshot is taken at the newest part's `taken_at`; every symbol's staleness is
+    restated to that instant (a part taken 3 s earlier adds 3 s to its symbols' staleness), so a
+    shard that stopped reporting turns only its own symbols stale. The serving model is the most
+    recently loaded one across parts (during a promotion shards swap within a registry poll of
+    each other; each signal names the version that computed it), and None, with the first load
+    error, while any part has none. `reloads` is the largest part's; `sequence` the sum of the
+    parts' (it grows whenever any shard advances); counts, histograms and outcomes are summed or
+    concatenated (shards own disjoint symbols). Symbols, counts and outcomes follow
+    `symbol_order`, then the rest by name. `unavailable` adds the states of symbols whose shard
+    has reported nothing. Raises ValueError without parts.
+    """
+    if not parts:
+        raise ValueError("merging needs at least one snapshot")
+    if len(parts) == 1 and not unavailable and not symbol_order:
+        return parts[0]
+    taken_at = max(part.taken_at for part in parts)
+    rank = {symbol: index for index, symbol in enumerate(symbol_order)}
+
+    def order(symbol: str) -> tuple[int, str]:
+        return rank.get(symbol, len(rank)), symbol
+
+    states = [
+        replace(state, staleness_s=state.staleness_s + (taken_at - part.taken_at))
+        for part in parts
+        for state in part.symbols
+    ]
+    states.extend(unavailable)
+    models = [part.model for part in parts]
+    model = (
+        None
+        if any(m is None for m in models)
+        else max((m for m in models if m is not None), key=lambda m: m.loaded_at_ms)
+    )
+    load_errors = [part.load_error for part in parts if part.load_error is not None]
+    buckets = parts[0].confidence.buckets
+    if any(part.confidence.buckets != buckets for part in parts):
+        raise ValueError("snapshots with different confidence buckets cannot be merged")
+    counts = [sum(c) for c in zip(*(part.confidence.counts for part in parts), strict=True)]
+    return EngineSnapshot(
+        sequence=sum(part.sequence for part in parts),
+        taken_at=taken_at,
+        stale_after_s=parts[0].stale_after_s,
+        symbols=tuple(sorted(states, key=lambda s: order(s.symbol))),
+        model=model,
+        load_error=load_errors[0] if load_errors else None,
+        reloads=max(part.reloads for part in parts),
+        signal_counts=tuple(
+            sorted(
+                (count for part in parts for count in part.signal_counts),
+                key=lambda c: (order(c.symbol), c.signal),
+            )
+        ),
+        confidence=ConfidenceHistogram(
+            buckets=buckets,
+            counts=tuple(counts),
+            sum=sum(part.confidence.sum for part in parts),
+        ),
+        outcomes=tuple(
+            sorted(
+                (outcome for part in parts for outcome in part.outcomes),
+                key=lambda o: order(o.symbol),
+            )
+        ),
+    )

@@ -2,10 +2,12 @@
 
 One application is deployed for the module (local Ray, Serve's HTTP proxy on a free loopback
 port): a simulator replay at 4 bars per second, a registry holding an untrained GRU as
-`production`, a SQLite Gold store, HS256 tokens, two ingress replicas each with its operator port
+`production`, a SQLite Gold store shared by two engine shards (one symbol each, so every route
+reads a snapshot merged from both), HS256 tokens, two ingress replicas each with its operator port
 in a free loopback range. Tests call every route and every error of DESIGN.md §5, swap the
-production model under concurrent load, kill an ingress replica under load, and scrape each
-replica's operator `/metrics` with prometheus_client's parser. When Serve shuts down at the end,
+production model under concurrent load (every shard follows), kill an ingress replica and an
+engine shard under load, and scrape each replica's operator `/metrics` with prometheus_client's
+parser. When Serve shuts down at the end,
 the operator ports must close and the target files go (checked in the fixture's teardown).
 """
 
@@ -33,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from configs.schema import (
     AuthConfig,
+    EngineShardsConfig,
     FeedConfig,
     GoldConfig,
     JwtConfig,
@@ -46,6 +49,7 @@ from market.sim_silver import simulated_bars
 from models.registry import ModelRegistry
 from serve.api.clients import ClientStore
 from serve.api.metrics import METRIC_NAMES
+from serve.engine.shards import ShardPlan
 from serve.operator import read_targets
 from tests.serve_support import MODEL_NAME, free_range, register_model
 
@@ -110,12 +114,13 @@ def bearer(value: str) -> dict[str, str]:
 
 class Service:
     def __init__(
-        self, url: str, registry: Path, secrets: dict[str, str], operator: OperatorConfig
+        self, url: str, registry: Path, secrets: dict[str, str], config: ServeConfig
     ) -> None:
         self.url = url
         self.registry = registry
         self.secrets = secrets
-        self.operator = operator
+        self.operator = config.operator
+        self.shards = ShardPlan.of(config)
         self.client = httpx.Client(base_url=url, timeout=30.0)
 
     def operator_targets(self) -> list[str]:
@@ -167,6 +172,7 @@ def serve_config(tmp: Path, port: int, **feed: Any) -> ServeConfig:
         # One prediction at a time and one more queued per ingress replica: a flood of /predict
         # is mostly refused with 503 busy (test_predict_flood_leaves_signal_fresh).
         predict=PredictConfig(replicas=1, max_ongoing_requests=1, max_queued_requests=1),
+        engine=EngineShardsConfig(shards=2),
         operator=OperatorConfig(
             port=free_range(4), ports_per_node=4, targets_dir=str(tmp / "prometheus-targets")
         ),
@@ -203,7 +209,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     operator_ports = range(config.operator.port, config.operator.port + 4)
     try:
         deployed = deploy(config, address=None)
-        svc = Service(f"http://127.0.0.1:{port}", tmp / "registry", secrets, config.operator)
+        svc = Service(f"http://127.0.0.1:{port}", tmp / "registry", secrets, config)
         assert len(deployed["metrics"]) == 2, deployed
         svc.wait_for(lambda: _ok(svc, "/readyz"), timeout_s=180, what="the service to become ready")
         yield svc
@@ -719,14 +725,18 @@ def test_hot_swap_under_load_fails_no_request(service: Service) -> None:
     assert current == new_version and before in versions | {before}
     # Each ingress replica polls its own snapshot, and a signal keeps the version that computed
     # it until the next bar: the next replica asked may still show the old one for a moment.
-    service.wait_for(
-        lambda: (
-            service.get("/signal?symbol=SIMAAA", headers=bearer(token())).json()["model_version"]
-            == new_version
-        ),
-        timeout_s=30,
-        what="a signal of the new version",
-    )
+    # Every symbol moves: each is owned by another engine shard, each following the alias.
+    for symbol in SYMBOLS:
+        service.wait_for(
+            lambda symbol=symbol: (
+                service.get(f"/signal?symbol={symbol}", headers=bearer(token())).json()[
+                    "model_version"
+                ]
+                == new_version
+            ),
+            timeout_s=30,
+            what=f"a signal of the new version for {symbol}",
+        )
     # The /predict deployment follows the alias on its own, with its own copy of the model.
     predict_version = predicted_version(service)
     service.wait_for(
@@ -783,6 +793,60 @@ def test_killed_ingress_replica_is_restarted(service: Service) -> None:
     service.wait_for(
         lambda: _all_scrapeable(service), timeout_s=60, what="two scrapeable operator endpoints"
     )
+
+
+def engine_replicas() -> dict[str, Any]:
+    """The live engine shard replicas' actors by deployment name (`SignalEngine-<shard>`)."""
+    import ray
+
+    return {
+        actor["name"].split("#")[1]: ray.get_actor(actor["name"], namespace=actor["namespace"])
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if "#SignalEngine-" in actor["name"]
+    }
+
+
+def test_each_engine_shard_owns_only_its_symbols(service: Service) -> None:
+    from ray import serve
+
+    from serve.deploy import APP_NAME
+
+    assert service.shards.count == 2 and sorted(engine_replicas()) == [
+        "SignalEngine-0",
+        "SignalEngine-1",
+    ]
+    for shard, owned in enumerate(service.shards.symbols):
+        handle = serve.get_deployment_handle(f"SignalEngine-{shard}", app_name=APP_NAME)
+        snapshot = handle.snapshot.remote().result(timeout_s=30)
+        assert snapshot.symbol_names == owned
+        assert {count.symbol for count in snapshot.signal_counts} <= set(owned)
+    # The ingress merges them: /models/current lists every symbol, history spans both shards.
+    current = service.get("/models/current", headers=bearer(token())).json()
+    assert sorted(current["symbols"]) == sorted(SYMBOLS)
+    history = service.get("/signals/history?limit=1000", headers=bearer(token())).json()
+    assert {item["symbol"] for item in history["signals"]} == set(SYMBOLS)
+
+
+def test_a_killed_engine_shard_leaves_the_other_shards_symbols_served(service: Service) -> None:
+    import ray
+
+    (victim_symbol,), (survivor,) = service.shards.symbols
+    victim = engine_replicas()["SignalEngine-0"]
+    ray.kill(victim, no_restart=False)
+    # While shard 0 restarts (its feed, state and model rebuilt), shard 1's symbol keeps a fresh
+    # signal: the merged snapshot ages only the silent shard's symbols.
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        answer = service.get(f"/signal?symbol={survivor}", headers=bearer(token()))
+        assert answer.status_code == 200, answer.text
+        assert "stale" not in (answer.json()["reason"] or ""), answer.json()
+        time.sleep(0.2)
+    service.wait_for(
+        lambda: len(engine_replicas()) == 2, timeout_s=90, what="Serve to restart the shard"
+    )
+    service.wait_for(lambda: _ok(service, "/readyz"), timeout_s=90, what="readiness")
+    answer = service.get(f"/signal?symbol={victim_symbol}", headers=bearer(token()))
+    assert answer.status_code == 200, answer.text
 
 
 def _all_scrapeable(service: Service) -> bool:

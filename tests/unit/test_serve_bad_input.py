@@ -26,6 +26,7 @@ from serve.api.operator import make_operator_api
 from serve.api.routes import make_api
 from serve.app import HandleBackend
 from serve.engine.engine import SignalEngine
+from serve.engine.shards import ShardPlan
 from serve.engine.snapshot import (
     NO_MODEL_DETAIL,
     EngineSnapshot,
@@ -210,7 +211,8 @@ def run(coro: Any) -> Any:
 def predicting_backend(error: Exception) -> HandleBackend:
     """A HandleBackend whose predictor raises `error` (its engine is never called)."""
     engine = FakeHandle(AssertionError("the engine must not predict"))
-    return HandleBackend(engine, FakeHandle(error), poll_s=1.0)  # type: ignore[arg-type]
+    plan = ShardPlan.of(ServeConfig())
+    return HandleBackend([engine], FakeHandle(error), 1.0, plan)  # type: ignore[list-item,arg-type]
 
 
 @pytest.mark.parametrize(
