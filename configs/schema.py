@@ -645,6 +645,12 @@ class EngineShardsConfig(StrictModel):
         default=None, ge=1, description="symbols one shard owns at most"
     )
     cpus_per_shard: float = Field(default=0.0, ge=0, description="Ray CPUs reserved per shard")
+    tick_interval_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="seconds a shard waits between the end of one feed poll and the next: a new "
+        "bar waits at most this (plus the tick) before its signal is computed",
+    )
 
     @model_validator(mode="after")
     def _one_sizing(self) -> EngineShardsConfig:

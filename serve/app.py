@@ -58,8 +58,6 @@ log = logging.getLogger(__name__)
 ENGINE_DEPLOYMENT = "SignalEngine"
 PREDICT_DEPLOYMENT = "Predict"
 INGRESS_DEPLOYMENT = "SignalIngress"
-# How often the engine deployment polls its feed (seconds): new bars are picked up within this.
-ENGINE_TICK_S = 0.5
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -89,7 +87,7 @@ class SignalEngineDeployment:
                 await asyncio.to_thread(self.engine.tick)
             except Exception:  # the loop must outlive any one bad tick; the next one retries
                 log.exception("engine tick failed")
-            await asyncio.sleep(ENGINE_TICK_S)
+            await asyncio.sleep(self.config.engine.tick_interval_s)
 
     async def snapshot(self) -> EngineSnapshot:
         self._ensure_loop()

@@ -71,5 +71,5 @@ class ShardPlan:
         itself one shard (validated, as the shard's deployment will read it)."""
         data = config.model_dump(mode="json")
         data["feed"]["symbols"] = list(self.symbols[shard])
-        data["engine"] = {"cpus_per_shard": config.engine.cpus_per_shard}
+        data["engine"] = {**data["engine"], "shards": None, "symbols_per_shard": None}
         return ServeConfig.model_validate(data)

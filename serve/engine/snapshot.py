@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Literal, TypeVar
 
 from pydantic import JsonValue
@@ -188,12 +189,19 @@ class EngineSnapshot:
     def symbol_names(self) -> tuple[str, ...]:
         return tuple(state.symbol for state in self.symbols)
 
+    @cached_property
+    def _by_symbol(self) -> dict[str, SymbolState]:
+        # Built on first use in each process (a cached_property writes the instance's __dict__,
+        # which a frozen dataclass allows): `/signal` and `/readyz` look symbols up by name in
+        # snapshots of thousands of symbols.
+        return {state.symbol: state for state in self.symbols}
+
     def state(self, symbol: str) -> SymbolState:
         """`symbol`'s state; UnknownSymbolError when the feed does not serve it."""
-        for state in self.symbols:
-            if state.symbol == symbol:
-                return state
-        raise UnknownSymbolError(symbol)
+        try:
+            return self._by_symbol[symbol]
+        except KeyError:
+            raise UnknownSymbolError(symbol) from None
 
     def staleness(self, symbol: str, now: float) -> tuple[float, bool]:
         """Seconds since `symbol`'s newest bar as of `now` (epoch seconds) and whether that is
