@@ -47,6 +47,7 @@ from serve.engine.snapshot import (
     NoModelError,
     PredictBusyError,
     Signal,
+    SnapshotUnchanged,
     UnknownSymbolError,
     merge_snapshots,
     unavailable_symbols,
@@ -89,9 +90,16 @@ class SignalEngineDeployment:
                 log.exception("engine tick failed")
             await asyncio.sleep(self.config.engine.tick_interval_s)
 
-    async def snapshot(self) -> EngineSnapshot:
+    async def snapshot(
+        self, held_sequence: int | None = None
+    ) -> EngineSnapshot | SnapshotUnchanged:
+        """The engine's snapshot, or SnapshotUnchanged when the caller's (`held_sequence`) is
+        still current: thousands of symbols' states cross the handle only when they changed."""
         self._ensure_loop()
-        return self.engine.snapshot()
+        snapshot = self.engine.snapshot()
+        if held_sequence is not None and snapshot.sequence == held_sequence:
+            return SnapshotUnchanged(self.engine.clock())
+        return snapshot
 
     def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         return self.engine.history(symbol, limit)
@@ -193,11 +201,18 @@ class HandleBackend:
         )
 
     async def _fetch(self, shard: int) -> None:
+        held = self._parts[shard]
         try:
-            self._parts[shard] = await self.engines[shard].snapshot.remote()
+            answer = await self.engines[shard].snapshot.remote(held.sequence if held else None)
         except Exception as error:  # the shard restarts: keep its last snapshot meanwhile
             log.warning("engine shard %d snapshot failed: %s", shard, error)
             return
+        if isinstance(answer, SnapshotUnchanged):
+            if held is None:
+                return
+            # Confirmed current: its age restarts from the engine's check.
+            answer = held.restated(max(answer.checked_at, held.taken_at))
+        self._parts[shard] = answer
         self._merge()
 
     async def _refresh(self, shard: int) -> None:

@@ -106,8 +106,11 @@ class SnapshotCollector(Collector):
             "seconds since the newest bar of the symbol arrived (replays) or closed (live)",
             labels=["symbol"],
         )
+        now = self._clock()
         for state in snap.symbols:
-            staleness.add_metric([state.symbol], state.staleness_s)
+            # As of the scrape: the snapshot's own age counts (a snapshot is rebuilt only when
+            # the engine's state changes).
+            staleness.add_metric([state.symbol], snap.staleness(state.symbol, now)[0])
         yield staleness
 
         hit = GaugeMetricFamily(

@@ -81,7 +81,13 @@ class SignalEngine:
         self.confidence_counts = [0] * len(CONFIDENCE_BUCKETS)
         self.confidence_sum = 0.0
         self.outcomes: tuple[OutcomeSummary, ...] = self.gold.outcome_summary(self.feed.symbols)
+        # Rounds that changed bars, signals or the model; a snapshot is rebuilt only when this,
+        # the load error, the reload count or a feed error changed since the last one built.
         self.sequence = 0
+        self._snapshot_cache: tuple[tuple[object, ...], EngineSnapshot] | None = None
+        # The built snapshots' own serial numbers start at the engine's start time in
+        # microseconds, so that a restarted engine never repeats one of its predecessor's.
+        self._snapshot_serial = time.time_ns() // 1000
         # The incremental feature state of the feed's symbols, with the serving model's window
         # (None before a model is served), and the open time (epoch ms) and close of the
         # newest bar each symbol has taken, by the state's symbol index.
@@ -131,7 +137,7 @@ class SignalEngine:
                 self._update_signals(ticked)
                 self._fill_outcomes(ticked)
                 self.outcomes = self.gold.outcome_summary(self.feed.symbols)
-            self.sequence += 1
+                self.sequence += 1
         return new_bars
 
     def _rebuild_features(self, window_bars: int) -> None:
@@ -262,11 +268,26 @@ class SignalEngine:
         return self.snapshot().signal(symbol, self.clock())
 
     def snapshot(self) -> EngineSnapshot:
-        """Everything the ingress serves from memory, frozen (it crosses a Serve handle)."""
+        """Everything the ingress serves from memory, frozen (it crosses a Serve handle).
+
+        Built anew only when something in it changed since the last one (new bars, a model
+        swap or load error, a feed error); otherwise that one is returned as it is: its
+        staleness figures, read with its `taken_at`, are still exact. Each snapshot built has a
+        new `sequence`, so a reader holding one can ask whether it is still current."""
+        with self._lock:
+            key = (self.sequence, self.load_error, self.reloads, self.feed.errors())
+            if self._snapshot_cache is not None and self._snapshot_cache[0] == key:
+                return self._snapshot_cache[1]
+            self._snapshot_serial += 1
+            snapshot = self._build_snapshot(self._snapshot_serial)
+            self._snapshot_cache = (key, snapshot)
+            return snapshot
+
+    def _build_snapshot(self, sequence: int) -> EngineSnapshot:
         with self._lock:
             serving = self.serving
             return EngineSnapshot(
-                sequence=self.sequence,
+                sequence=sequence,
                 taken_at=self.clock(),
                 stale_after_s=self.feed.config.stale_after_s,
                 symbols=tuple(

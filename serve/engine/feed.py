@@ -366,6 +366,11 @@ class BarFeed:
         with self._lock:
             return self._state(symbol).last_error
 
+    def errors(self) -> tuple[str | None, ...]:
+        """Every symbol's `last_error`, in `symbols` order, read under one lock."""
+        with self._lock:
+            return tuple(state.last_error for state in self._states.values())
+
     def rejected(self, symbol: str | None = None) -> dict[str, int]:
         """Rows dropped so far per market.validation reason, for `symbol` or all symbols."""
         with self._lock:

@@ -30,6 +30,14 @@ T = TypeVar("T")
 SignalName = Literal["BUY", "SELL", "NEUTRAL"]
 
 
+@dataclass(frozen=True)
+class SnapshotUnchanged:
+    """The engine's answer to a reader whose snapshot is still current: nothing changed since,
+    as checked at `checked_at` (epoch seconds, engine clock)."""
+
+    checked_at: float
+
+
 class UnknownSymbolError(KeyError):
     """A symbol the feed does not serve."""
 
@@ -171,7 +179,8 @@ class EngineSnapshot:
     """Everything the API serves from memory, taken at `taken_at` (epoch seconds, engine clock).
 
     `stale_after_s`: seconds without a new bar after which a symbol's features are stale.
-    `sequence` grows with every engine round; `reloads` counts production models loaded.
+    `sequence` identifies the engine state it was built from (a new one for every change);
+    `reloads` counts production models loaded.
     """
 
     sequence: int
@@ -202,6 +211,21 @@ class EngineSnapshot:
             return self._by_symbol[symbol]
         except KeyError:
             raise UnknownSymbolError(symbol) from None
+
+    def restated(self, taken_at: float) -> EngineSnapshot:
+        """The same state as known at `taken_at` (epoch seconds, not before this `taken_at`):
+        every symbol's staleness grown by the time between."""
+        if taken_at == self.taken_at:
+            return self
+        grown = taken_at - self.taken_at
+        return replace(
+            self,
+            taken_at=taken_at,
+            symbols=tuple(
+                SymbolState(s.symbol, s.staleness_s + grown, s.signal, s.feed_error)
+                for s in self.symbols
+            ),
+        )
 
     def staleness(self, symbol: str, now: float) -> tuple[float, bool]:
         """Seconds since `symbol`'s newest bar as of `now` (epoch seconds) and whether that is
@@ -264,11 +288,7 @@ def merge_snapshots(
     def order(symbol: str) -> tuple[int, str]:
         return rank.get(symbol, len(rank)), symbol
 
-    states = [
-        replace(state, staleness_s=state.staleness_s + (taken_at - part.taken_at))
-        for part in parts
-        for state in part.symbols
-    ]
+    states = [state for part in parts for state in part.restated(taken_at).symbols]
     states.extend(unavailable)
     models = [part.model for part in parts]
     model = (

@@ -1,8 +1,10 @@
 """Engine shards without Ray: the symbol partition, the shard sizing in the config, the merge of
-the shards' snapshots the ingress serves from, and the per-shard Gold reads."""
+the shards' snapshots the ingress serves from, the per-shard Gold reads, and the snapshot
+protocol between a shard and the ingress (rebuilt and sent only when it changed)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,6 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from configs.schema import EngineShardsConfig, FeedConfig, ServeConfig
+from serve.app import HandleBackend
+from serve.engine.engine import SignalEngine
 from serve.engine.gold import GoldStore
 from serve.engine.shards import ShardPlan, partition
 from serve.engine.snapshot import (
@@ -20,11 +24,14 @@ from serve.engine.snapshot import (
     OutcomeSummary,
     SignalCount,
     SignalPendingError,
+    SnapshotUnchanged,
     SymbolState,
     merge_snapshots,
     unavailable_symbols,
 )
+from tests.serve_support import register_model
 from tests.unit.test_gold_store import MINUTE, T0, rec
+from tests.unit.test_serve_engine import FakeClock, config_for
 from tests.unit.test_serve_snapshot import MODEL, SIGNAL, TAKEN_AT
 
 SYMBOLS = [f"SIM{i:04d}" for i in range(1000)]
@@ -190,3 +197,64 @@ def test_gold_reads_can_be_limited_to_a_shards_symbols(tmp_path: Path) -> None:
     assert {row["symbol"] for row in store.history(None, 10, among=["SIMBBB"])} == {"SIMBBB"}
     assert len(store.history(None, 10)) == 3
     store.close()
+
+
+def test_the_engine_rebuilds_its_snapshot_only_when_its_state_changed(tmp_path: Path) -> None:
+    register_model(tmp_path / "registry", seed=1)
+    clock = FakeClock()
+    engine = SignalEngine(config_for(tmp_path, symbols=["SIMAAA", "SIMBBB"]), clock=clock)
+    engine.refresh_model()
+    engine.tick()
+    first = engine.snapshot()
+    clock.now += 0.4  # no bar due yet (1 bar/s): nothing changes
+    engine.tick()
+    same = engine.snapshot()
+    assert same is first
+    # Read at a later instant, the kept snapshot still gives the exact staleness.
+    assert same.staleness("SIMAAA", clock.now)[0] == pytest.approx(
+        first.state("SIMAAA").staleness_s + 0.4
+    )
+    clock.now += 1.0  # a new bar for every symbol
+    engine.tick()
+    after_bar = engine.snapshot()
+    assert after_bar.sequence > first.sequence and after_bar.taken_at == clock.now
+    assert after_bar.state("SIMAAA").staleness_s < 1.0
+    # A feed error alone is a change too.
+    engine.feed._states["SIMBBB"].last_error = "connection reset"
+    with_error = engine.snapshot()
+    assert with_error.sequence > after_bar.sequence
+    assert with_error.state("SIMBBB").feed_error == "connection reset"
+    # A restarted engine never repeats a sequence its predecessor handed out.
+    restarted = SignalEngine(config_for(tmp_path, symbols=["SIMAAA", "SIMBBB"]), clock=clock)
+    assert restarted.snapshot().sequence > with_error.sequence
+    engine.close()
+    restarted.close()
+
+
+class ScriptedHandle:
+    """A shard's DeploymentHandle whose `snapshot` answers from a script, noting what the
+    backend said it held."""
+
+    def __init__(self, answers: list[EngineSnapshot | SnapshotUnchanged]) -> None:
+        self.answers = answers
+        self.held: list[int | None] = []
+        self.snapshot = self
+
+    async def remote(self, held_sequence: int | None) -> EngineSnapshot | SnapshotUnchanged:
+        self.held.append(held_sequence)
+        return self.answers.pop(0)
+
+
+def test_the_ingress_keeps_a_current_snapshot_and_restates_its_age() -> None:
+    config = ServeConfig(feed=FeedConfig(symbols=["SIMAAA"]))
+    built = part(("SIMAAA",), taken_at=TAKEN_AT, sequence=41)
+    handle = ScriptedHandle([built, SnapshotUnchanged(TAKEN_AT + 5.0)])
+    backend = HandleBackend([handle], handle, 1.0, ShardPlan.of(config))  # type: ignore[list-item,arg-type]
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(backend._fetch(0))
+    loop.run_until_complete(backend._fetch(0))
+    loop.close()
+    assert handle.held == [None, 41]
+    current = backend.snapshot()
+    assert current is not None and current.sequence == 41 and current.taken_at == TAKEN_AT + 5.0
+    assert current.state("SIMAAA").staleness_s == 7.0  # 2 s at build + 5 s since
