@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 ENGINE_DEPLOYMENT = "SignalEngine"
 PREDICT_DEPLOYMENT = "Predict"
 INGRESS_DEPLOYMENT = "SignalIngress"
+# How long the ingress waits for one engine shard's answer (seconds): a shard without a live
+# replica (Serve queues calls until one is up) must not hold up the ingress' start-up, the other
+# shards' snapshots or the all-symbols history.
+ENGINE_CALL_TIMEOUT_S = 10.0
 
 
 @serve.deployment(name=ENGINE_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -203,7 +207,10 @@ class HandleBackend:
     async def _fetch(self, shard: int) -> None:
         held = self._parts[shard]
         try:
-            answer = await self.engines[shard].snapshot.remote(held.sequence if held else None)
+            answer = await asyncio.wait_for(
+                self.engines[shard].snapshot.remote(held.sequence if held else None),
+                ENGINE_CALL_TIMEOUT_S,
+            )
         except Exception as error:  # the shard restarts: keep its last snapshot meanwhile
             log.warning("engine shard %d snapshot failed: %s", shard, error)
             return
@@ -249,19 +256,36 @@ class HandleBackend:
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         """Served signals, newest first: from the owner shard of `symbol`, or when it is None
-        the newest `limit` across every shard's own symbols."""
+        the newest `limit` across every shard's own symbols (by decision bar, then by when
+        served). A shard that fails or does not answer within `ENGINE_CALL_TIMEOUT_S` is left
+        out of the latter (logged): its symbols are missing, the others' are listed; only when
+        every shard fails is its error raised."""
         if symbol is not None:
             owner = self.plan.owner(symbol)
             if owner is None:
                 raise UnknownSymbolError(symbol)
-            result: list[dict[str, Any]] = await self.engines[owner].history.remote(symbol, limit)
-            return result
-        parts = await asyncio.gather(
-            *(engine.history.remote(None, limit) for engine in self.engines)
+            return await self._history(owner, symbol, limit)
+        answers = await asyncio.gather(
+            *(self._history(shard, None, limit) for shard in range(len(self.engines))),
+            return_exceptions=True,
         )
+        parts = [answer for answer in answers if not isinstance(answer, BaseException)]
+        if not parts:
+            error = answers[0]
+            assert isinstance(error, BaseException)
+            raise error
+        for shard, answer in enumerate(answers):
+            if isinstance(answer, BaseException):
+                log.warning("engine shard %d history failed: %r", shard, answer)
         merged = [item for part in parts for item in part]
-        merged.sort(key=lambda item: item["bar_open_time_ms"], reverse=True)
+        merged.sort(key=lambda item: (item["bar_open_time_ms"], item["served_at_ms"]), reverse=True)
         return merged[:limit]
+
+    async def _history(self, shard: int, symbol: str | None, limit: int) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = await asyncio.wait_for(
+            self.engines[shard].history.remote(symbol, limit), ENGINE_CALL_TIMEOUT_S
+        )
+        return result
 
 
 @serve.deployment(name=INGRESS_DEPLOYMENT, ray_actor_options={"num_cpus": 0})

@@ -258,3 +258,39 @@ def test_the_ingress_keeps_a_current_snapshot_and_restates_its_age() -> None:
     current = backend.snapshot()
     assert current is not None and current.sequence == 41 and current.taken_at == TAKEN_AT + 5.0
     assert current.state("SIMAAA").staleness_s == 7.0  # 2 s at build + 5 s since
+
+
+class HistoryHandle:
+    """A shard's DeploymentHandle whose `history` answers `rows`, or raises when down."""
+
+    def __init__(self, rows: list[dict[str, object]] | None) -> None:
+        self.rows = rows
+        self.asked: list[str | None] = []
+        self.history = self
+
+    async def remote(self, symbol: str | None, limit: int) -> list[dict[str, object]]:
+        self.asked.append(symbol)
+        if self.rows is None:
+            raise ConnectionError("replica down")
+        return self.rows[:limit]
+
+
+def test_history_of_every_symbol_leaves_out_a_failing_shard() -> None:
+    config = ServeConfig(
+        feed=FeedConfig(symbols=["SIMAAA", "SIMBBB"]), engine=EngineShardsConfig(shards=2)
+    )
+    plan = ShardPlan.of(config)
+    row = {"symbol": plan.symbols[0][0], "bar_open_time_ms": 1, "served_at_ms": 2}
+    up, down = HistoryHandle([row]), HistoryHandle(None)
+    backend = HandleBackend([up, down], up, 1.0, plan)  # type: ignore[list-item,arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(backend.history(None, 10)) == [row]
+        with pytest.raises(ConnectionError):
+            loop.run_until_complete(backend.history(plan.symbols[1][0], 10))
+        backend.engines = (down, down)
+        with pytest.raises(ConnectionError):  # every shard down: an error, not an empty list
+            loop.run_until_complete(backend.history(None, 10))
+    finally:
+        loop.close()
+    assert up.asked == [None]
