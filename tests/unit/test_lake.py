@@ -8,7 +8,6 @@ import pytest
 
 from market.bronze import BronzeStore
 from market.lake import GOLD_SQLITE_FILE, SILVER_STATE_FILE, Lake
-from market.silver import plan_changes
 from market.storage import StorageError, is_uri
 
 
@@ -50,12 +49,10 @@ def test_is_uri(location: str, expected: bool) -> None:
     assert is_uri(location) is expected
 
 
-def test_bronze_and_silver_refuse_a_uri_lake_without_creating_anything(
+def test_the_local_bronze_store_refuses_a_uri_lake_without_creating_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StorageError, match="is a URI"):
         BronzeStore("s3://bucket/lake")
-    with pytest.raises(StorageError, match="is a URI"):
-        plan_changes("s3://bucket/lake")
     assert list(tmp_path.iterdir()) == []
