@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from configs.schema import ObjectStoreConfig
 from market.features.spec import FEATURE_COLUMNS, HORIZON_BARS
 from market.klines import ONE_MINUTE_MS
 from market.lake import Lake
+from market.silver import silver_files
 
 # Price-level features (SMA, EMA) are not stationary across a year of prices: they are left out
 # of the model inputs, and the MACD family (in price units) is divided by the close.
@@ -144,18 +146,28 @@ def arrays_from_table(table: pa.Table) -> MarketArrays:
     )
 
 
-def load_silver(lake: str, symbols: Sequence[str] | None = None) -> MarketArrays:
+def load_silver(
+    lake: str, symbols: Sequence[str] | None = None, object_store: ObjectStoreConfig | None = None
+) -> MarketArrays:
     """Read Silver (`<lake>/silver`, a path or URI) through Ray Data into MarketArrays.
 
-    Needs a connected Ray. Only the columns the models use are read. Raises FileNotFoundError
-    with a hint when Silver is missing and ValueError when a requested symbol has no rows.
+    On an object store only the files Silver's last commit lists are read (`market.silver.
+    silver_files`); its settings from `object_store` and the environment. Needs a connected Ray.
+    Only the columns the models use are read. Raises FileNotFoundError with a hint when Silver
+    is missing and ValueError when a requested symbol has no rows.
     """
     import ray.data
+    from ray.data.datasource import Partitioning, PartitionStyle
 
     silver = Lake.at(lake).silver_location
     try:
+        where = silver_files(lake, object_store)
         dataset = ray.data.read_parquet(
-            silver, columns=list(SILVER_COLUMNS), file_extensions=["parquet"]
+            where.sources,
+            filesystem=where.filesystem,
+            columns=list(SILVER_COLUMNS),
+            file_extensions=["parquet"],
+            partitioning=Partitioning(PartitionStyle.HIVE, base_dir=where.base_dir),
         )
     except (FileNotFoundError, OSError) as error:
         raise FileNotFoundError(f"no Silver at {silver}: run `python -m jobs.features`") from error
