@@ -130,7 +130,6 @@ def test_lake_zones_written_locally_take_a_file_uri_and_refuse_an_object_store(
 @pytest.mark.parametrize(
     "argv",
     [
-        ("jobs.features", "--lake", "s3://bucket/lake"),
         ("jobs.tune", "--lake", "lake", "--registry", "registry", "--out", "s3://bucket/runs"),
         ("jobs.pipeline", "--lake", "s3://bucket/lake", "--config", str(PIPELINE_CONFIG)),
     ],
@@ -147,4 +146,23 @@ def test_jobs_refuse_an_object_store_where_they_write_local_disk_before_ray_star
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StorageError, match="is a URI"):
         module.main(list(argv[1:]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_features_job_checks_an_object_store_lake_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobs.features
+
+    def no_ray(*_: object) -> None:
+        raise AssertionError("Ray was started before the location was checked")
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(jobs.features, "connect", no_ray)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match=f"cannot reach 's3://bucket/lake' at {endpoint}"):
+        jobs.features.main(["--lake", "s3://bucket/lake"])
     assert list(tmp_path.iterdir()) == []
