@@ -18,7 +18,8 @@ from market.features.polars_engine import compute_features
 from market.features.spec import WARMUP_BARS
 from market.klines import BAR_COLUMNS
 from market.lake import Lake
-from market.storage import is_uri
+from market.silver import open_silver
+from market.storage import is_uri, local_path
 
 WindowEnd = Literal["latest signal", "latest Silver bar"]
 
@@ -43,8 +44,11 @@ CHART_COLUMNS: Final[tuple[str, ...]] = (
 
 
 def _silver_scan(lake: str | Path) -> pl.LazyFrame:
-    """A lazy scan of every Silver Parquet file, with the symbol/month partition columns."""
+    """A lazy scan of every Silver Parquet file, with the symbol/month partition columns. On an
+    object store, the files Silver's last commit lists (`market.silver.open_silver`)."""
     root = Lake.at(lake).silver_location
+    if is_uri(root) and local_path(root) is None:
+        return pl.scan_pyarrow_dataset(open_silver(lake))
     if not is_uri(root) and not Path(root).is_dir():
         raise FileNotFoundError(
             f"no Silver at {root}: run `python -m jobs.features --lake {lake}` first"
@@ -75,6 +79,9 @@ def _utc_open_time(frame: pl.LazyFrame) -> pl.LazyFrame:
 
 def silver_symbols(lake: str | Path) -> list[str]:
     """The symbols that have Silver partitions (`symbol=NAME` directories), sorted."""
+    if local_path(Lake.at(lake).root) is None:
+        symbols = open_silver(lake).to_table(columns=["symbol"])["symbol"].unique()
+        return sorted(symbols.to_pylist())
     root = Path(Lake.at(lake).silver_location)
     if not root.is_dir():
         return []

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,22 @@ def test_the_sweeps_reader_reads_silver_from_the_store(
     assert on_store.symbols == ("SIMB",) and on_store.bars > 2 * 1400
     assert np.array_equal(on_store.open_time_ms, local.open_time_ms)
     assert np.array_equal(on_store.inputs, local.inputs, equal_nan=True)
+
+
+def test_the_dashboards_reader_reads_silver_from_the_store(
+    lakes: dict[str, Any], object_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from serve.dashboard.silver import latest_silver_time, load_silver_window, silver_symbols
+
+    for name, value in object_store.environment.items():
+        monkeypatch.setenv(name, value)
+    remote, local = lakes["remote"], lakes["local"]
+    assert silver_symbols(remote) == silver_symbols(local) == SYMBOLS
+    end = latest_silver_time(remote, "SIMA")
+    assert end is not None and end == latest_silver_time(local, "SIMA")
+    start = end - timedelta(hours=6)
+    window = load_silver_window(remote, "SIMA", start, end)
+    assert window.height > 300 and window.equals(load_silver_window(local, "SIMA", start, end))
 
 
 FEATURES = (sys.executable, "-m", "jobs.features")
