@@ -4,6 +4,8 @@
 <lake>/bronze/source=S/symbol=X/date=D/part-*.jsonl     raw payloads (market.bronze)
 <lake>/silver/symbol=X/month=M/*.parquet                 validated bars + features + targets
 <lake>/silver/_state.json                                which Bronze parts built each symbol
+                                                         (on an object store also the committed
+                                                         files: market.silver_manifest)
 <lake>/quarantine/symbol=X/*.parquet                     rejected rows with their reason
 <lake>/gold/signals.sqlite                               served signals (default Gold store)
 ```
