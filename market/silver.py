@@ -120,7 +120,7 @@ def plan_changes(
             plan[symbol] = None
         elif new:
             first_new_ms = min(p.first_ms for p in new)
-            plan[symbol] = _month_of_ms(first_new_ms - spec.HORIZON_BARS * ONE_MINUTE_MS)
+            plan[symbol] = _month_of_ms(first_new_ms - spec.MAX_HORIZON_BARS * ONE_MINUTE_MS)
         else:
             unchanged.append(symbol)
     return plan, unchanged, keys

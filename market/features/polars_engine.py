@@ -330,8 +330,8 @@ def _masked(name: str, values: np.ndarray, validity: tuple[pa.Buffer, int]) -> p
 def compute_features(bars: pl.DataFrame, interval_ms: int = ONE_MINUTE_MS) -> pl.DataFrame:
     """Every spec feature and target for `bars` (see module docstring for the shape).
 
-    Windows count bars; the target is HORIZON_BARS bars ahead within the segment. Feature
-    values are null in the first WARMUP_BARS rows of each segment.
+    Windows count bars; each target is its horizon (spec.TARGET_HORIZONS_BARS) bars ahead
+    within the segment. Feature values are null in the first WARMUP_BARS rows of each segment.
     """
     frame = _segmented(bars, interval_ms)
     n = frame.height
@@ -343,25 +343,32 @@ def compute_features(bars: pl.DataFrame, interval_ms: int = ONE_MINUTE_MS) -> pl
     warm = _null_where_not(position >= spec.WARMUP_BARS)
     # One allocation for every float output: the kernel backs it with huge pages, where 35
     # separate arrays are each paged in 4 KiB at a time (measured: 20x the page faults).
-    names = (*spec.FEATURE_COLUMNS, "target_close_10", "target_ret_10")
+    horizons = spec.TARGET_HORIZONS_BARS
+    names = (
+        *spec.FEATURE_COLUMNS,
+        *(spec.target_close_column(h) for h in horizons),
+        *(spec.target_ret_column(h) for h in horizons),
+    )
     store = dict(zip(names, np.empty((len(names), n)), strict=True))
     _fill_features(frame, np.append(run_starts, n), store)
     columns = [_masked(name, store[name], warm) for name in spec.FEATURE_COLUMNS]
 
-    # Within a segment bars are consecutive, so the bar h rows ahead in the same segment is
-    # exactly h intervals later; a bar with no such row has no target.
-    h = spec.HORIZON_BARS
-    has_target = _null_where_not(position + h < np.repeat(lengths, lengths))
     close = frame["close"].cast(pl.Float64).to_numpy()
-    future_close, target_ret = store["target_close_10"], store["target_ret_10"]
-    future_close[: max(n - h, 0)] = close[h:]
-    future_close[max(n - h, 0) :] = np.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(future_close, close, out=target_ret)
-        np.log(target_ret, out=target_ret)
-    columns += [
-        _masked("target_close_10", future_close, has_target),
-        _masked("target_ret_10", target_ret, has_target),
-        _masked("target_up_10", (future_close > close).astype(np.int32), has_target),
-    ]
+    segment_length = np.repeat(lengths, lengths)
+    for h in horizons:
+        # Within a segment bars are consecutive, so the bar h rows ahead in the same segment is
+        # exactly h intervals later; a bar with no such row has no target.
+        has_target = _null_where_not(position + h < segment_length)
+        future_close = store[spec.target_close_column(h)]
+        target_ret = store[spec.target_ret_column(h)]
+        future_close[: max(n - h, 0)] = close[h:]
+        future_close[max(n - h, 0) :] = np.nan
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(future_close, close, out=target_ret)
+            np.log(target_ret, out=target_ret)
+        columns += [
+            _masked(spec.target_close_column(h), future_close, has_target),
+            _masked(spec.target_ret_column(h), target_ret, has_target),
+            _masked(spec.target_up_column(h), (future_close > close).astype(np.int32), has_target),
+        ]
     return frame.with_columns(columns).drop(_TIME, _NEW_RUN)

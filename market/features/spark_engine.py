@@ -38,7 +38,12 @@ def feature_output_ddl() -> str:
     columns = ["symbol string", "open_time_ms long", "segment long"]
     columns += [f"{name} {kind}" for name, kind in BAR_TYPES.items()]
     columns += [f"{name} double" for name in spec.FEATURE_COLUMNS]
-    columns += ["target_close_10 double", "target_ret_10 double", "target_up_10 int"]
+    for h in spec.TARGET_HORIZONS_BARS:
+        columns += [
+            f"{spec.target_close_column(h)} double",
+            f"{spec.target_ret_column(h)} double",
+            f"{spec.target_up_column(h)} int",
+        ]
     return ", ".join(columns)
 
 
@@ -54,32 +59,35 @@ def _features_for_symbol(pdf: pd.DataFrame) -> pd.DataFrame:
 
 
 def add_segments_and_targets(bars: DataFrame) -> DataFrame:
-    """Segment ids and T+10 targets per symbol (Spark windows partitioned by symbol)."""
+    """Segment ids and the targets at every spec horizon per symbol (Spark windows by symbol)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     by_time = Window.partitionBy("symbol").orderBy("open_time_ms")
     step = F.col("open_time_ms") - F.lag("open_time_ms").over(by_time)
-    horizon = spec.HORIZON_BARS
     with_breaks = bars.withColumn(
         "_new_segment", F.when(step.isNull() | (step != ONE_MINUTE_MS), 1).otherwise(0)
     ).withColumn("_missing_minutes", F.coalesce(step / ONE_MINUTE_MS - 1, F.lit(0)).cast("long"))
     running = by_time.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    future_time = F.lead("open_time_ms", horizon).over(by_time)
-    future_close = F.lead("close", horizon).over(by_time)
-    target = F.when(future_time == F.col("open_time_ms") + horizon * ONE_MINUTE_MS, future_close)
-    return (
-        with_breaks.withColumn("segment", F.sum("_new_segment").over(running).cast("long"))
-        .withColumn("target_close_10", target)
-        .withColumn("target_ret_10", F.log(F.col("target_close_10") / F.col("close")))
-        .withColumn(
-            "target_up_10",
-            F.when(
-                F.col("target_close_10").isNotNull(),
-                (F.col("target_close_10") > F.col("close")).cast("int"),
-            ),
+    out = with_breaks.withColumn("segment", F.sum("_new_segment").over(running).cast("long"))
+    for h in spec.TARGET_HORIZONS_BARS:
+        # The row h ahead is the target only if it is exactly h minutes later (same segment).
+        future_time = F.lead("open_time_ms", h).over(by_time)
+        future_close = F.lead("close", h).over(by_time)
+        target = F.when(future_time == F.col("open_time_ms") + h * ONE_MINUTE_MS, future_close)
+        close_column = spec.target_close_column(h)
+        out = (
+            out.withColumn(close_column, target)
+            .withColumn(spec.target_ret_column(h), F.log(F.col(close_column) / F.col("close")))
+            .withColumn(
+                spec.target_up_column(h),
+                F.when(
+                    F.col(close_column).isNotNull(),
+                    (F.col(close_column) > F.col("close")).cast("int"),
+                ),
+            )
         )
-    )
+    return out
 
 
 def compute_features_spark(segmented: DataFrame) -> DataFrame:

@@ -15,12 +15,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 
-SPEC_VERSION = "1.0.0"
+SPEC_VERSION = "1.1.0"
 
 # Bars at the start of each segment whose features are null (DESIGN.md section 4).
 WARMUP_BARS = 240
-# Target horizon in 1-minute bars.
+# Horizons (in 1-minute bars) that Silver carries targets for; a sweep picks among them.
+TARGET_HORIZONS_BARS: tuple[int, ...] = (10, 30, 60, 240)
+# The default horizon (bars): what a model that does not say otherwise was trained and serves for.
 HORIZON_BARS = 10
+# The longest target horizon (bars): how far back a new bar can complete an older bar's target.
+MAX_HORIZON_BARS = max(TARGET_HORIZONS_BARS)
 
 RETURN_LAGS: tuple[int, ...] = (1, 5, 10)
 SMA_WINDOWS: tuple[int, ...] = (5, 10, 20)
@@ -77,10 +81,39 @@ FEATURES: tuple[FeatureDef, ...] = (
     FeatureDef("dow_cos", "cos(2 pi dow / 7)"),
 )
 
-TARGETS: tuple[FeatureDef, ...] = (
-    FeatureDef("target_close_10", "close 10 minutes later, null unless that bar is in the segment"),
-    FeatureDef("target_ret_10", "ln(target_close_10 / close)"),
-    FeatureDef("target_up_10", "1 if target_close_10 > close else 0 (null with the target)"),
+
+def target_close_column(horizon_bars: int) -> str:
+    """Silver's column of the close `horizon_bars` minutes later."""
+    return f"target_close_{horizon_bars}"
+
+
+def target_ret_column(horizon_bars: int) -> str:
+    """Silver's column of the forward log return over `horizon_bars` minutes."""
+    return f"target_ret_{horizon_bars}"
+
+
+def target_up_column(horizon_bars: int) -> str:
+    """Silver's column of the 1/0 up label over `horizon_bars` minutes."""
+    return f"target_up_{horizon_bars}"
+
+
+def _targets_at(h: int) -> tuple[FeatureDef, ...]:
+    return (
+        FeatureDef(
+            target_close_column(h),
+            f"close {h} minutes later, null unless that bar is in the segment",
+        ),
+        FeatureDef(target_ret_column(h), f"ln({target_close_column(h)} / close)"),
+        FeatureDef(
+            target_up_column(h),
+            f"1 if {target_close_column(h)} > close else 0 (null with the target)",
+        ),
+    )
+
+
+# Per horizon, in TARGET_HORIZONS_BARS order: close, log return, up label.
+TARGETS: tuple[FeatureDef, ...] = tuple(
+    target for h in TARGET_HORIZONS_BARS for target in _targets_at(h)
 )
 
 FEATURE_COLUMNS: tuple[str, ...] = tuple(f.name for f in FEATURES)
@@ -104,6 +137,7 @@ def spec_document() -> dict[str, object]:
         "version": SPEC_VERSION,
         "warmup_bars": WARMUP_BARS,
         "horizon_bars": HORIZON_BARS,
+        "target_horizons_bars": list(TARGET_HORIZONS_BARS),
         "features": [asdict(f) for f in FEATURES],
         "targets": [asdict(t) for t in TARGETS],
     }

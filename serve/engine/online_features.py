@@ -60,7 +60,8 @@ def latest_features(bars: pl.DataFrame) -> pl.DataFrame:
     takes the tail it needs. Feature values of a row are null within WARMUP_BARS (240) bars of
     the start of its segment (the oldest bar held, or the first bar after a missing minute);
     rows at least CONVERGENCE_BARS in equal the offline values (see `min_history_bars`).
-    Targets are null for the newest HORIZON_BARS (10) rows: their future is not known yet.
+    Each horizon's targets are null for its newest h rows (spec.TARGET_HORIZONS_BARS): their
+    future is not known yet.
     Raises ValueError when a bar column is missing.
     """
     missing = [name for name in BAR_COLUMNS if name not in bars.columns]

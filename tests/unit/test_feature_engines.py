@@ -138,15 +138,54 @@ def test_warmup_and_targets_respect_segments() -> None:
         assert warm.select(pl.col(list(spec.FEATURE_COLUMNS)).is_not_null().any()).row(0) == (
             (False,) * len(spec.FEATURE_COLUMNS)
         ), f"features present during warm-up of {symbol}/{segment}"
-        targets = group["target_close_10"]
-        assert targets.tail(min(n, spec.HORIZON_BARS)).null_count() == min(n, spec.HORIZON_BARS)
+        for h in spec.TARGET_HORIZONS_BARS:
+            targets = group[spec.target_close_column(h)]
+            assert targets.tail(min(n, h)).null_count() == min(n, h)
+            assert targets.head(max(n - h, 0)).null_count() == 0
     index = {(s, t): i for i, (s, t) in enumerate(zip(symbols, times, strict=True))}
     close = features["close"].to_numpy()
-    target = features["target_close_10"].to_numpy()
-    for i in np.flatnonzero(features["target_close_10"].is_not_null().to_numpy()):
-        j = index[(symbols[i], times[i] + spec.HORIZON_BARS * ONE_MINUTE_MS)]
-        assert segments[j] == segments[i]
-        assert close[j] == target[i]
+    for h in spec.TARGET_HORIZONS_BARS:
+        target = features[spec.target_close_column(h)].to_numpy()
+        ret = features[spec.target_ret_column(h)].to_numpy()
+        up = features[spec.target_up_column(h)].to_numpy()
+        present = np.flatnonzero(features[spec.target_close_column(h)].is_not_null().to_numpy())
+        assert present.size > 0
+        for i in present:
+            j = index[(symbols[i], times[i] + h * ONE_MINUTE_MS)]
+            assert segments[j] == segments[i]
+            assert close[j] == target[i]
+            assert ret[i] == pytest.approx(np.log(close[j] / close[i]), rel=1e-12)
+            assert up[i] == int(close[j] > close[i])
+
+
+@pytest.mark.parametrize("horizon", spec.TARGET_HORIZONS_BARS)
+def test_targets_read_only_the_bars_up_to_their_horizon(horizon: int) -> None:
+    """A target at bar t is fixed by bars t..t+h alone: no bar before t and none after t+h
+    changes it, and without bar t+h it is null; features at t ignore every later bar."""
+    bars = sim_bars(days=1, gap_rate=0.0, seed=8).filter(pl.col("symbol") == "SIMA")
+    full = compute_features(bars)
+    names = [spec.target_close_column(horizon), spec.target_ret_column(horizon)]
+    names.append(spec.target_up_column(horizon))
+    for t in (0, 317, bars.height - horizon - 1):
+        only_window = compute_features(bars.slice(t, horizon + 1))
+        for name in names:
+            assert only_window[name][0] == full[name][t], f"{name} at {t} reads outside t..t+h"
+        short = compute_features(bars.slice(t, horizon))
+        assert short.select(names).row(0) == (None, None, None), "a target without bar t+h"
+    # Bars after t+h may change arbitrarily: the target at t must not move.
+    t = 300
+    shocked = bars.with_columns(
+        pl.when(pl.int_range(pl.len()) > t + horizon)
+        .then(pl.col("close") * 3.0)
+        .otherwise(pl.col("close"))
+        .alias("close")
+    )
+    after_shock = compute_features(shocked).row(t, named=True)
+    before_shock = full.row(t, named=True)
+    for name in names:
+        assert after_shock[name] == before_shock[name], f"{name} at {t} reads past t+h"
+    for name in spec.FEATURE_COLUMNS:
+        assert after_shock[name] == pytest.approx(before_shock[name], rel=1e-12), name
 
 
 @pytest.mark.realdata
@@ -257,7 +296,11 @@ def test_a_400_bar_call_has_the_silver_columns_warm_up_and_targets() -> None:
     features = compute_features(bars)
     assert features.columns == [*bars.columns, "segment", *FEATURE_AND_TARGET_COLUMNS]
     assert features.select(spec.FEATURE_COLUMNS).dtypes == [pl.Float64] * len(spec.FEATURE_COLUMNS)
-    assert features.select(spec.TARGET_COLUMNS).dtypes == [pl.Float64, pl.Float64, pl.Int32]
+    assert features.select(spec.TARGET_COLUMNS).dtypes == [
+        pl.Float64,
+        pl.Float64,
+        pl.Int32,
+    ] * len(spec.TARGET_HORIZONS_BARS)
     assert features["segment"].dtype == pl.Int64 and features["segment"].unique().to_list() == [1]
     head = features.head(spec.WARMUP_BARS).select(spec.FEATURE_COLUMNS)
     assert head.null_count().sum_horizontal().item() == head.height * head.width
