@@ -50,6 +50,7 @@ def full_snapshot(symbols: int) -> EngineSnapshot:
             version="v0001",
             family="gru",
             window_bars=64,
+            horizon_minutes=10,
             feature_spec_hash="abc",
             metrics={},
             training_data_range=None,

@@ -251,7 +251,7 @@ class BacktestConfig(StrictModel):
     A decision taken at the close of bar t trades at the open of bar t+1. BUY needs
     p_up >= `p_up_threshold` and a predicted return above the round-trip cost plus
     `min_edge_bps`; SELL is the mirror image. Once entered, a position is held for at least
-    `hold_bars` bars (the prediction horizon) unless an opposite signal arrives.
+    `hold_bars` bars (None: the prediction horizon) unless an opposite signal arrives.
     """
 
     mode: Literal["long_short", "long_only"] = "long_short"
@@ -261,7 +261,11 @@ class BacktestConfig(StrictModel):
     slippage_bps: float = Field(default=0.0, ge=0)
     p_up_threshold: float = Field(default=0.55, ge=0.5, le=1.0)
     min_edge_bps: float = Field(default=0.0, ge=0)
-    hold_bars: int = Field(default=10, ge=1)
+    hold_bars: int | None = Field(
+        default=None,
+        ge=1,
+        description="bars a position is held; None follows the model's label horizon",
+    )
     bars_per_year: float = Field(
         default=525_600.0, gt=0, description="1-minute bars in a 365-day, 24/7 year"
     )
@@ -349,8 +353,32 @@ ModelFamily = Literal["lstm", "gru", "tcn"]
 MODEL_FAMILIES: tuple[ModelFamily, ...] = ("lstm", "gru", "tcn")
 
 
+LabelHorizon = Literal[10, 30, 60, 240]
+"""A label horizon in 1-minute bars: one of the horizons Silver carries targets for
+(`market.features.spec.TARGET_HORIZONS_BARS`; a test holds the two equal)."""
+
+LabelKind = Literal["direction"]
+"""What the classification head learns: the sign of the horizon's return (`direction`)."""
+
+
+def _default_horizons() -> list[LabelHorizon]:
+    return [10]
+
+
+def _default_labels() -> list[LabelKind]:
+    return ["direction"]
+
+
 class SearchSpaceConfig(StrictModel):
-    """What Ray Tune samples. Lists are categorical choices; pairs are (low, high) ranges."""
+    """What Ray Tune samples. Lists are categorical choices; pairs are (low, high) ranges.
+
+    `horizon_bars` picks the label horizon (bars) of a trial: its targets, its backtest hold
+    (unless `backtest.hold_bars` is set) and the model's served horizon. `label` picks the
+    classification target.
+    """
+
+    horizon_bars: list[LabelHorizon] = Field(default_factory=_default_horizons, min_length=1)
+    label: list[LabelKind] = Field(default_factory=_default_labels, min_length=1)
 
     family: list[ModelFamily] = Field(default_factory=lambda: list(MODEL_FAMILIES), min_length=1)
     hidden_size: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)

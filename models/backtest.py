@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from configs.schema import BacktestConfig
+from market.features.spec import HORIZON_BARS
 from models.metrics import annualised_sharpe, summarise
 
 __all__ = [
@@ -187,7 +188,9 @@ def positions_from_signals(
     last_signal = signal_bars[latest]
     age = np.arange(n) - last_signal
     # Ids are nondecreasing, so the same id means the same block (and no earlier one).
-    live = (seen > 0) & (age < config.hold_bars) & (blocks[last_signal] == blocks)
+    # Unset, the hold is the default label horizon; a sweep passes each model's own horizon.
+    hold_bars = HORIZON_BARS if config.hold_bars is None else config.hold_bars
+    live = (seen > 0) & (age < hold_bars) & (blocks[last_signal] == blocks)
     direction = np.sign(sig[signal_bars]).astype(np.float64)
     target = np.where(live, direction[latest], 0.0)
     if config.mode == "long_only":

@@ -8,20 +8,30 @@ one copy of the inputs however many windows a fold has (a year of 1-minute bars 
 
 A window is valid only when its L bars are consecutive minutes of one segment with every input
 present (past the warm-up). Fold ranges are checked on the decision bar and, for training and
-validation, on the target bar t + 10 too, so that no label reaches past its range.
+validation, on the target bar t + h too (h = the arrays' `horizon_bars`), so that no label
+reaches past its range.
+
+Labels: MarketArrays carries Silver's forward returns at every spec horizon; `labelled` picks
+one horizon and a label kind (`direction`: up/down over the horizon) for a trial.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 
 from configs.schema import ObjectStoreConfig
-from market.features.spec import FEATURE_COLUMNS, HORIZON_BARS
+from market.features.spec import (
+    FEATURE_COLUMNS,
+    HORIZON_BARS,
+    TARGET_HORIZONS_BARS,
+    target_ret_column,
+    target_up_column,
+)
 from market.klines import ONE_MINUTE_MS
 from market.lake import Lake
 from market.silver import silver_files
@@ -35,11 +45,16 @@ SILVER_COLUMNS: tuple[str, ...] = (
     "symbol",
     "open_time",
     "open",
+    "high",
+    "low",
     "close",
     *FEATURE_COLUMNS,
-    "target_ret_10",
-    "target_up_10",
+    *(c for h in TARGET_HORIZONS_BARS for c in (target_ret_column(h), target_up_column(h))),
 )
+# Read when present: a table without them (a hand-made one) still loads, with the default
+# horizon's direction label only.
+_OPTIONAL_COLUMNS = ("high", "low")
+LABEL_KINDS: tuple[str, ...] = ("direction",)
 
 
 def model_inputs(columns: Mapping[str, np.ndarray], close: np.ndarray) -> np.ndarray:
@@ -60,7 +75,14 @@ def model_inputs(columns: Mapping[str, np.ndarray], close: np.ndarray) -> np.nda
 
 @dataclass(frozen=True)
 class MarketArrays:
-    """Silver rows of several symbols, concatenated in (symbol, open_time) order."""
+    """Silver rows of several symbols, concatenated in (symbol, open_time) order.
+
+    `target_ret` / `target_up` are the labels a model trains on: the log return over the next
+    `horizon_bars` bars and the classification target of `label` (1/0 for `direction`).
+    `direction_up` is always the 1/0 up label at `horizon_bars` (what directional accuracy is
+    scored against). `forward_returns` holds the
+    log return at every horizon Silver carries, so that `labelled` can switch horizon.
+    """
 
     symbols: tuple[str, ...]
     symbol_index: np.ndarray  # int32 per bar, index into `symbols`
@@ -68,10 +90,41 @@ class MarketArrays:
     open: np.ndarray  # float64
     close: np.ndarray  # float64
     inputs: np.ndarray  # float32 [bars, len(INPUT_COLUMNS)], NaN during warm-up
-    target_ret: np.ndarray  # float32 log return over the next 10 bars, NaN when null
-    target_up: np.ndarray  # float32 1/0, NaN when null
+    target_ret: np.ndarray  # float32 log return over the next `horizon_bars` bars, NaN when null
+    target_up: np.ndarray  # float32 classification target (see above), NaN when null
     segment: np.ndarray  # int64, unique across symbols: a new id at every missing minute
     valid_run: np.ndarray  # int64: consecutive bars of this segment with all inputs, ending here
+    high: np.ndarray | None = None  # float64, None when the table had no high/low
+    low: np.ndarray | None = None  # float64
+    forward_returns: Mapping[int, np.ndarray] = field(default_factory=dict)  # bars -> float32
+    direction_up: np.ndarray | None = None  # float32 1/0 at `horizon_bars`; None: = target_up
+    horizon_bars: int = HORIZON_BARS
+    label: str = "direction"
+
+    def labelled(
+        self,
+        horizon_bars: int,
+        label: str = "direction",
+    ) -> MarketArrays:
+        """These arrays with the targets of `horizon_bars` (bars) and `label`.
+
+        Raises ValueError for a horizon the arrays do not carry or an unknown label.
+        """
+        if label not in LABEL_KINDS:
+            raise ValueError(f"unknown label {label!r}: one of {', '.join(LABEL_KINDS)}")
+        if horizon_bars not in self.forward_returns:
+            carried = sorted(self.forward_returns)
+            raise ValueError(f"no {horizon_bars}-bar target in these arrays (carried: {carried})")
+        forward = self.forward_returns[horizon_bars]
+        up = np.where(np.isfinite(forward), forward > 0, np.nan).astype(np.float32)
+        return replace(
+            self,
+            target_ret=forward,
+            target_up=up,
+            direction_up=up,
+            horizon_bars=horizon_bars,
+            label=label,
+        )
 
     @property
     def bars(self) -> int:
@@ -128,10 +181,20 @@ class _OrderedRows:
 
 
 def arrays_from_table(table: pa.Table) -> MarketArrays:
-    """Build MarketArrays from a table with the SILVER_COLUMNS (any row order)."""
+    """Build MarketArrays from a table with the SILVER_COLUMNS (any row order), labelled with
+    the default horizon's direction. The table needs the default horizon's targets; other
+    horizons' and high/low are read when present."""
     rows = _OrderedRows.of(table)
     close = rows.column("close")
     inputs = model_inputs({name: rows.column(name) for name in INPUT_COLUMNS}, close)
+    names = set(table.column_names)
+    forward_returns = {
+        h: rows.column(target_ret_column(h)).astype(np.float32)
+        for h in TARGET_HORIZONS_BARS
+        if target_ret_column(h) in names
+    }
+    high, low = (rows.column(c) if c in names else None for c in _OPTIONAL_COLUMNS)
+    target_up = rows.column(target_up_column(HORIZON_BARS)).astype(np.float32)
     return MarketArrays(
         symbols=rows.symbols,
         symbol_index=rows.code,
@@ -139,10 +202,14 @@ def arrays_from_table(table: pa.Table) -> MarketArrays:
         open=rows.column("open"),
         close=close,
         inputs=inputs,
-        target_ret=rows.column("target_ret_10").astype(np.float32),
-        target_up=rows.column("target_up_10").astype(np.float32),
+        target_ret=forward_returns[HORIZON_BARS],
+        target_up=target_up,
         segment=rows.segment,
         valid_run=_valid_run(rows.segment, np.isfinite(inputs).all(axis=1)),
+        high=high,
+        low=low,
+        forward_returns=forward_returns,
+        direction_up=target_up,
     )
 
 
@@ -194,13 +261,14 @@ def window_ends(
 ) -> np.ndarray:
     """Decision bars t in [start_ms, end_ms) whose window of `window_bars` bars is valid.
 
-    With `labelled`, t also needs its target and its target bar t + 10 inside the range, so no
-    label reaches past the range (training and validation). Returns int64 row indices.
+    With `labelled`, t also needs its target and its target bar t + horizon_bars inside the
+    range, so no label reaches past the range (training and validation). Returns int64 row
+    indices.
     """
     in_range = (arrays.open_time_ms >= start_ms) & (arrays.open_time_ms < end_ms)
     ok = in_range & (arrays.valid_run >= window_bars)
     if labelled:
-        target_inside = arrays.open_time_ms + HORIZON_BARS * ONE_MINUTE_MS < end_ms
+        target_inside = arrays.open_time_ms + arrays.horizon_bars * ONE_MINUTE_MS < end_ms
         ok &= target_inside & np.isfinite(arrays.target_ret) & np.isfinite(arrays.target_up)
     return np.flatnonzero(ok).astype(np.int64)
 
@@ -224,7 +292,7 @@ def window_ends_in(
 class Scaler:
     """Per-input mean and std fitted on one training range, and the target's scale.
 
-    `target_scale` is the std of the 10-bar log return on the training windows; the network
+    `target_scale` is the std of the horizon's log return on the training windows; the network
     regresses target / target_scale so that its two losses have comparable size.
     """
 

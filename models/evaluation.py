@@ -190,7 +190,8 @@ def evaluate(
     )
     target_ret = arrays.target_ret[test.rows]
     if signals is not None:
-        metrics.update(_directional(signals, p_up, target_ret, arrays.target_up[test.rows]))
+        direction_up = arrays.target_up if arrays.direction_up is None else arrays.direction_up
+        metrics.update(_directional(signals, p_up, target_ret, direction_up[test.rows]))
     regimes = regime_breakdown(
         row_returns, arrays.close[test.rows], test.block, config.bars_per_year
     )
@@ -207,8 +208,9 @@ def evaluate(
 def _directional(
     signals: np.ndarray, p_up: np.ndarray | None, target_ret: np.ndarray, target_up: np.ndarray
 ) -> dict[str, float]:
-    """Signal hit rate (BUY/SELL bars whose 10-bar return had the signal's sign) and the
-    directional accuracy of P(up) > 0.5 on every bar with a prediction and a known target."""
+    """Signal hit rate (BUY/SELL bars whose horizon return had the signal's sign) and the
+    directional accuracy of P(up) > 0.5 against the horizon's up/down (`target_up`, 1/0)
+    on every bar with a prediction and a known target."""
     known = np.isfinite(target_ret)
     traded = known & (signals != 0)
     hits = np.sign(target_ret[traded]) == signals[traded]

@@ -5,7 +5,8 @@ symbol shares it. Per fold, in time order:
 
     [train ......][purge][val ...][purge][test ...][embargo]  next fold's test block ...
 
-The purge (default: the 10-bar target horizon plus the longest feature window) keeps the labels
+The purge (default: the target horizon plus the longest feature window; a sweep passes the longest
+horizon it samples, so one schedule is purged for every trial) keeps the labels
 of one range from overlapping the inputs or labels of the next; the embargo leaves bars unscored
 after each test block so that consecutive test blocks do not share a target horizon. Test blocks
 tile the end of the timeline in order, so their out-of-sample predictions concatenate into one
@@ -84,23 +85,29 @@ class TrainingRanges:
         )
 
 
-def default_purge_bars() -> int:
+def default_purge_bars(horizon_bars: int = HORIZON_BARS) -> int:
     """The minimum purge: the target horizon plus the longest feature window, in bars."""
-    return HORIZON_BARS + LONGEST_WINDOW_BARS
+    return horizon_bars + LONGEST_WINDOW_BARS
 
 
-def make_folds(first_open_ms: int, last_open_ms: int, config: FoldConfig) -> list[Fold]:
+def make_folds(
+    first_open_ms: int,
+    last_open_ms: int,
+    config: FoldConfig,
+    horizon_bars: int = HORIZON_BARS,
+) -> list[Fold]:
     """Walk-forward folds covering [first_open_ms, last_open_ms] (inclusive open times), most
-    recent last.
+    recent last, for labels `horizon_bars` bars ahead (the longest any model on them uses).
 
     With `max_folds`, the most recent folds are kept. Raises ValueError when the timeline is too
-    short for even one fold, naming the bars needed and the bars available.
+    short for even one fold, naming the bars needed and the bars available, or when an explicit
+    purge is shorter than the horizon.
     """
     if config.scheme == "cpcv":
         raise ValueError("scheme 'cpcv' has no walk-forward folds: use make_cpcv")
-    purge = default_purge_bars() if config.purge_bars is None else config.purge_bars
-    if purge < HORIZON_BARS:
-        raise ValueError(f"purge_bars={purge} is shorter than the {HORIZON_BARS}-bar horizon")
+    purge = default_purge_bars(horizon_bars) if config.purge_bars is None else config.purge_bars
+    if purge < horizon_bars:
+        raise ValueError(f"purge_bars={purge} is shorter than the {horizon_bars}-bar horizon")
     total_bars = (last_open_ms - first_open_ms) // ONE_MINUTE_MS + 1
     head = config.train_bars + purge + config.val_bars + purge
     step = config.test_bars + config.embargo_bars
@@ -136,12 +143,12 @@ def make_folds(first_open_ms: int, last_open_ms: int, config: FoldConfig) -> lis
     return folds
 
 
-def cpcv_min_purge_bars(window_bars: int) -> int:
+def cpcv_min_purge_bars(window_bars: int, horizon_bars: int = HORIZON_BARS) -> int:
     """The least CPCV purge, in bars: the horizon, the longest feature window and the model
     window (`window_bars`). A training window that starts this far after a test group reads no
     input computed from a bar that a test label spans, and a training label that ends before a
     test group's first bar (labels stay inside their training range) overlaps no test label."""
-    return HORIZON_BARS + LONGEST_WINDOW_BARS + window_bars
+    return horizon_bars + LONGEST_WINDOW_BARS + window_bars
 
 
 @dataclass(frozen=True)
@@ -208,10 +215,15 @@ def _runs(bars: np.ndarray) -> list[tuple[int, int]]:
 
 
 def make_cpcv(
-    first_open_ms: int, last_open_ms: int, config: FoldConfig, window_bars: int
+    first_open_ms: int,
+    last_open_ms: int,
+    config: FoldConfig,
+    window_bars: int,
+    horizon_bars: int = HORIZON_BARS,
 ) -> CpcvFolds:
     """The CPCV splits of [first_open_ms, last_open_ms] (inclusive open times) for models
-    reading `window_bars`-bar windows (the longest the search samples).
+    reading `window_bars`-bar windows with labels `horizon_bars` bars ahead (the longest the
+    search samples).
 
     Raises ValueError, naming the bars needed and available, when the purge is shorter than
     `cpcv_min_purge_bars(window_bars)`, when a group is too short to keep training bars
@@ -220,28 +232,28 @@ def make_cpcv(
     """
     if config.scheme != "cpcv" or config.groups is None or config.test_groups is None:
         raise ValueError(f"make_cpcv needs scheme 'cpcv' with groups and test_groups: {config}")
-    least_purge = cpcv_min_purge_bars(window_bars)
+    least_purge = cpcv_min_purge_bars(window_bars, horizon_bars)
     purge = least_purge if config.purge_bars is None else config.purge_bars
     if purge < least_purge:
         raise ValueError(
             f"purge_bars={purge} does not cover a {window_bars}-bar model window: cpcv needs at "
-            f"least {least_purge} (horizon {HORIZON_BARS} + feature window "
+            f"least {least_purge} (horizon {horizon_bars} + feature window "
             f"{LONGEST_WINDOW_BARS} + model window {window_bars})"
         )
     total_bars = (last_open_ms - first_open_ms) // ONE_MINUTE_MS + 1
     embargo = config.embargo_bars
-    least_group = 2 * purge + embargo + window_bars + HORIZON_BARS
+    least_group = 2 * purge + embargo + window_bars + horizon_bars
     group_bars = total_bars // config.groups
     if group_bars < least_group:
         raise ValueError(
             f"timeline of {total_bars} bars gives {config.groups} groups of {group_bars} bars; "
             f"each needs at least {least_group} (2 x purge {purge} + embargo {embargo} + "
-            f"window {window_bars} + horizon {HORIZON_BARS})"
+            f"window {window_bars} + horizon {horizon_bars})"
         )
     plan = cpcv_plan(
         total_bars, config.groups, config.test_groups, purge_bars=purge, embargo_bars=embargo
     )
-    least_last_run = config.val_bars + purge + window_bars + HORIZON_BARS
+    least_last_run = config.val_bars + purge + window_bars + horizon_bars
     splits = []
     for split in plan.splits:
         runs = _runs(split.train)
@@ -250,7 +262,7 @@ def make_cpcv(
             raise ValueError(
                 f"split {split.index} (test groups {split.test_groups}): its latest training run "
                 f"of {last_end - last_start} bars cannot hold val_bars {config.val_bars} + purge "
-                f"{purge} + window {window_bars} + horizon {HORIZON_BARS}; use fewer groups or "
+                f"{purge} + window {window_bars} + horizon {horizon_bars}; use fewer groups or "
                 "fewer validation bars"
             )
         val_start = last_end - config.val_bars
@@ -281,10 +293,14 @@ def training_units(schedule: Schedule) -> list[TrainingRanges]:
 
 
 def make_schedule(
-    first_open_ms: int, last_open_ms: int, config: FoldConfig, window_bars: int
+    first_open_ms: int,
+    last_open_ms: int,
+    config: FoldConfig,
+    window_bars: int,
+    horizon_bars: int = HORIZON_BARS,
 ) -> Schedule:
-    """`make_cpcv` for scheme `cpcv`, else `make_folds`; `window_bars` is the longest model
-    window the search samples."""
+    """`make_cpcv` for scheme `cpcv`, else `make_folds`; `window_bars` and `horizon_bars` are
+    the longest model window and label horizon the search samples."""
     if config.scheme == "cpcv":
-        return make_cpcv(first_open_ms, last_open_ms, config, window_bars)
-    return make_folds(first_open_ms, last_open_ms, config)
+        return make_cpcv(first_open_ms, last_open_ms, config, window_bars, horizon_bars)
+    return make_folds(first_open_ms, last_open_ms, config, horizon_bars)

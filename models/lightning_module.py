@@ -45,7 +45,7 @@ class WindowBatches:
 
 
 class SignalModule(pl.LightningModule):
-    """Joint loss: MSE on the scaled 10-bar return plus BCE on the up/down label."""
+    """Joint loss: MSE on the scaled horizon return plus BCE on the label."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()

@@ -1,8 +1,9 @@
 """LSTM, GRU and TCN encoders sharing one two-output head.
 
 Every network reads a window [batch, L bars, inputs] (oldest bar first) and returns
-[batch, 2]: column 0 is the 10-bar log return in units of the training target scale
-(`Scaler.target_scale`), column 1 the logit of P(close_{t+10} > close_t).
+[batch, 2]: column 0 is the log return over the model's `horizon_bars` bars in units of the
+training target scale (`Scaler.target_scale`), column 1 the logit of its label: P(close_{t+h} >
+close_t) for `direction`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from configs.schema import StrictModel
+from configs.schema import LabelHorizon, LabelKind, StrictModel
 
 Family = Literal["lstm", "gru", "tcn"]
 
@@ -31,6 +32,10 @@ class ModelSpec(StrictModel):
     batch_size: int = Field(default=256, ge=1)
     tcn_kernel_size: int = Field(default=3, ge=2)
     tcn_dilations: tuple[int, ...] = (1, 2, 4)
+    horizon_bars: LabelHorizon = Field(
+        default=10, description="bars ahead its targets look (the served horizon)"
+    )
+    label: LabelKind = "direction"
 
 
 class SignalHead(nn.Module):

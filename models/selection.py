@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from configs.schema import TuneJobConfig
-from market.features.spec import HORIZON_BARS, SPEC_VERSION, spec_hash
+from market.features.spec import SPEC_VERSION, spec_hash
 from models.artifact import read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays, load_silver
 from models.evaluation import (
@@ -45,7 +45,7 @@ from models.pbo import PboResult, probability_of_backtest_overfitting
 from models.registry import PRODUCTION, ModelRegistry, current_git_commit
 from models.report import LEADERBOARD_METRICS, write_html_report, write_leaderboard
 from models.runs import BUY_AND_HOLD, COMPLETED, RunDir, aligned_returns
-from models.sweep import HYPERPARAMETERS, TrialOutcome, run_sweep
+from models.sweep import HYPERPARAMETERS, TrialOutcome, backtest_for, run_sweep, spec_of
 
 BASELINE_PREFIX = "baseline:"
 """A darts baseline's reference name is this prefix and the baseline's name."""
@@ -136,6 +136,7 @@ def run_selection(
         int(arrays.open_time_ms.max()),
         job.folds,
         max(job.search.window_bars),
+        max(job.search.horizon_bars),
     )
     folds: list[Fold] = [] if isinstance(schedule, CpcvFolds) else list(schedule)
     progress(f"data: {arrays.bars} bars of {', '.join(arrays.symbols)}; {_describe(schedule)}")
@@ -285,13 +286,15 @@ def _register(
     """Register the best trial's model trained on the newest data (`_registered`)."""
     chosen = _registered(schedule)
     files = read_model_dir(run.trial(best.name).fold(chosen.index))
+    spec = spec_of(outcome.config)
     metadata = {
         "trial_id": best.name,
         "hyperparameters": {k: outcome.config.get(k) for k in HYPERPARAMETERS},
         "feature_spec_hash": spec_hash(),
         "feature_spec_version": SPEC_VERSION,
         "input_columns": list(INPUT_COLUMNS),
-        "horizon_bars": HORIZON_BARS,
+        "horizon_bars": spec.horizon_bars,
+        "label": spec.label,
         "symbols": list(arrays.symbols),
         "training_data_range": chosen.training,
         "validation_range": chosen.validation,
@@ -309,7 +312,7 @@ def _register(
         },
         "pbo": pbo.pbo,
         "pbo_detail": pbo.summary(),
-        "backtest": job.backtest.model_dump(mode="json"),
+        "backtest": backtest_for(job.backtest, spec.horizon_bars).model_dump(mode="json"),
         "git_commit": current_git_commit(),
     }
     return registry.register(job.model_name, files, _jsonable(metadata))

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs.schema import SearchSpaceConfig, TuneJobConfig
+from configs.schema import BacktestConfig, SearchSpaceConfig, TuneJobConfig
+from market.features.spec import HORIZON_BARS
 from models.artifact import LoadedModel, load_model_files, read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays
 from models.evaluation import OutOfSampleBars, evaluate, evaluate_cpcv, model_predictions
@@ -38,6 +39,8 @@ HYPERPARAMETERS = (
     "batch_size",
     "tcn_kernel_size",
     "tcn_dilations",
+    "horizon_bars",
+    "label",
 )
 
 
@@ -55,6 +58,8 @@ def search_space(space: SearchSpaceConfig) -> dict[str, Any]:
         "batch_size": tune.choice(list(space.batch_size)),
         "tcn_kernel_size": tune.choice(list(space.tcn_kernel_size)),
         "tcn_dilations": tune.choice([list(d) for d in space.tcn_dilations]),
+        "horizon_bars": tune.choice(list(space.horizon_bars)),
+        "label": tune.choice(list(space.label)),
     }
 
 
@@ -71,7 +76,22 @@ def spec_of(config: dict[str, Any]) -> ModelSpec:
         batch_size=int(config["batch_size"]),
         tcn_kernel_size=int(config["tcn_kernel_size"]),
         tcn_dilations=tuple(int(d) for d in config["tcn_dilations"]),
+        # Validated by ModelSpec (one of the Silver horizons); absent in older trial configs.
+        horizon_bars=config.get("horizon_bars", HORIZON_BARS),
+        label=config.get("label", "direction"),
     )
+
+
+def backtest_for(config: BacktestConfig, horizon_bars: int) -> BacktestConfig:
+    """`config` with its hold set to `horizon_bars` (bars) unless it names its own hold."""
+    if config.hold_bars is not None:
+        return config
+    return config.model_copy(update={"hold_bars": horizon_bars})
+
+
+def labelling(job: TuneJobConfig, spec: ModelSpec) -> dict[str, Any]:
+    """The keyword arguments of `MarketArrays.labelled` for a trial's model (picklable)."""
+    return {"horizon_bars": spec.horizon_bars, "label": spec.label}
 
 
 def load_fold_models(
@@ -106,6 +126,7 @@ def make_trial(
             train_loop_per_worker,
             train_loop_config={
                 "data": [data_ref],
+                "labelling": labelling(job, spec),
                 "spec": spec.model_dump(mode="json"),
                 "folds": folds_json,
                 "seed": job.seed,
@@ -132,17 +153,18 @@ def make_trial(
         with result.checkpoint.as_directory() as checkpoint_dir:
             shutil.copytree(checkpoint_dir, trial_dir.path, dirs_exist_ok=True)
         trial_dir.config.write_text(json.dumps(config, default=str))
-        arrays: MarketArrays = ray.get(data_ref)
+        arrays: MarketArrays = ray.get(data_ref).labelled(**labelling(job, spec))
+        backtest = backtest_for(job.backtest, spec.horizon_bars)
         if isinstance(schedule, CpcvFolds):
             models = load_fold_models(trial_dir, schedule.splits)
-            scored = evaluate_cpcv(trial_id, arrays, schedule, job.backtest, models)
+            scored = evaluate_cpcv(trial_id, arrays, schedule, backtest, models)
             evaluation = scored.record
             trial_dir.save(evaluation, (), scored.distribution)
         else:
             test = OutOfSampleBars.of(arrays, schedule)
             models = load_fold_models(trial_dir, schedule)
             predicted, p_up = model_predictions(arrays, schedule, test, models)
-            evaluation = evaluate(trial_id, arrays, schedule, test, job.backtest, predicted, p_up)
+            evaluation = evaluate(trial_id, arrays, schedule, test, backtest, predicted, p_up)
             trial_dir.save(evaluation, schedule)
         tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
 

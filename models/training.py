@@ -170,13 +170,16 @@ def _trainer(max_epochs: int, reporter: EpochReporter, distributed: bool) -> pl.
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: data (a one-element list holding the MarketArrays
-    ObjectRef), spec, folds (`TrainingRanges.as_dict()` of each fold or split), seed, max_epochs,
-    max_train_windows, shuffle_labels, threads."""
+    ObjectRef), labelling (keyword arguments of `MarketArrays.labelled`: the trial's horizon
+    and label; absent = the arrays' own), spec, folds (`TrainingRanges.as_dict()` of each fold
+    or split), seed, max_epochs, max_train_windows, shuffle_labels, threads."""
     import ray
     import ray.train
 
     torch.set_num_threads(int(config["threads"]))
     arrays: MarketArrays = ray.get(config["data"][0])
+    if config.get("labelling"):
+        arrays = arrays.labelled(**config["labelling"])
     spec = ModelSpec.model_validate(config["spec"])
     folds = [TrainingRanges.from_dict(f) for f in config["folds"]]
     context = ray.train.get_context()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.schema import BacktestConfig, SimConfig
+from configs.schema import BacktestConfig, LabelHorizon, SimConfig
 from market.features.spec import HORIZON_BARS, spec_hash
 from market.sim_silver import silver_frame, simulated_bars
 from models.artifact import model_files
@@ -23,22 +23,29 @@ EAGER_THRESHOLDS = BacktestConfig(taker_fee_bps=0, slippage_bps=0, p_up_threshol
 
 
 def register_model(
-    registry_dir: Path, seed: int, *, promote: bool = True, window_bars: int = 16
+    registry_dir: Path,
+    seed: int,
+    *,
+    promote: bool = True,
+    window_bars: int = 16,
+    horizon_bars: LabelHorizon = HORIZON_BARS,
 ) -> str:
-    """Register an untrained (seeded) GRU reading `window_bars` bars, with a scaler fitted on
-    simulated bars.
+    """Register an untrained (seeded) GRU reading `window_bars` bars and answering for
+    `horizon_bars` bars ahead, with a scaler fitted on simulated bars.
 
     An untrained network is enough for the service: it is loaded, run and swapped exactly like
     a trained one, in seconds. Returns the version id.
     """
     config = SimConfig(seed=seed, anchor_date=date(2024, 1, 1))
     arrays = arrays_from_table(silver_frame(simulated_bars(config, ["SIMFIT"], 1)).to_arrow())
+    arrays = arrays.labelled(horizon_bars)
     spec = ModelSpec(
         family="gru",
         input_size=len(INPUT_COLUMNS),
         hidden_size=8,
         window_bars=window_bars,
         batch_size=64,
+        horizon_bars=horizon_bars,
     )
     ends = window_ends(
         arrays,
@@ -56,7 +63,7 @@ def register_model(
         model_files(spec, scaler, net),
         {
             "feature_spec_hash": spec_hash(),
-            "horizon_bars": HORIZON_BARS,
+            "horizon_bars": horizon_bars,
             "seed": seed,
             "metrics": {"score": float(np.float64(seed) / 100.0)},
             "training_data_range": {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Final
 
 SPEC_VERSION = "1.1.0"
 
@@ -22,7 +23,7 @@ WARMUP_BARS = 240
 # Horizons (in 1-minute bars) that Silver carries targets for; a sweep picks among them.
 TARGET_HORIZONS_BARS: tuple[int, ...] = (10, 30, 60, 240)
 # The default horizon (bars): what a model that does not say otherwise was trained and serves for.
-HORIZON_BARS = 10
+HORIZON_BARS: Final = 10
 # The longest target horizon (bars): how far back a new bar can complete an older bar's target.
 MAX_HORIZON_BARS = max(TARGET_HORIZONS_BARS)
 

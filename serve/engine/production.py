@@ -44,6 +44,7 @@ class ServingModel:
             version=self.version,
             family=self.model.spec.family,
             window_bars=self.model.spec.window_bars,
+            horizon_minutes=self.model.spec.horizon_bars,
             feature_spec_hash=meta.get("feature_spec_hash"),
             metrics=meta.get("metrics", {}),
             training_data_range=meta.get("training_data_range"),

@@ -22,7 +22,6 @@ import polars as pl
 
 from configs.schema import BacktestConfig
 from market.features.incremental import FEATURE_INDEX, FeatureWindows
-from market.features.spec import HORIZON_BARS
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from models.artifact import LoadedModel
 from models.backtest import decide_signals
@@ -49,9 +48,10 @@ def _neutral(
     close: float,
     model_version: str,
     feature_spec_hash: str,
+    horizon_bars: int,
 ) -> Signal:
-    """The NEUTRAL, no-opinion signal of the bar opening at `open_time_ms`; callers set the
-    decision or the reason."""
+    """The NEUTRAL, no-opinion signal of the bar opening at `open_time_ms` for a model whose
+    targets look `horizon_bars` bars (minutes) ahead; callers set the decision or the reason."""
     return Signal(
         symbol=symbol,
         signal="NEUTRAL",
@@ -59,7 +59,7 @@ def _neutral(
         p_up=None,
         predicted_return=None,
         predicted_close=None,
-        horizon_minutes=HORIZON_BARS,
+        horizon_minutes=horizon_bars,
         as_of=bar_close_iso(open_time_ms),
         bar_open_time_ms=open_time_ms,
         close=close,
@@ -110,7 +110,14 @@ def compute_signal(
     tail = features.tail(window)
     open_times = tail["open_time"].cast(pl.Int64).to_numpy()
     close = float(tail["close"][-1])
-    base = _neutral(symbol, int(open_times[-1]), close, model_version, feature_spec_hash)
+    base = _neutral(
+        symbol,
+        int(open_times[-1]),
+        close,
+        model_version,
+        feature_spec_hash,
+        model.spec.horizon_bars,
+    )
     if tail.height < window:
         return base.with_reason(
             "NEUTRAL", 0.0, f"only {tail.height} bars held; the model reads {window}"
@@ -179,6 +186,7 @@ def compute_signals(
             float(close[i]),
             model_version,
             feature_spec_hash,
+            model.spec.horizon_bars,
         )
         if finite[i]:
             signals.append(_decided(base, float(predicted[i]), float(p_up[i]), int(decisions[i])))

@@ -112,12 +112,14 @@ class ModelInfo:
     """The serving model's registry facts, as `/models/current` shows them.
 
     `metrics`, the ranges and `gate` are the registry metadata as registered (JSON; None when
-    absent). `loaded_at_ms` is when this service loaded it, epoch milliseconds.
+    absent). `loaded_at_ms` is when this service loaded it, epoch milliseconds;
+    `horizon_minutes` is how far ahead its signals look (the label horizon it was trained for).
     """
 
     version: str
     family: str
     window_bars: int
+    horizon_minutes: int
     feature_spec_hash: str | None
     metrics: dict[str, JsonValue]
     training_data_range: JsonValue

@@ -44,7 +44,7 @@ CONTROL_TRIALS = 2
 BOARD_COLUMNS = ["trial_index", "status", "iterations", "score", "val_loss", "family"]
 
 
-def control_config(directory: Path) -> Path:
+def control_config(directory: Path, search: dict[str, Any] | None = None) -> Path:
     """The smoke config with 2 trials instead of 4, for the sweeps that must find no edge.
 
     Their checks keep their power with 2 trials: the data, folds and test bars are the smoke
@@ -55,6 +55,7 @@ def control_config(directory: Path) -> Path:
     """
     smoke: dict[str, Any] = yaml.safe_load(SMOKE.read_text())
     smoke["num_samples"] = CONTROL_TRIALS
+    smoke["search"].update(search or {})
     path = directory / "control.yaml"
     path.write_text(yaml.safe_dump(smoke))
     return path
@@ -122,6 +123,7 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     metadata = registry.metadata("signal", gate["version"])
     for key in ("feature_spec_hash", "training_data_range", "seed", "metrics", "git_commit"):
         assert key in metadata
+    assert (metadata["horizon_bars"], metadata["label"]) == (10, "direction")
     # PBO over the completed trials: ASHA may leave a single one, and then PBO is undefined
     completed = summary["trial_status"].get(COMPLETED, 0)
     assert summary["pbo_detail"]["trials"] == completed
@@ -154,12 +156,18 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     assert "<h2>Backtest overfitting</h2>" in report and shown in report
 
 
-@pytest.mark.parametrize("seed", [11, 12])
-def test_no_signal_is_never_promoted(seed: int, tmp_path: Path) -> None:
+# The second control also sweeps the longer horizons: none may find an edge where there is none.
+LONGER_HORIZONS = {"horizon_bars": [30, 60]}
+
+
+@pytest.mark.parametrize(("seed", "search"), [(11, None), (12, LONGER_HORIZONS)])
+def test_no_signal_is_never_promoted(
+    seed: int, search: dict[str, Any] | None, tmp_path: Path
+) -> None:
     lake = tmp_path / "lake"
     config = SimConfig(seed=seed, anchor_date=date(2024, 1, 1), signal_strength=0.0)
     write_sim_silver(lake, config, SYMBOLS, DAYS)
-    control = control_config(tmp_path)
+    control = control_config(tmp_path, search)
     summary = run_tune(
         lake, tmp_path / "registry", tmp_path / "out", "--seed", str(seed), config=control
     )
@@ -168,7 +176,18 @@ def test_no_signal_is_never_promoted(seed: int, tmp_path: Path) -> None:
     assert not gate["promoted"]
     assert gate["dsr"] < 0.95, gate
     assert summary["best_directional_accuracy"] < 0.53
-    assert ModelRegistry(str(tmp_path / "registry")).get_alias("signal", "production") is None
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    assert registry.get_alias("signal", "production") is None
+    # The leaderboard shows each trial's horizon and label; the registered (unpromoted) best
+    # trial records its own, and its backtest held positions for that horizon.
+    leaderboard = pd.read_parquet(RunDir(tmp_path / "out").leaderboard_parquet)
+    best = leaderboard.set_index("trial_id").loc[summary["best_trial"]]
+    metadata = registry.metadata("signal", gate["version"])
+    assert metadata["horizon_bars"] == best["horizon_bars"] == metadata["backtest"]["hold_bars"]
+    assert metadata["label"] == best["label"]
+    expected = search or {"horizon_bars": [10]}
+    assert set(leaderboard["horizon_bars"]) <= set(expected["horizon_bars"])
+    assert set(leaderboard["label"]) == {"direction"}
 
 
 def test_shuffled_labels_give_no_edge(planted_lake: Path, tmp_path: Path) -> None:

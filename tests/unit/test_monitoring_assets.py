@@ -381,6 +381,7 @@ def test_metric_types_match_what_the_api_renders() -> None:
             version="v3",
             family="lstm",
             window_bars=64,
+            horizon_minutes=10,
             feature_spec_hash="abc",
             metrics={},
             training_data_range=None,

@@ -46,6 +46,7 @@ MODEL = ModelInfo(
     version="v0001",
     family="gru",
     window_bars=16,
+    horizon_minutes=10,
     feature_spec_hash="abc",
     metrics={"score": 0.01, "folds": [1, 2]},
     training_data_range={"start_ms": 1, "end_ms": 2},
