@@ -357,8 +357,9 @@ LabelHorizon = Literal[10, 30, 60, 240]
 """A label horizon in 1-minute bars: one of the horizons Silver carries targets for
 (`market.features.spec.TARGET_HORIZONS_BARS`; a test holds the two equal)."""
 
-LabelKind = Literal["direction"]
-"""What the classification head learns: the sign of the horizon's return (`direction`)."""
+LabelKind = Literal["direction", "triple_barrier"]
+"""What the classification head learns: the sign of the horizon's return (`direction`) or
+which of two cost-aware price barriers the next bars touch first (`triple_barrier`)."""
 
 
 def _default_horizons() -> list[LabelHorizon]:
@@ -374,7 +375,7 @@ class SearchSpaceConfig(StrictModel):
 
     `horizon_bars` picks the label horizon (bars) of a trial: its targets, its backtest hold
     (unless `backtest.hold_bars` is set) and the model's served horizon. `label` picks the
-    classification target.
+    classification target (`direction` or `triple_barrier`, see TripleBarrierConfig).
     """
 
     horizon_bars: list[LabelHorizon] = Field(default_factory=_default_horizons, min_length=1)
@@ -437,6 +438,23 @@ class GateConfig(StrictModel):
         return partitions
 
 
+class TripleBarrierConfig(StrictModel):
+    """Barriers of the `triple_barrier` label, measured from the decision bar's close.
+
+    In `bps`, `profit_take` and `stop_loss` are basis points of price; in `vol` they are
+    multiples of the decision bar's rv_60 (per-bar std of 1-minute log returns) scaled to the
+    horizon by sqrt(horizon_bars). Both barriers are widened by the backtest's round-trip cost
+    (2 x (fee + slippage) bps), so +1 (upper barrier first) means a long exiting there nets at
+    least `profit_take` after costs, and -1 (lower first) that a short nets `stop_loss` after
+    costs (for a long, its stop-loss). 0: neither barrier within the horizon (the time
+    barrier), or both inside one bar (their order unknown).
+    """
+
+    unit: Literal["bps", "vol"] = "bps"
+    profit_take: float = Field(default=10.0, ge=0)
+    stop_loss: float = Field(default=10.0, ge=0)
+
+
 class TuneJobConfig(StrictModel):
     """`jobs.tune`: the sweep, its folds, backtest and promotion gate."""
 
@@ -456,6 +474,7 @@ class TuneJobConfig(StrictModel):
     scaling: ScalingSettings = ScalingSettings()
     folds: FoldConfig = FoldConfig()
     backtest: BacktestConfig = BacktestConfig()
+    triple_barrier: TripleBarrierConfig = TripleBarrierConfig()
     gate: GateConfig = GateConfig()
     model_name: str = "signal"
 

@@ -12,7 +12,8 @@ validation, on the target bar t + h too (h = the arrays' `horizon_bars`), so tha
 reaches past its range.
 
 Labels: MarketArrays carries Silver's forward returns at every spec horizon; `labelled` picks
-one horizon and a label kind (`direction`: up/down over the horizon) for a trial.
+one horizon and a label kind (`direction`: up/down over the horizon; `triple_barrier`: see
+`triple_barrier_labels`) for a trial.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 
-from configs.schema import ObjectStoreConfig
+from configs.schema import ObjectStoreConfig, TripleBarrierConfig
 from market.features.spec import (
     FEATURE_COLUMNS,
     HORIZON_BARS,
@@ -54,7 +55,10 @@ SILVER_COLUMNS: tuple[str, ...] = (
 # Read when present: a table without them (a hand-made one) still loads, with the default
 # horizon's direction label only.
 _OPTIONAL_COLUMNS = ("high", "low")
-LABEL_KINDS: tuple[str, ...] = ("direction",)
+LABEL_KINDS: tuple[str, ...] = ("direction", "triple_barrier")
+# The triple-barrier label of a bar whose time barrier was reached (or whose two barriers fell
+# in one bar), as the classification target: halfway, so the loss pulls P(up) towards 0.5.
+TIME_BARRIER_TARGET = 0.5
 
 
 def model_inputs(columns: Mapping[str, np.ndarray], close: np.ndarray) -> np.ndarray:
@@ -78,9 +82,9 @@ class MarketArrays:
     """Silver rows of several symbols, concatenated in (symbol, open_time) order.
 
     `target_ret` / `target_up` are the labels a model trains on: the log return over the next
-    `horizon_bars` bars and the classification target of `label` (1/0 for `direction`).
-    `direction_up` is always the 1/0 up label at `horizon_bars` (what directional accuracy is
-    scored against). `forward_returns` holds the
+    `horizon_bars` bars and the classification target of `label` (1/0 for `direction`; 1, 0 or
+    TIME_BARRIER_TARGET for `triple_barrier`). `direction_up` is always the 1/0 up label at
+    `horizon_bars` (what directional accuracy is scored against). `forward_returns` holds the
     log return at every horizon Silver carries, so that `labelled` can switch horizon.
     """
 
@@ -105,10 +109,14 @@ class MarketArrays:
         self,
         horizon_bars: int,
         label: str = "direction",
+        barrier: TripleBarrierConfig | None = None,
+        round_trip_cost_bps: float = 0.0,
     ) -> MarketArrays:
         """These arrays with the targets of `horizon_bars` (bars) and `label`.
 
-        Raises ValueError for a horizon the arrays do not carry or an unknown label.
+        `barrier` and `round_trip_cost_bps` (both sides' fees and slippage, bps) set the
+        triple-barrier label; they are ignored for `direction`. Raises ValueError for a horizon
+        the arrays do not carry, an unknown label, or a triple barrier without high/low.
         """
         if label not in LABEL_KINDS:
             raise ValueError(f"unknown label {label!r}: one of {', '.join(LABEL_KINDS)}")
@@ -117,10 +125,22 @@ class MarketArrays:
             raise ValueError(f"no {horizon_bars}-bar target in these arrays (carried: {carried})")
         forward = self.forward_returns[horizon_bars]
         up = np.where(np.isfinite(forward), forward > 0, np.nan).astype(np.float32)
+        target_up = up
+        if label == "triple_barrier":
+            if self.high is None or self.low is None:
+                raise ValueError("the triple-barrier label needs Silver's high and low")
+            vol = self.inputs[:, INPUT_COLUMNS.index(BARRIER_VOL_COLUMN)].astype(np.float64)
+            barriers = barrier_widths(
+                barrier or TripleBarrierConfig(), horizon_bars, round_trip_cost_bps, vol
+            )
+            labels = triple_barrier_labels(
+                self.close, self.high, self.low, np.isfinite(forward), horizon_bars, *barriers
+            )
+            target_up = barrier_targets(labels)
         return replace(
             self,
             target_ret=forward,
-            target_up=up,
+            target_up=target_up,
             direction_up=up,
             horizon_bars=horizon_bars,
             label=label,
@@ -211,6 +231,73 @@ def arrays_from_table(table: pa.Table) -> MarketArrays:
         forward_returns=forward_returns,
         direction_up=target_up,
     )
+
+
+# The volatility that `vol` barriers scale: per-bar std of 1-minute log returns, last 60 bars.
+BARRIER_VOL_COLUMN = "rv_60"
+
+
+def barrier_widths(
+    config: TripleBarrierConfig, horizon_bars: int, round_trip_cost_bps: float, vol: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(upper, lower) barrier distances per bar, in log-return units, both > 0.
+
+    `bps`: profit_take / stop_loss basis points; `vol`: multiples of `vol` (per-bar std of log
+    returns) x sqrt(horizon_bars). Each is widened by the round-trip cost (bps), so that a
+    touch of the upper barrier pays for a long's fees and slippage, and of the lower a
+    short's. NaN where `vol` is NaN (under `vol`).
+    """
+    cost = round_trip_cost_bps / 1e4
+    # Per unit of profit_take / stop_loss, in log-return units.
+    per_bps = np.full(vol.shape, 1e-4)
+    scale = per_bps if config.unit == "bps" else vol * np.sqrt(horizon_bars)
+    return config.profit_take * scale + cost, config.stop_loss * scale + cost
+
+
+def triple_barrier_labels(
+    close: np.ndarray,
+    high: np.ndarray,
+    low: np.ndarray,
+    has_horizon: np.ndarray,
+    horizon_bars: int,
+    upper: np.ndarray,
+    lower: np.ndarray,
+) -> np.ndarray:
+    """float32 per bar t: +1 if a high of bars t+1..t+h reaches ln(high/close_t) >= upper
+    first, -1 if a low reaches ln(low/close_t) <= -lower first, 0 when neither does within h
+    bars or both do in the same bar (their order inside it is unknown); NaN where
+    `has_horizon` is false (bar t+h not in t's segment) or a barrier is NaN.
+
+    Reads only close_t (known at the decision) and bars t+1..t+h: rows are in time order and
+    `has_horizon` guarantees that those h rows are the same segment's next h minutes.
+    """
+    n = len(close)
+    labels = np.full(n, np.nan, dtype=np.float32)
+    pending = np.flatnonzero(has_horizon & np.isfinite(upper) & np.isfinite(lower))
+    if pending.size == 0:
+        return labels
+    labels[pending] = 0.0
+    log_close = np.log(close)
+    up_at = log_close[pending] + upper[pending]
+    down_at = log_close[pending] - lower[pending]
+    for k in range(1, horizon_bars + 1):
+        ahead = pending + k
+        hit_up = np.log(high[ahead]) >= up_at
+        hit_down = np.log(low[ahead]) <= down_at
+        settled = hit_up | hit_down
+        labels[pending[hit_up & ~hit_down]] = 1.0
+        labels[pending[hit_down & ~hit_up]] = -1.0
+        keep = ~settled
+        pending, up_at, down_at = pending[keep], up_at[keep], down_at[keep]
+        if pending.size == 0:
+            break
+    return labels
+
+
+def barrier_targets(labels: np.ndarray) -> np.ndarray:
+    """The classification target of triple-barrier labels: +1 -> 1, -1 -> 0, 0 ->
+    TIME_BARRIER_TARGET; NaN stays NaN (float32)."""
+    return np.where(labels == 0.0, TIME_BARRIER_TARGET, (labels + 1.0) / 2.0).astype(np.float32)
 
 
 def load_silver(

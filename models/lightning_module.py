@@ -45,7 +45,8 @@ class WindowBatches:
 
 
 class SignalModule(pl.LightningModule):
-    """Joint loss: MSE on the scaled horizon return plus BCE on the label."""
+    """Joint loss: MSE on the scaled horizon return plus BCE on the label (a soft
+    0.5 for a triple barrier's time-barrier bars)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()

@@ -3,7 +3,7 @@
 Every network reads a window [batch, L bars, inputs] (oldest bar first) and returns
 [batch, 2]: column 0 is the log return over the model's `horizon_bars` bars in units of the
 training target scale (`Scaler.target_scale`), column 1 the logit of its label: P(close_{t+h} >
-close_t) for `direction`.
+close_t) for `direction`, of the upper barrier first for `triple_barrier` (models.dataset).
 """
 
 from __future__ import annotations

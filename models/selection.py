@@ -295,6 +295,9 @@ def _register(
         "input_columns": list(INPUT_COLUMNS),
         "horizon_bars": spec.horizon_bars,
         "label": spec.label,
+        "triple_barrier": job.triple_barrier.model_dump(mode="json")
+        if spec.label == "triple_barrier"
+        else None,
         "symbols": list(arrays.symbols),
         "training_data_range": chosen.training,
         "validation_range": chosen.validation,

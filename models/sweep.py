@@ -91,7 +91,13 @@ def backtest_for(config: BacktestConfig, horizon_bars: int) -> BacktestConfig:
 
 def labelling(job: TuneJobConfig, spec: ModelSpec) -> dict[str, Any]:
     """The keyword arguments of `MarketArrays.labelled` for a trial's model (picklable)."""
-    return {"horizon_bars": spec.horizon_bars, "label": spec.label}
+    backtest = job.backtest
+    return {
+        "horizon_bars": spec.horizon_bars,
+        "label": spec.label,
+        "barrier": job.triple_barrier,
+        "round_trip_cost_bps": 2.0 * (backtest.fee_bps + backtest.slippage_bps),
+    }
 
 
 def load_fold_models(

@@ -156,11 +156,12 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     assert "<h2>Backtest overfitting</h2>" in report and shown in report
 
 
-# The second control also sweeps the longer horizons: none may find an edge where there is none.
-LONGER_HORIZONS = {"horizon_bars": [30, 60]}
+# The second control also sweeps the longer horizons with triple-barrier labels: no label
+# kind or horizon may find an edge where there is none.
+LONGER_TRIPLE_BARRIER = {"horizon_bars": [30, 60], "label": ["triple_barrier"]}
 
 
-@pytest.mark.parametrize(("seed", "search"), [(11, None), (12, LONGER_HORIZONS)])
+@pytest.mark.parametrize(("seed", "search"), [(11, None), (12, LONGER_TRIPLE_BARRIER)])
 def test_no_signal_is_never_promoted(
     seed: int, search: dict[str, Any] | None, tmp_path: Path
 ) -> None:
@@ -185,9 +186,9 @@ def test_no_signal_is_never_promoted(
     metadata = registry.metadata("signal", gate["version"])
     assert metadata["horizon_bars"] == best["horizon_bars"] == metadata["backtest"]["hold_bars"]
     assert metadata["label"] == best["label"]
-    expected = search or {"horizon_bars": [10]}
+    expected = search or {"horizon_bars": [10], "label": ["direction"]}
     assert set(leaderboard["horizon_bars"]) <= set(expected["horizon_bars"])
-    assert set(leaderboard["label"]) == {"direction"}
+    assert set(leaderboard["label"]) == set(expected["label"])
 
 
 def test_shuffled_labels_give_no_edge(planted_lake: Path, tmp_path: Path) -> None:

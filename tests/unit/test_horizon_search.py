@@ -89,8 +89,8 @@ def trial_config(horizon: int, label: str) -> dict[str, object]:
 
 
 def test_a_trial_spec_and_the_leaderboard_carry_horizon_and_label() -> None:
-    spec = spec_of(trial_config(60, "direction"))
-    assert (spec.horizon_bars, spec.label) == (60, "direction")
+    spec = spec_of(trial_config(60, "triple_barrier"))
+    assert (spec.horizon_bars, spec.label) == (60, "triple_barrier")
     older = {k: v for k, v in trial_config(60, "direction").items() if k[:2] not in ("ho", "la")}
     assert spec_of(older).horizon_bars == HORIZON_BARS
     # A model saved before the fields existed loads as the default horizon's direction model.
@@ -98,11 +98,11 @@ def test_a_trial_spec_and_the_leaderboard_carry_horizon_and_label() -> None:
     assert ModelSpec.model_validate(saved).horizon_bars == HORIZON_BARS
     outcomes = [
         TrialOutcome("t_0", trial_config(240, "direction"), COMPLETED, 3, {"score": 1.0}),
-        TrialOutcome("t_1", trial_config(30, "direction"), COMPLETED, 3, {"score": 0.5}),
+        TrialOutcome("t_1", trial_config(30, "triple_barrier"), COMPLETED, 3, {"score": 0.5}),
     ]
     board = leaderboard_frame(outcomes, {})
     assert board["horizon_bars"].tolist() == [240, 30]
-    assert board["label"].tolist() == ["direction", "direction"]
+    assert board["label"].tolist() == ["direction", "triple_barrier"]
 
 
 def test_serve_reports_the_horizon_of_the_model_it_serves(tmp_path: Path) -> None:
