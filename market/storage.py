@@ -21,6 +21,8 @@ into a local path: nothing here creates a directory named like one.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +99,92 @@ class Location:
         suffix = "/".join(names)
         return Location(f"{self.uri}/{suffix}", self.filesystem, f"{self.path}/{suffix}")
 
+    def __truediv__(self, name: str) -> Location:
+        return self.child(name)
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        """The last component of the path."""
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def _info(self) -> pafs.FileInfo:
+        return self.filesystem.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        return bool(self._info().type != pafs.FileType.NotFound)
+
+    def is_file(self) -> bool:
+        return bool(self._info().type == pafs.FileType.File)
+
+    def is_dir(self) -> bool:
+        """A directory, or on an object store a prefix holding objects."""
+        return bool(self._info().type == pafs.FileType.Directory)
+
+    def mtime(self) -> float:
+        """When the file was last written, epoch seconds; 0.0 when it is missing or the store
+        does not say."""
+        info = self._info()
+        if info.type == pafs.FileType.NotFound or info.mtime is None:
+            return 0.0
+        return float(info.mtime.timestamp())
+
+    def iterdir(self) -> list[Location]:
+        """The entries directly below this location, sorted by name; empty when it is absent."""
+        selector = pafs.FileSelector(self.path, allow_not_found=True, recursive=False)
+        names = sorted(info.base_name for info in self.filesystem.get_file_info(selector))
+        return [self.child(name) for name in names]
+
+    def mkdir(self) -> None:
+        """Create the directory and its parents (object stores need none: a no-op there)."""
+        if self.is_local:
+            self.filesystem.create_dir(self.path, recursive=True)
+
+    def read_bytes(self) -> bytes:
+        with self.filesystem.open_input_stream(self.path) as stream:
+            return bytes(stream.readall())
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write the file whole, so that a reader sees the old content or the new, never a
+        part: locally a temporary file beside it, fsynced and renamed into place (parents
+        created); on an object store one PUT."""
+        if not self.is_local:
+            with self.filesystem.open_output_stream(self.path) as stream:
+                stream.write(data)
+            return
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with open(temporary, "xb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def upload(self, directory: Path) -> None:
+        """Copy the local `directory`'s files (recursively) to this location, replacing
+        files of the same name and leaving others in place."""
+        if self.is_local:
+            shutil.copytree(directory, self.path, dirs_exist_ok=True)
+            return
+        pafs.copy_files(
+            str(directory),
+            self.path,
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.filesystem,
+        )
+
 
 def object_store_settings(
     config: ObjectStoreConfig | None = None, environ: Mapping[str, str] | None = None
@@ -136,6 +224,15 @@ def s3_filesystem(config: ObjectStoreConfig) -> pafs.S3FileSystem:
         allow_bucket_deletion=False,
         **endpoint,
     )
+
+
+def as_location(
+    location: Location | str | Path, config: ObjectStoreConfig | None = None
+) -> Location:
+    """`location` as is when it is already resolved, else `resolve`d without a probe."""
+    if isinstance(location, Location):
+        return location
+    return resolve(location, config, probe=False)
 
 
 def resolve(

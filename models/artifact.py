@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from market.storage import Location, as_location
 from models.dataset import Scaler, gather_windows
 from models.networks import ModelSpec, SignalNet
 from models.registry import ModelRegistry
@@ -93,14 +94,17 @@ def load_model_files(files: Mapping[str, bytes]) -> LoadedModel:
     return LoadedModel(spec=spec, scaler=Scaler.from_json(files["scaler.json"].decode()), net=net)
 
 
-def write_model_dir(directory: Path, files: Mapping[str, bytes]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+def write_model_dir(directory: Path | Location, files: Mapping[str, bytes]) -> None:
+    """Write the model files into `directory` (a local path or a `market.storage` location)."""
+    target = as_location(directory)
     for name, data in files.items():
-        (directory / name).write_bytes(data)
+        (target / name).write_bytes(data)
 
 
-def read_model_dir(directory: Path) -> dict[str, bytes]:
-    return {name: (directory / name).read_bytes() for name in MODEL_FILES}
+def read_model_dir(directory: Path | Location) -> dict[str, bytes]:
+    """The model files in `directory` (a local path or a `market.storage` location)."""
+    source = as_location(directory)
+    return {name: (source / name).read_bytes() for name in MODEL_FILES}
 
 
 def load_registered(registry: ModelRegistry, name: str, version: str) -> LoadedModel:

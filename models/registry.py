@@ -2,7 +2,8 @@
 
 The registry lives under one root, a local directory (relative paths are made absolute) or a
 `file://`, `s3://` or `gs://` URI, resolved and probed by `market.storage` (an `s3://` endpoint
-and credentials from the standard AWS environment):
+and credentials from an `ObjectStoreConfig`, every unset field from the standard AWS
+environment):
 
     <root>/<name>/versions/v0001/<file>...          the version's files (weights, config, scaler)
     <root>/<name>/versions/v0001/metadata.json      written last: its presence commits the version
@@ -72,6 +73,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from configs.schema import ObjectStoreConfig
 from market.storage import StorageError, is_uri, resolve
 
 PRODUCTION = "production"
@@ -342,7 +344,9 @@ class _ArrowStore(_Store):
         yield
 
 
-def _open_store(uri: str, filesystem: Any | None) -> tuple[_Store, str]:
+def _open_store(
+    uri: str, filesystem: Any | None, object_store: ObjectStoreConfig | None = None
+) -> tuple[_Store, str]:
     """The store of a registry URI and the URI as reported (local paths made absolute)."""
     if filesystem is not None:
         if isinstance(filesystem, pafs.LocalFileSystem):
@@ -350,7 +354,7 @@ def _open_store(uri: str, filesystem: Any | None) -> tuple[_Store, str]:
             return _LocalStore(root), str(root)
         return _ArrowStore(filesystem, uri), uri
     try:
-        location = resolve(uri)
+        location = resolve(uri, object_store)
     except StorageError as exc:
         raise RegistryError(f"cannot open registry: {exc}") from exc
     if location.is_local:
@@ -361,15 +365,22 @@ def _open_store(uri: str, filesystem: Any | None) -> tuple[_Store, str]:
 class ModelRegistry:
     """Numbered, immutable model versions and audited aliases under one root (see module doc)."""
 
-    def __init__(self, uri: str, *, filesystem: Any | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        filesystem: Any | None = None,
+        object_store: ObjectStoreConfig | None = None,
+    ) -> None:
         """Open (without creating) the registry at `uri`.
 
         `filesystem` is an already configured `pyarrow.fs.FileSystem` (credentials, endpoint);
-        `uri` is then the root path inside it.
+        `uri` is then the root path inside it. Otherwise an `s3://` registry is reached with
+        `object_store`, its unset fields taken from the AWS environment.
         """
         if not uri:
             raise RegistryError("registry URI is empty")
-        self._store, self._uri = _open_store(uri, filesystem)
+        self._store, self._uri = _open_store(uri, filesystem, object_store)
 
     @property
     def uri(self) -> str:

@@ -23,18 +23,18 @@ year of 1-minute bars (525,600 points a curve) costs a few hundred kB instead of
 while peaks, troughs and the deepest drawdown stay visible. Summary numbers (final equity,
 max drawdown) are computed on the full-resolution series.
 
-Every file is written to a temporary name in the target directory and renamed into place, so
-a reader never sees a half-written file and a failed write leaves the previous one intact.
+Every file is written whole through `market.storage.Location.write_bytes` (locally a temporary
+name in the target directory renamed into place, on an object store one PUT), so a reader never
+sees a half-written file and a failed write leaves the previous one intact.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.subplots import make_subplots
 
+from market.storage import Location, as_location
 from models.evaluation import PathDistribution
 from models.pbo import PboResult
 from models.runs import BUY_AND_HOLD, COMPLETED, EARLY_STOPPED, ERRORED, RunDir
@@ -89,7 +90,6 @@ REGIME_ORDER: tuple[str, ...] = ("high_vol", "low_vol", "up_trend", "down_trend"
 
 # Columns that may name the model a fold or regime row belongs to, most specific first.
 _MODEL_COLUMNS: tuple[str, ...] = ("model", "name", "candidate", "trial_id")
-_TMP_PREFIX = ".tmp-"
 _BASELINE_PREFIX = "baseline:"
 _STATUS_SYMBOLS: Mapping[str, str] = {
     COMPLETED: "circle",
@@ -156,24 +156,26 @@ def sort_leaderboard(leaderboard: pd.DataFrame) -> pd.DataFrame:
     return ordered.reset_index(drop=True)
 
 
-def write_leaderboard(leaderboard: pd.DataFrame, out_dir: str | Path) -> tuple[Path, Path]:
+def write_leaderboard(
+    leaderboard: pd.DataFrame, out_dir: str | Path | Location
+) -> tuple[Location, Location]:
     """Write the sweep leaderboard as Parquet and CSV in the run directory `out_dir`.
 
     Both files hold the same rows and columns: every trial the caller passes (completed,
     early-stopped and failed), sorted by `score` (mean fold net Sharpe, annualised from
     1-minute bars) descending with NaN last, without the index. Object columns holding
     values that Parquet cannot store as one type (lists, dicts, mixed types: typically
-    hyperparameters) are stored as JSON text in both files. `out_dir` is created if missing;
-    each file is written atomically. Returns (parquet path, csv path).
+    hyperparameters) are stored as JSON text in both files. `out_dir` (a local path or a
+    URI, `market.storage`) is created if missing; each file is written atomically. Returns
+    (parquet location, csv location).
     """
-    run = RunDir(Path(out_dir))
-    run.root.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out_dir)
     table = _storable(sort_leaderboard(leaderboard))
-    parquet_path = run.leaderboard_parquet
-    csv_path = run.leaderboard_csv
-    _write_atomically(parquet_path, lambda tmp: table.to_parquet(tmp, index=False))
-    _write_atomically(csv_path, lambda tmp: table.to_csv(tmp, index=False))
-    return parquet_path, csv_path
+    parquet = io.BytesIO()
+    table.to_parquet(parquet, index=False)
+    run.leaderboard_parquet.write_bytes(parquet.getvalue())
+    run.leaderboard_csv.write_text(table.to_csv(index=False))
+    return run.leaderboard_parquet, run.leaderboard_csv
 
 
 def _storable(frame: pd.DataFrame) -> pd.DataFrame:
@@ -290,7 +292,7 @@ def curve_summary(curve: pd.Series) -> dict[str, float]:
 
 
 def write_html_report(
-    path: str | Path,
+    path: str | Path | Location,
     *,
     title: str,
     leaderboard: pd.DataFrame,
@@ -304,8 +306,9 @@ def write_html_report(
     generated_at: datetime | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
     log_y: bool = False,
-) -> Path:
-    """Render the sweep's robustness report as one self-contained HTML file at `path`.
+) -> Location:
+    """Render the sweep's robustness report as one self-contained HTML file at `path` (a
+    local path or a URI, `market.storage`).
 
     `leaderboard`: one row per trial (see `write_leaderboard`); shown whole, sorted by score.
     `equity_curves`: name -> equity (multiple of starting capital, starts near 1.0) indexed by
@@ -324,7 +327,7 @@ def write_html_report(
     log axis when every value is positive. Missing or empty inputs render as a message in
     their section. Parent directories are created; the file is written atomically.
     """
-    target = Path(path)
+    target = as_location(path)
     stamp = (generated_at or datetime.now(UTC)).astimezone(UTC)
     board = sort_leaderboard(leaderboard)
     curves = _clean_curves(equity_curves)
@@ -369,8 +372,7 @@ def write_html_report(
             "",
         ]
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(target, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    target.write_text(page)
     return target
 
 
@@ -943,16 +945,3 @@ def _plot_x(index: pd.Index) -> npt.NDArray[np.float64]:
         nanos = stamps.as_unit("ns").asi8.astype(np.float64)
         return nanos / 1e6
     return pd.to_numeric(pd.Series(index), errors="coerce").to_numpy(np.float64)
-
-
-def _write_atomically(target: Path, write: Callable[[Path], object]) -> None:
-    """Run `write` on a temporary file beside `target`, then rename it onto `target`."""
-    temporary = target.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{target.name}")
-    try:
-        write(temporary)
-        with temporary.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise

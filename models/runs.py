@@ -29,10 +29,15 @@ A CPCV record (`folds.scheme: cpcv`) stores no walk-forward folds (`folds` is em
 per-fold metrics are per path and group (a `path` key beside `fold`, the group), and
 `TrialRecord.paths` holds its distribution of path Sharpe ratios; the fold directories
 `fold_<i>/` hold split i's model (splits in `itertools.combinations` order).
+
+A run directory is a local path or an object-store URI (`market.storage`): every name here is a
+`market.storage.Location`, and every file is read and written through its filesystem, each
+file whole (temporary file and rename locally, one PUT on an object store).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import string
 from collections.abc import Sequence
@@ -42,7 +47,10 @@ from typing import Final
 from urllib.parse import unquote
 
 import numpy as np
+import pandas as pd
 
+from configs.schema import ObjectStoreConfig
+from market.storage import Location, as_location
 from models.evaluation import Evaluation, PathDistribution
 from models.folds import Fold
 
@@ -134,27 +142,31 @@ class TrialDir:
     name (a trial's id). A reference's directory holds its escaped name, so it is given here.
     """
 
-    path: Path
+    path: Location
     record_name: str | None = None
+
+    def __init__(self, path: Location | str | Path, record_name: str | None = None) -> None:
+        object.__setattr__(self, "path", as_location(path))
+        object.__setattr__(self, "record_name", record_name)
 
     @property
     def trial_id(self) -> str:
         return self.path.name
 
-    def fold(self, index: int) -> Path:
+    def fold(self, index: int) -> Location:
         """The model files of walk-forward fold `index`."""
         return self.path / f"fold_{index}"
 
     @property
-    def config(self) -> Path:
+    def config(self) -> Location:
         return self.path / CONFIG_FILE
 
     @property
-    def record(self) -> Path:
+    def record(self) -> Location:
         return self.path / RECORD_FILE
 
     @property
-    def evaluation(self) -> Path:
+    def evaluation(self) -> Location:
         return self.path / EVALUATION_FILE
 
     def has_record(self) -> bool:
@@ -171,8 +183,9 @@ class TrialDir:
         `evaluation.json` (`metrics`, per-fold metrics under `folds`, `regimes`, the
         walk-forward folds' train/validation/test ranges in epoch ms, and a CPCV record's
         path Sharpe distribution). Creates the directory."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        np.savez(self.record, open_time_ms=evaluation.open_time_ms, returns=evaluation.returns)
+        buffer = io.BytesIO()
+        np.savez(buffer, open_time_ms=evaluation.open_time_ms, returns=evaluation.returns)
+        self.record.write_bytes(buffer.getvalue())
         data = {
             "metrics": evaluation.metrics,
             "folds": evaluation.fold_metrics,
@@ -186,7 +199,7 @@ class TrialDir:
     def load(self, name: str | None = None) -> TrialRecord:
         """The record `save` wrote, its Evaluation named `name` (default: `record_name`, else
         the trial id)."""
-        with np.load(self.record) as record:
+        with np.load(io.BytesIO(self.record.read_bytes())) as record:
             open_time_ms = np.asarray(record["open_time_ms"], dtype=np.int64)
             returns = np.asarray(record["returns"], dtype=np.float64)
         data = json.loads(self.evaluation.read_text())
@@ -212,19 +225,25 @@ class TrialDir:
 
 @dataclass(frozen=True)
 class RunDir:
-    """A sweep's output directory (`jobs.tune --out`), local."""
+    """A sweep's output directory (`jobs.tune --out`): a local path or an object-store URI,
+    `s3://` reached with `object_store` (its unset fields from the AWS environment)."""
 
-    root: Path
+    root: Location
+
+    def __init__(
+        self, root: Location | str | Path, object_store: ObjectStoreConfig | None = None
+    ) -> None:
+        object.__setattr__(self, "root", as_location(root, object_store))
 
     @property
-    def trials(self) -> Path:
+    def trials(self) -> Location:
         return self.root / TRIALS
 
     def trial(self, trial_id: str) -> TrialDir:
         return TrialDir(self.trials / trial_id)
 
     @property
-    def references(self) -> Path:
+    def references(self) -> Location:
         return self.root / REFERENCES
 
     def reference(self, name: str) -> TrialDir:
@@ -241,11 +260,11 @@ class RunDir:
         return sorted(reference_name(p.name) for p in stored)
 
     @property
-    def leaderboard_parquet(self) -> Path:
+    def leaderboard_parquet(self) -> Location:
         return self.root / LEADERBOARD_PARQUET
 
     @property
-    def leaderboard_csv(self) -> Path:
+    def leaderboard_csv(self) -> Location:
         return self.root / LEADERBOARD_CSV
 
     def has_leaderboard(self) -> bool:
@@ -253,19 +272,27 @@ class RunDir:
 
     def leaderboard_mtime(self) -> float:
         """When the leaderboard was last written (epoch seconds); 0.0 when it is missing."""
-        files = (self.leaderboard_parquet, self.leaderboard_csv)
-        return max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
+        return max(self.leaderboard_parquet.mtime(), self.leaderboard_csv.mtime())
+
+    def read_leaderboard(self) -> pd.DataFrame:
+        """The leaderboard as written (Parquet, else CSV); FileNotFoundError when neither is
+        there."""
+        if self.leaderboard_parquet.is_file():
+            return pd.read_parquet(io.BytesIO(self.leaderboard_parquet.read_bytes()))
+        if self.leaderboard_csv.is_file():
+            return pd.read_csv(io.BytesIO(self.leaderboard_csv.read_bytes()))
+        raise FileNotFoundError(f"{self.root} has no leaderboard (Parquet or CSV)")
 
     @property
-    def report(self) -> Path:
+    def report(self) -> Location:
         return self.root / REPORT_FILE
 
     @property
-    def tune_storage(self) -> Path:
+    def tune_storage(self) -> Location:
         return self.root / TUNE_STORAGE
 
     @property
-    def train_storage(self) -> Path:
+    def train_storage(self) -> Location:
         return self.root / TRAIN_STORAGE
 
 

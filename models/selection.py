@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from configs.schema import TuneJobConfig
+from configs.schema import ObjectStoreConfig, TuneJobConfig
 from market.features.spec import SPEC_VERSION, spec_hash
+from market.storage import Location, object_store_settings
 from models.artifact import read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays, load_silver
 from models.evaluation import (
@@ -118,18 +119,23 @@ def run_selection(
     lake: str,
     registry_uri: str,
     job: TuneJobConfig,
-    out_dir: Path,
+    out_dir: str | Path | Location,
     *,
     shuffle_labels: bool = False,
+    resume: bool = False,
+    object_store: ObjectStoreConfig | None = None,
     progress: Callable[[str], None] = print,
 ) -> SelectionResult:
     """Sweep, score, gate and register; writes the reference records, leaderboard and report
-    under `out_dir` (laid out as `models.runs` says)."""
+    under `out_dir` (laid out as `models.runs` says), a local path or a URI, as is the
+    registry; `object_store` reaches `s3://` locations (unset fields: the AWS environment).
+    `resume` continues the sweep stored in `out_dir` (`models.sweep.run_sweep`)."""
     import ray
 
     started = time.perf_counter()
-    out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = object_store_settings(object_store)
+    run = RunDir(out_dir, settings)
+    run.root.mkdir()
     arrays = load_silver(lake, job.symbols)
     schedule = make_schedule(
         int(arrays.open_time_ms.min()),
@@ -140,7 +146,6 @@ def run_selection(
     )
     folds: list[Fold] = [] if isinstance(schedule, CpcvFolds) else list(schedule)
     progress(f"data: {arrays.bars} bars of {', '.join(arrays.symbols)}; {_describe(schedule)}")
-    run = RunDir(out_dir)
     scored_references = reference_evaluations(arrays, schedule, job)
     for name, scored in scored_references.items():
         # Stored with the run so that readers (the dashboard) show the very reference the gate
@@ -149,7 +154,7 @@ def run_selection(
         progress(f"reference {name}: score {scored.evaluation.score:.3f}")
     references = {name: scored.evaluation for name, scored in scored_references.items()}
     data_ref = ray.put(arrays)
-    outcomes = run_sweep(job, schedule, data_ref, out_dir, shuffle_labels=shuffle_labels)
+    outcomes = run_sweep(job, schedule, data_ref, run, shuffle_labels=shuffle_labels, resume=resume)
     completed = [o for o in outcomes if o.status == COMPLETED]
     stored = {o.trial_id: run.trial(o.trial_id).load() for o in completed}
     records = {tid: record.evaluation for tid, record in stored.items()}
@@ -165,7 +170,7 @@ def run_selection(
     )
     decision = apply_gate(best, trial_srs, len(outcomes), references, job.gate, pbo.pbo)
 
-    registry = ModelRegistry(registry_uri)
+    registry = ModelRegistry(registry_uri, object_store=settings)
     decision.production_before = registry.get_alias(job.model_name, PRODUCTION)
     decision.production_after = decision.production_before
     if best is not None:
@@ -192,7 +197,7 @@ def run_selection(
             )
             decision.production_after = decision.version
     board = leaderboard_frame(outcomes, dsr)
-    leaderboard_paths = write_leaderboard(board, out_dir)
+    leaderboard_paths = write_leaderboard(board, run.root)
     reference_paths = {n: r.paths for n, r in scored_references.items() if r.paths is not None}
     report_path = _report(
         run, board, records, best, references, decision, pbo, path_sharpes, reference_paths
@@ -344,7 +349,7 @@ def _report(
     pbo: PboResult,
     path_sharpes: dict[str, PathDistribution],
     reference_paths: dict[str, PathDistribution],
-) -> Path:
+) -> Location:
     top = sorted(records.values(), key=lambda r: r.score, reverse=True)[:3]
     shown_paths = (
         {}

@@ -8,12 +8,15 @@ costs and reports the walk-forward score (mean fold net Sharpe, annualised). Und
 trains one model per split, scores every backtest path and reports the mean path net Sharpe
 (`models.evaluation.combine_paths`). Every trial leaves its fold (or split) models, per-bar
 returns and folds (or path Sharpe distribution) in its trial directory (`models.runs`).
+
+Ray Tune's and Ray Train's storage (trial results, checkpoints, the experiment's state) lies in
+the run directory, on its filesystem: on an object store every node reads and writes the same
+storage, and an interrupted sweep can be resumed from it (`run_sweep(resume=True)`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 
 from configs.schema import BacktestConfig, SearchSpaceConfig, TuneJobConfig
 from market.features.spec import HORIZON_BARS
+from market.storage import Location
 from models.artifact import LoadedModel, load_model_files, read_model_dir
 from models.dataset import INPUT_COLUMNS, MarketArrays
 from models.evaluation import OutOfSampleBars, evaluate, evaluate_cpcv, model_predictions
@@ -28,6 +32,9 @@ from models.folds import CpcvFolds, Fold, Schedule, TrainingRanges, training_uni
 from models.networks import ModelSpec
 from models.runs import COMPLETED, EARLY_STOPPED, ERRORED, RunDir, TrialDir
 from models.training import train_loop_per_worker
+
+EXPERIMENT_NAME = "sweep"
+"""The Tune experiment's directory under the run's Tune storage."""
 
 HYPERPARAMETERS = (
     "family",
@@ -111,12 +118,12 @@ def make_trial(
     job: TuneJobConfig,
     schedule: Schedule,
     data_ref: Any,
-    out_dir: Path,
+    run: RunDir,
     shuffle_labels: bool,
 ) -> Callable[[dict[str, Any]], None]:
-    """The Tune function trainable of this sweep (closes over picklable values only)."""
+    """The Tune function trainable of this sweep (closes over picklable values only: the
+    run directory's filesystem travels with its endpoint and credentials)."""
     folds_json = [unit.as_dict() for unit in training_units(schedule)]
-    run = RunDir(out_dir)
 
     def trial(config: dict[str, Any]) -> None:
         import ray
@@ -148,7 +155,7 @@ def make_trial(
             ),
             run_config=RunConfig(
                 name=f"train-{trial_id}",
-                storage_path=str(run.train_storage),
+                **ray_storage(run.train_storage),
                 callbacks=[TuneReportCallback()],  # type: ignore[list-item]
             ),
         )
@@ -157,7 +164,7 @@ def make_trial(
             raise RuntimeError(f"trial {trial_id}: training returned no checkpoint")
         trial_dir = run.trial(trial_id)
         with result.checkpoint.as_directory() as checkpoint_dir:
-            shutil.copytree(checkpoint_dir, trial_dir.path, dirs_exist_ok=True)
+            trial_dir.path.upload(Path(checkpoint_dir))
         trial_dir.config.write_text(json.dumps(config, default=str))
         arrays: MarketArrays = ray.get(data_ref).labelled(**labelling(job, spec))
         backtest = backtest_for(job.backtest, spec.horizon_bars)
@@ -175,6 +182,25 @@ def make_trial(
         tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
 
     return trial
+
+
+def ray_storage(location: Location) -> dict[str, Any]:
+    """The `storage_path` (and, on an object store, `storage_filesystem`) arguments of a Tune
+    or Train `RunConfig` storing at `location`: a local path as is, an object store through
+    the filesystem it was resolved with (endpoint and credentials included)."""
+    if location.is_local:
+        return {"storage_path": location.path}
+    return {"storage_path": location.path, "storage_filesystem": location.filesystem}
+
+
+class SweepResumeError(Exception):
+    """A sweep asked to resume has no experiment state in its run directory."""
+
+
+class SweepInterruptedError(Exception):
+    """The sweep stopped before every trial finished (its driver was interrupted, e.g. by
+    Ctrl-C): nothing is scored or registered; its state stays in the run directory, from which
+    `run_sweep(resume=True)` continues it."""
 
 
 def _last_val(result: Any) -> float:
@@ -196,11 +222,17 @@ def run_sweep(
     job: TuneJobConfig,
     schedule: Schedule,
     data_ref: Any,
-    out_dir: Path,
+    run: RunDir,
     *,
     shuffle_labels: bool = False,
+    resume: bool = False,
 ) -> list[TrialOutcome]:
-    """Run the sweep; every trial started is returned (the DSR counts them all)."""
+    """Run the sweep; every trial started is returned (the DSR counts them all).
+
+    `resume`: continue the experiment stored in `run` (interrupted by a stopped driver or a
+    lost cluster) instead of starting one: its finished trials are kept as they are, its
+    unfinished and errored ones run again, and the trials it never started run as sampled.
+    SweepResumeError when the run directory holds no experiment."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -220,9 +252,23 @@ def run_sweep(
         else FIFOScheduler()
     )
     trainable = tune.with_resources(
-        make_trial(job, schedule, data_ref, out_dir, shuffle_labels),
+        make_trial(job, schedule, data_ref, run, shuffle_labels),
         {"CPU": job.scaling.trial_driver_cpus},
     )
+    storage = ray_storage(run.tune_storage)
+    if resume:
+        experiment = run.tune_storage / EXPERIMENT_NAME
+        filesystem = storage.get("storage_filesystem")
+        if not tune.Tuner.can_restore(experiment.path, storage_filesystem=filesystem):
+            raise SweepResumeError(f"no sweep to resume at {experiment.uri}")
+        tuner = tune.Tuner.restore(
+            experiment.path,
+            trainable,
+            resume_unfinished=True,
+            restart_errored=True,
+            storage_filesystem=filesystem,
+        )
+        return _outcomes(_finished(tuner.fit(), job, run))
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(job.search),
@@ -236,15 +282,29 @@ def run_sweep(
             ),
             max_concurrent_trials=job.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(
-            name="sweep",
-            storage_path=str(RunDir(out_dir).tune_storage),
-            verbose=1,
-        ),
+        run_config=tune.RunConfig(name=EXPERIMENT_NAME, verbose=1, **storage),
     )
-    grid = tuner.fit()
+    return _outcomes(_finished(tuner.fit(), job, run))
+
+
+def _finished(grid: Any, job: TuneJobConfig, run: RunDir) -> Any:
+    """`grid` when every trial of the sweep ended (completed, stopped early or errored);
+    SweepInterruptedError when Tune returned early (on SIGINT it saves its state and returns
+    with trials unfinished or never started)."""
+    ended = grid.num_terminated + grid.num_errors
+    if ended < max(len(grid), job.num_samples):
+        raise SweepInterruptedError(
+            f"the sweep was interrupted with {ended} of {job.num_samples} trials ended; "
+            f"its state is in {run.tune_storage / EXPERIMENT_NAME}: resume it with "
+            f"`jobs.tune --out {run.root} --resume`"
+        )
+    return grid
+
+
+def _outcomes(grid: Any) -> list[TrialOutcome]:
+    """Every trial of a finished Tune experiment, by trial id."""
     outcomes = []
-    for result in grid:  # type: ignore[attr-defined]
+    for result in grid:
         metrics = dict(result.metrics or {})
         trial_id = str(metrics.get("trial_id") or Path(result.path).name)
         if result.error is not None:

@@ -202,7 +202,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             write_model_dir(out.fold(fold.index), files)
         checkpoint = None
         if context.get_world_rank() == 0:
-            checkpoint = ray.train.Checkpoint.from_directory(str(out.path))
+            checkpoint = ray.train.Checkpoint.from_directory(scratch)
         # The last report repeats the last validation loss: schedulers expect their metric in
         # every result.
         ray.train.report(

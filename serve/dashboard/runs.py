@@ -74,19 +74,14 @@ def find_run_dirs(runs: str | Path) -> list[Path]:
         return []
     if RunDir(root).has_leaderboard():
         return [root]
-    found = [RunDir(p) for p in root.iterdir() if p.is_dir() and RunDir(p).has_leaderboard()]
-    ordered = sorted(found, key=lambda r: (r.leaderboard_mtime(), r.root.name), reverse=True)
-    return [run.root for run in ordered]
+    found = [p for p in root.iterdir() if p.is_dir() and RunDir(p).has_leaderboard()]
+    ordered = sorted(found, key=lambda p: (RunDir(p).leaderboard_mtime(), p.name), reverse=True)
+    return ordered
 
 
 def read_leaderboard(run: RunDir) -> pd.DataFrame:
     """The run's leaderboard (Parquet, else CSV), sorted by score descending, NaN last."""
-    if run.leaderboard_parquet.is_file():
-        board = pd.read_parquet(run.leaderboard_parquet)
-    elif run.leaderboard_csv.is_file():
-        board = pd.read_csv(run.leaderboard_csv)
-    else:
-        raise FileNotFoundError(f"{run.root} has no leaderboard (Parquet or CSV)")
+    board = run.read_leaderboard()
     if "trial_id" in board.columns:
         board["trial_id"] = board["trial_id"].astype(str)
     return sort_leaderboard(board)
@@ -96,6 +91,7 @@ def load_run(run_dir: str | Path) -> RunData:
     """Leaderboard, best completed trial's record, stored buy-and-hold reference and report
     path of a tune run directory."""
     run = RunDir(Path(run_dir))
+    report = run.report
     board = read_leaderboard(run)
     notes: list[str] = []
     best: TrialRecord | None = None
@@ -115,11 +111,11 @@ def load_run(run_dir: str | Path) -> RunData:
             notes.append("no completed trial left an out-of-sample record")
     hold = run.reference(BUY_AND_HOLD)
     return RunData(
-        path=run.root,
+        path=run.root.local_path(),
         leaderboard=board,
         best=best,
         buy_and_hold=hold.load() if hold.has_record() else None,
-        report=run.report if run.report.is_file() else None,
+        report=report.local_path() if report.is_file() else None,
         notes=tuple(notes),
     )
 

@@ -455,7 +455,7 @@ def test_load_run_finds_the_best_trial_with_a_record_and_its_folds(
     assert summary["final_equity"] == pytest.approx(curve.iloc[-1])
     assert 0 <= summary["max_drawdown"] < 1
 
-    RunDir(run_dir).leaderboard_parquet.unlink()  # the CSV alone is enough
+    RunDir(run_dir).leaderboard_parquet.local_path().unlink()  # the CSV alone is enough
     assert list(dr.load_run(run_dir).leaderboard["trial_id"])[:2] == ["t_norecord", "t_best"]
 
     view = dr.leaderboard_view(run.leaderboard)
@@ -491,7 +491,7 @@ def test_run_dirs_newest_first_and_missing_ones(tmp_path: Path, scored: dict[str
         write_run(runs / name, scored)
         run = RunDir(runs / name)
         for file in (run.leaderboard_parquet, run.leaderboard_csv):
-            os.utime(file, (stamp, stamp))
+            os.utime(file.local_path(), (stamp, stamp))
     (runs / "not-a-run").mkdir()
     assert [p.name for p in dr.find_run_dirs(runs)] == ["tune-b", "tune-c", "tune-a"]
     assert dr.find_run_dirs(runs / "tune-a") == [runs / "tune-a"]

@@ -12,6 +12,8 @@ import pandas as pd
 import plotly.offline
 import pytest
 
+from market import storage
+from market.storage import Location
 from models import report
 from models.cpcv import path_sharpe_distribution
 from models.evaluation import PathDistribution
@@ -26,6 +28,10 @@ from models.report import (
 
 EVIL = '<script>alert("x")</script> & more'
 PLOTLY_HEADER = plotly.offline.get_plotlyjs()[:60]
+
+
+def local_paths(locations: tuple[Location, Location]) -> tuple[Path, Path]:
+    return locations[0].local_path(), locations[1].local_path()
 
 
 def leaderboard_frame() -> pd.DataFrame:
@@ -114,7 +120,7 @@ def render(tmp_path: Path, **overrides: Any) -> tuple[Path, str]:
         "generated_at": datetime(2024, 6, 1, 12, 0, tzinfo=UTC),
     }
     arguments.update(overrides)
-    path = write_html_report(tmp_path / "out" / "report.html", **arguments)
+    path = write_html_report(tmp_path / "out" / "report.html", **arguments).local_path()
     return path, path.read_text(encoding="utf-8")
 
 
@@ -128,7 +134,9 @@ def outside_plotly_js(page: str) -> str:
 
 
 def test_leaderboard_parquet_and_csv_round_trip_sorted_nan_last(tmp_path: Path) -> None:
-    parquet_path, csv_path = write_leaderboard(leaderboard_frame(), tmp_path / "new" / "dir")
+    parquet_path, csv_path = local_paths(
+        write_leaderboard(leaderboard_frame(), tmp_path / "new" / "dir")
+    )
     assert parquet_path.name == "leaderboard.parquet" and csv_path.name == "leaderboard.csv"
     from_parquet = pd.read_parquet(parquet_path)
     from_csv = pd.read_csv(csv_path, float_precision="round_trip")
@@ -151,7 +159,7 @@ def test_leaderboard_with_nested_hyperparameters_matches_in_both_files(tmp_path:
         layers=[[64, 32], [128], [32, 32, 16], [64], [256, 8]],
         extra=[{"a": 1}, None, "x", 2, np.int64(3)],
     )
-    parquet_path, csv_path = write_leaderboard(frame, tmp_path)
+    parquet_path, csv_path = local_paths(write_leaderboard(frame, tmp_path))
     from_parquet = pd.read_parquet(parquet_path)
     from_csv = pd.read_csv(csv_path, float_precision="round_trip")
     pd.testing.assert_frame_equal(from_parquet, from_csv, check_dtype=False)
@@ -161,7 +169,7 @@ def test_leaderboard_with_nested_hyperparameters_matches_in_both_files(tmp_path:
 def test_leaderboard_ties_keep_caller_order_and_rewrite_replaces(tmp_path: Path) -> None:
     frame = pd.DataFrame({"trial_id": ["a", "b", "c"], "score": [1.0, 2.0, 1.0]})
     write_leaderboard(frame, tmp_path)
-    parquet_path, _ = write_leaderboard(frame.assign(score=[3.0, 2.0, 1.0]), tmp_path)
+    parquet_path, _ = local_paths(write_leaderboard(frame.assign(score=[3.0, 2.0, 1.0]), tmp_path))
     assert list(pd.read_parquet(parquet_path)["trial_id"]) == ["a", "b", "c"]
     assert list(report.sort_leaderboard(frame)["trial_id"]) == ["b", "a", "c"]
 
@@ -296,7 +304,7 @@ def test_report_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def refuse(source: object, target: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", refuse)
+    monkeypatch.setattr(storage.os, "replace", refuse)
     with pytest.raises(OSError, match="disk full"):
         render(tmp_path, title="second")
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]

@@ -39,21 +39,30 @@ def evaluation(name: str) -> Evaluation:
     return Evaluation(name, open_time_ms, returns, metrics, fold_metrics, regimes)
 
 
-def test_layout_of_a_run_directory(tmp_path: Path) -> None:
-    run = RunDir(tmp_path)
+@pytest.mark.parametrize("spelling", ["path", "file_uri"])
+def test_layout_of_a_run_directory(tmp_path: Path, spelling: str) -> None:
+    run = RunDir(tmp_path if spelling == "path" else f"file://{tmp_path}")
+    assert run.root.is_local and run.root.local_path() == tmp_path
     trial = run.trial("t_1")
-    assert trial.path == tmp_path / "trials" / "t_1" and trial.trial_id == "t_1"
+    assert trial.path.local_path() == tmp_path / "trials" / "t_1" and trial.trial_id == "t_1"
     assert trial.fold(3) == trial.path / "fold_3"
     assert trial.record == trial.path / "record.npz"
     assert trial.evaluation == trial.path / "evaluation.json"
     assert trial.config == trial.path / "config.json"
-    assert run.leaderboard_parquet == tmp_path / "leaderboard.parquet"
-    assert run.leaderboard_csv == tmp_path / "leaderboard.csv"
-    assert run.report == tmp_path / "report.html"
-    assert (run.tune_storage, run.train_storage) == (tmp_path / "tune", tmp_path / "train")
+    assert run.leaderboard_parquet.local_path() == tmp_path / "leaderboard.parquet"
+    assert run.leaderboard_csv.local_path() == tmp_path / "leaderboard.csv"
+    assert run.report.local_path() == tmp_path / "report.html"
+    assert (run.tune_storage.local_path(), run.train_storage.local_path()) == (
+        tmp_path / "tune",
+        tmp_path / "train",
+    )
     assert not run.has_leaderboard() and run.leaderboard_mtime() == 0.0
     run.leaderboard_csv.write_text("trial_id\n")
+    assert (tmp_path / "leaderboard.csv").read_text() == "trial_id\n"
     assert run.has_leaderboard() and run.leaderboard_mtime() > 0
+    assert list(run.read_leaderboard().columns) == ["trial_id"]
+    # Written whole through a temporary file renamed into place: none is left behind.
+    assert [p.name for p in tmp_path.iterdir()] == ["leaderboard.csv"]
 
 
 def test_record_and_folds_round_trip(tmp_path: Path) -> None:
@@ -98,8 +107,8 @@ def test_references_round_trip_with_folds_under_reversible_directory_names(
     for name in names:
         run.reference(name).save(evaluation(name), FOLDS)
     dirs = {p.name for p in run.references.iterdir()}
-    assert run.references == tmp_path / "references"
-    assert run.reference(BUY_AND_HOLD).path == tmp_path / "references" / "buy_and_hold"
+    assert run.references.local_path() == tmp_path / "references"
+    assert run.reference(BUY_AND_HOLD).path == run.references / "buy_and_hold"
     assert run.reference("baseline:ar5").path.name == "baseline%3Aar5"
     # One plain path component each: nothing escapes references/ or nests under it.
     assert len(dirs) == len(names)
