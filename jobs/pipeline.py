@@ -28,7 +28,7 @@ from configs.schema import (
 from jobs._cli import base_parser, print_summary, run, setup_logging, summary_stays_last
 from market.ingest import run_ingest
 from market.lake import Lake
-from market.storage import require_local
+from market.storage import resolve
 from serve.deploy import deploy, feed_for, resolve_config, serve_until_stopped, wait_until_ok
 from serve.haproxy import PortBusyError, check_serve_ports
 
@@ -52,9 +52,6 @@ class Stages:
         self.seconds[name] = round(time.perf_counter() - started, 2)
 
 
-RUNS = "the sweep runs location (runs)"
-
-
 def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages) -> dict[str, Any]:
     """Ingest -> features -> (tune -> gate): the part the retraining schedule repeats."""
     ingest_cfg = config.ingest
@@ -71,15 +68,18 @@ def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages
     )
     if config.tune:
         job = load_config(config.tune, TuneJobConfig)
-        out = (
-            require_local(config.runs, RUNS)
-            / f"tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-        )
+        runs = resolve(config.runs, config.object_store, probe=False)
+        out = runs / f"tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         with stages.stage("tune", f"{config.tune} ({job.num_samples} trials) -> {out}"):
             from models.selection import run_selection
 
             selection = run_selection(
-                lake, registry, job, out, progress=lambda line: say(f"  tune: {line}")
+                lake,
+                registry,
+                job,
+                out,
+                object_store=config.object_store,
+                progress=lambda line: say(f"  tune: {line}"),
             )
         decision = selection.summary.get("gate", {})
         verdict = (
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     lake = args.lake or config.lake
     registry = args.registry or config.registry
     # Locations this run cannot use fail here, before Ray starts (one line, exit status 2):
-    # Silver and the sweep runs are written to local disk so far.
+    # Silver is written to local disk so far.
     _ = Lake.at(lake).silver
-    require_local(config.runs, RUNS)
+    resolve(config.runs, config.object_store)
     if args.ray_jobs:
         return submit_as_ray_jobs(args.ray_jobs, args.config, config, lake, registry)
     if config.serve and cluster_address(config.ray, args.address) is None:

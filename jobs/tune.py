@@ -10,7 +10,7 @@ from pathlib import Path
 from cluster.ray_runtime import connect
 from configs.schema import DEFAULT_TUNE_CONFIG, TuneJobConfig, load_config
 from jobs._cli import base_parser, print_summary, run, setup_logging
-from market.storage import require_local
+from market.storage import resolve
 
 # Absolute, so that the job runs from any working directory.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / DEFAULT_TUNE_CONFIG
@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="tune YAML config")
     parser.add_argument(
         "--out",
-        help="where trials, leaderboard and report go (default: runs/tune-<UTC time>)",
+        help="where trials, leaderboard and report go: a path or a URI (s3://, gs://, file://; "
+        "default: runs/tune-<UTC time>)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep stored in --out (its finished trials are kept)",
     )
     parser.add_argument("--seed", type=int, help="override the config's seed")
     parser.add_argument(
@@ -36,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     job = load_config(args.config, TuneJobConfig)
     if args.seed is not None:
         job = job.model_copy(update={"seed": args.seed})
-    out = require_local(
-        args.out or f"runs/tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
-        "a sweep's output (--out)",
-    )
+    if args.resume and not args.out:
+        parser.error("--resume needs the --out of the sweep to continue")
+    out = args.out or f"runs/tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    # An unusable location fails here, before Ray starts (StorageError: one line, status 2).
+    resolve(out)
     connect(job.ray, args.address)
     from models.selection import run_selection
 
@@ -47,7 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[tune] {line}", file=sys.stderr, flush=True)
 
     result = run_selection(
-        args.lake, args.registry, job, out, shuffle_labels=args.shuffle_labels, progress=progress
+        args.lake,
+        args.registry,
+        job,
+        out,
+        shuffle_labels=args.shuffle_labels,
+        resume=args.resume,
+        progress=progress,
     )
     print_summary(result.summary)
     return 0

@@ -128,15 +128,23 @@ def test_lake_zones_written_locally_take_a_file_uri_and_refuse_an_object_store(
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "refusal"),
     [
-        ("jobs.tune", "--lake", "lake", "--registry", "registry", "--out", "s3://bucket/runs"),
-        ("jobs.pipeline", "--lake", "s3://bucket/lake", "--config", str(PIPELINE_CONFIG)),
+        (
+            ("jobs.tune", "--lake", "lake", "--registry", "registry", "--out", "s3://bucket/runs"),
+            "cannot reach 's3://bucket/runs'",
+        ),
+        (
+            ("jobs.pipeline", "--lake", "s3://bucket/lake", "--config", str(PIPELINE_CONFIG)),
+            "is a URI",
+        ),
     ],
 )
-def test_jobs_refuse_an_object_store_where_they_write_local_disk_before_ray_starts(
-    argv: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_jobs_refuse_an_unusable_location_before_ray_starts(
+    argv: tuple[str, ...], refusal: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Where a job writes local disk only, a URI; where it accepts an object store (a sweep's
+    runs), one that cannot be reached (here: nothing listens at the endpoint)."""
     module = importlib.import_module(argv[0])
 
     def no_ray(*_: object) -> None:
@@ -144,7 +152,10 @@ def test_jobs_refuse_an_object_store_where_they_write_local_disk_before_ray_star
 
     monkeypatch.setattr(module, "connect", no_ray)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(StorageError, match="is a URI"):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    with pytest.raises(StorageError, match=refusal):
         module.main(list(argv[1:]))
     assert list(tmp_path.iterdir()) == []
 
