@@ -289,13 +289,23 @@ def run_sweep(
 
 def _finished(grid: Any, job: TuneJobConfig, run: RunDir) -> Any:
     """`grid` when every trial of the sweep ended (completed, stopped early or errored);
-    SweepInterruptedError when Tune returned early (on SIGINT it saves its state and returns
-    with trials unfinished or never started)."""
-    ended = grid.num_terminated + grid.num_errors
-    if ended < max(len(grid), job.num_samples):
+    SweepInterruptedError when Tune returned early: on SIGINT it saves its state and returns
+    with trials unfinished or never started. The saved state is read back, not the returned
+    grid, which shows the trials it stopped on the way out as ended; resuming reads the same
+    state."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    storage = ray_storage(run.tune_storage)
+    experiment = run.tune_storage / EXPERIMENT_NAME
+    saved = ExperimentAnalysis(
+        experiment.path, storage_filesystem=storage.get("storage_filesystem")
+    ).trials
+    ended = sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in saved)
+    if ended < max(len(saved), job.num_samples):
         raise SweepInterruptedError(
             f"the sweep was interrupted with {ended} of {job.num_samples} trials ended; "
-            f"its state is in {run.tune_storage / EXPERIMENT_NAME}: resume it with "
+            f"its state is in {experiment}: resume it with "
             f"`jobs.tune --out {run.root} --resume`"
         )
     return grid

@@ -8,8 +8,12 @@ import string
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
+from pydantic import SecretStr
 
+from configs.schema import ObjectStoreConfig
+from market.storage import object_store_settings, s3_filesystem
 from models.evaluation import Evaluation
 from models.folds import Fold
 from models.runs import (
@@ -20,6 +24,7 @@ from models.runs import (
     reference_dir_name,
     reference_name,
 )
+from models.sweep import ray_storage
 
 FOLDS = (
     Fold(0, 0, 600_000, 660_000, 780_000, 840_000, 1_200_000),
@@ -148,3 +153,20 @@ def test_aligned_returns_stack_the_stored_records_on_their_shared_minutes(tmp_pa
     np.testing.assert_array_equal(stacked.returns[:, 1], -first.returns[2:])
     np.testing.assert_array_equal(stacked.returns[:, 2], first.returns[2:])
     assert stored([]).returns.shape == (0, 0)
+
+
+def test_ray_storage_of_a_local_run_is_its_path_and_of_an_object_store_its_filesystem(
+    tmp_path: Path,
+) -> None:
+    local = RunDir(f"file://{tmp_path}/run")
+    assert ray_storage(local.tune_storage) == {"storage_path": f"{tmp_path}/run/tune"}
+    config = ObjectStoreConfig(
+        endpoint_url="http://127.0.0.1:1", access_key_id="key", secret_access_key=SecretStr("s")
+    )
+    remote = RunDir("s3://bucket/runs/one", config)
+    storage = ray_storage(remote.train_storage)
+    assert storage["storage_path"] == "bucket/runs/one/train"
+    assert isinstance(storage["storage_filesystem"], pafs.S3FileSystem)
+    assert storage["storage_filesystem"] == s3_filesystem(object_store_settings(config))
+    assert str(remote.trial("t_1").fold(0)) == "s3://bucket/runs/one/trials/t_1/fold_0"
+    assert list(tmp_path.iterdir()) == [], "resolving a run directory creates nothing"
