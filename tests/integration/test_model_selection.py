@@ -90,7 +90,7 @@ def run_tune(
 
 
 def board(out: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(RunDir(out).leaderboard_parquet)
+    frame = RunDir(out).read_leaderboard()
     frame["trial_index"] = frame["trial_id"].str.split("_").str[-1]
     return frame.sort_values("trial_index")[BOARD_COLUMNS].reset_index(drop=True)
 
