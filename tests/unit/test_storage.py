@@ -177,3 +177,14 @@ def test_the_features_job_checks_an_object_store_lake_before_ray_starts(
     with pytest.raises(StorageError, match=f"cannot reach 's3://bucket/lake' at {endpoint}"):
         jobs.features.main(["--lake", "s3://bucket/lake"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_a_sweep_needs_the_out_it_was_stored_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobs import tune
+
+    monkeypatch.setattr(tune, "connect", lambda *_: None)
+    with pytest.raises(SystemExit) as exited:
+        tune.main(["--lake", "lake", "--registry", "registry", "--resume"])
+    assert exited.value.code == 2 and "--resume needs the --out" in capsys.readouterr().err
