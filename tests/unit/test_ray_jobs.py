@@ -314,11 +314,12 @@ def test_symbols_follow_the_schema_pattern(symbol: str) -> None:
 
 
 # Job flags that a pipeline run never sets: the Ray address comes from RAY_ADDRESS in a job,
-# the others are interactive or diagnostic switches.
+# the others are interactive or diagnostic switches (resuming a stopped sweep is an operator's
+# call on that sweep's --out).
 NOT_PASSED = {
     "ingest": {"address"},
     "features": {"address"},
-    "tune": {"address", "shuffle_labels"},
+    "tune": {"address", "shuffle_labels", "resume"},
     "deploy": {"address", "host", "detach"},
 }
 
