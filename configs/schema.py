@@ -252,9 +252,23 @@ class BacktestConfig(StrictModel):
     p_up >= `p_up_threshold` and a predicted return above the round-trip cost plus
     `min_edge_bps`; SELL is the mirror image. Once entered, a position is held for at least
     `hold_bars` bars (None: the prediction horizon) unless an opposite signal arrives.
+
+    `sizing` sets the exposure (signed notional as a fraction of equity) of a position:
+    ``all_in`` puts all of equity into every position (-1, 0 or +1); ``probability`` scales it
+    with the signal's P(up): ``clip(|p_up - 0.5| / (full_size_p_up - 0.5), 0, 1)``, in [-1, 1]
+    for long_short and [0, 1] for long_only (`models.backtest.probability_sizes`), and pays the
+    fee and slippage on every change of exposure (turnover), re-sizings included.
+    `fee_side` picks the fee of every fill: `taker_fee_bps` or `maker_fee_bps`.
     """
 
     mode: Literal["long_short", "long_only"] = "long_short"
+    sizing: Literal["all_in", "probability"] = "all_in"
+    full_size_p_up: float = Field(
+        default=0.75,
+        gt=0.5,
+        le=1.0,
+        description="P(up) (and 1 - P(up) for a short) at which probability sizing is all in",
+    )
     fee_side: Literal["taker", "maker"] = "taker"
     taker_fee_bps: float = Field(default=10.0, ge=0)
     maker_fee_bps: float = Field(default=2.0, ge=0)

@@ -41,6 +41,20 @@ closed form in ``open_k / P``: the ledger has no per-bar Python loop. One vector
 not reproduced: covering a short after the price more than doubles (cash cannot pay for the
 cover and vectorbt fills it partially); on 1-minute bars with a `hold_bars` horizon that does
 not happen.
+
+Probability sizing (``BacktestConfig.sizing == "probability"``). A position is an *exposure*
+e: signed notional as a fraction of equity, in [-1, 1] (long_only: [0, 1]), its size set by
+the P(up) of the signal that opened or last renewed it (`probability_sizes`). The book is
+rebalanced to e at every open, and every change of exposure pays the fee and the slippage on
+the notional traded, ``|e_k - e_{k-1}|`` times the equity at open k, entries, exits,
+reversals (2 units of turnover) and re-sizings alike. With c = ``(fee_bps + slippage_bps) / 1e4``
+and ``m_k = open_k / open_{k-1} - 1``::
+
+    equity[k] = equity[k-1] * (1 + e_{k-1} * m_k) * (1 - c * |e_k - e_{k-1}|)
+
+The re-balancing of a constant exposure against the price drift inside a bar is not charged:
+on 1-minute bars it trades about |e * m| of equity (1e-3 or less), against turnovers of 0.1 to
+2 at the fills. A round trip is a run of bars whose exposure keeps one sign.
 """
 
 from __future__ import annotations
@@ -65,6 +79,7 @@ __all__ = [
     "decide_signals",
     "held_positions",
     "positions_from_signals",
+    "probability_sizes",
     "regime_breakdown",
     "regime_labels",
     "run_backtest",
@@ -135,6 +150,22 @@ def decide_signals(
     return signals
 
 
+def probability_sizes(p_up: np.ndarray, config: BacktestConfig) -> np.ndarray:
+    """Size (fraction of equity, in [0, 1]) of a position opened on each bar's P(up).
+
+    ``clip(|p_up - 0.5| / (full_size_p_up - 0.5), 0, 1)``: zero at a coin flip, rising linearly
+    to all in at ``p_up >= full_size_p_up`` for a long (``p_up <= 1 - full_size_p_up`` for a
+    short). `decide_signals` still gates entries at `p_up_threshold`, so the smallest position
+    opened is ``(p_up_threshold - 0.5) / (full_size_p_up - 0.5)`` (0.2 at the defaults 0.55 and
+    0.75). NaN is 0.
+    """
+    p = np.asarray(p_up, dtype=np.float64)
+    size = np.abs(p - 0.5) / (config.full_size_p_up - 0.5)
+    np.clip(size, 0.0, 1.0, out=size)
+    size[~np.isfinite(size)] = 0.0
+    return size
+
+
 def _check_blocks(block_ids: np.ndarray, n: int) -> np.ndarray:
     blocks = np.asarray(block_ids)
     if blocks.shape != (n,):
@@ -158,9 +189,13 @@ def block_bounds(block_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def positions_from_signals(
-    signals: np.ndarray, block_ids: np.ndarray, config: BacktestConfig
+    signals: np.ndarray,
+    block_ids: np.ndarray,
+    config: BacktestConfig,
+    sizes: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Target position decided at the close of each bar (float64: +1, -1 or 0).
+    """Target position decided at the close of each bar (float64: +1, -1 or 0, or with
+    `sizes` the signal's direction times its bar's size, a fraction of equity in [0, 1]).
 
     The latest non-NEUTRAL signal of the same block, at most ``hold_bars - 1`` bars old, sets
     the target: a BUY or SELL holds for `hold_bars` decisions, a new same-direction signal
@@ -192,6 +227,12 @@ def positions_from_signals(
     hold_bars = HORIZON_BARS if config.hold_bars is None else config.hold_bars
     live = (seen > 0) & (age < hold_bars) & (blocks[last_signal] == blocks)
     direction = np.sign(sig[signal_bars]).astype(np.float64)
+    if sizes is not None:
+        size = np.asarray(sizes, dtype=np.float64)
+        if size.shape != sig.shape:
+            raise ValueError(f"sizes shape {size.shape} differs from signals shape {sig.shape}")
+        # The signal that set the position also sizes it, for as long as it holds.
+        direction *= size[signal_bars]
     target = np.where(live, direction[latest], 0.0)
     if config.mode == "long_only":
         np.maximum(target, 0.0, out=target)
@@ -278,6 +319,41 @@ def _ledgers(
     return fills, ledgers
 
 
+def _exposure_ledger(
+    open_: np.ndarray, held: np.ndarray, fee: float, slip: float
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """(equity, fees paid, round-trip returns) of exposures rebalanced at every open.
+
+    `fee` and `slip` are fractions of traded notional (see the module doc for the formula).
+    """
+    n = open_.size
+    prev = np.zeros(n, dtype=np.float64)
+    prev[1:] = held[:-1]
+    move = np.zeros(n, dtype=np.float64)
+    if n > 1:
+        np.divide(open_[1:], open_[:-1], out=move[1:])
+        move[1:] -= 1.0
+    turnover = np.abs(held - prev)
+    before_fills = 1.0 + prev * move
+    growth = before_fills * (1.0 - (fee + slip) * turnover)
+    equity = np.cumprod(growth)
+    # Equity at open k before its fills: equity[k-1] times the move of the held exposure.
+    at_fills = np.concatenate(([1.0], equity[:-1])) * before_fills
+    fees_paid = float(np.sum(at_fills * turnover) * fee)
+    # Round trips: runs of one sign; each ends on the bar whose fill closes (or flips) it.
+    side = np.sign(held)
+    side_prev = np.zeros(n, dtype=np.float64)
+    side_prev[1:] = side[:-1]
+    starts = np.flatnonzero((side != 0.0) & (side != side_prev))
+    side_next = np.zeros(n, dtype=np.float64)
+    side_next[:-1] = side[1:]
+    exits = np.flatnonzero((side != 0.0) & (side != side_next)) + 1
+    exits = np.minimum(exits, n - 1)
+    curve = np.concatenate(([1.0], equity))
+    trade_pnls = curve[exits + 1] / curve[starts] - 1.0
+    return equity, fees_paid, trade_pnls
+
+
 def _returns(equity: np.ndarray) -> np.ndarray:
     out = np.empty_like(equity)
     if equity.size:
@@ -313,33 +389,49 @@ def backtest_positions(
     pos = np.asarray(held, dtype=np.float64)
     if pos.shape != prices.shape:
         raise ValueError(f"positions shape {pos.shape} differs from prices shape {prices.shape}")
-    if not bool(np.all((pos == 0.0) | (np.abs(pos) == 1.0))):
+    if config.sizing == "all_in" and not bool(np.all((pos == 0.0) | (np.abs(pos) == 1.0))):
         raise ValueError("positions must be -1, 0 or +1 (the ledger sizes every trade all-in)")
+    if not bool(np.all(np.abs(pos) <= 1.0)):
+        raise ValueError("exposures must lie in [-1, 1]")
     first, last = block_bounds(_check_blocks(block_ids, prices.size))
     if bool(np.any(pos[first | last] != 0.0)):
         raise ValueError("positions must be flat on the first and last bar of every block")
     return _backtest(prices, pos, config)
 
 
-def _backtest(prices: np.ndarray, pos: np.ndarray, config: BacktestConfig) -> BacktestResult:
-    costs = ((config.fee_bps / 1e4, config.slippage_bps / 1e4), (0.0, 0.0))
-    fills, (net, gross) = _ledgers(prices, pos, costs)
-    returns = _returns(net.equity)
-    trade_pnls = net.trade_factors - 1.0
+def _backtest(
+    prices: np.ndarray, pos: np.ndarray, config: BacktestConfig, all_in: bool | None = None
+) -> BacktestResult:
+    """The ledger of `config.sizing` (or the all-in one when `all_in`) over held positions."""
+    fee, slip = config.fee_bps / 1e4, config.slippage_bps / 1e4
+    use_all_in = config.sizing == "all_in" if all_in is None else all_in
+    if use_all_in:
+        fills, (net, gross) = _ledgers(prices, pos, ((fee, slip), (0.0, 0.0)))
+        equity, fees_paid, trade_pnls = net.equity, net.fees_paid, net.trade_factors - 1.0
+        gross_equity = gross.equity
+    else:
+        equity, fees_paid, trade_pnls = _exposure_ledger(prices, pos, fee, slip)
+        gross_equity, _, _ = _exposure_ledger(prices, pos, 0.0, 0.0)
+        fills = int(np.count_nonzero(np.diff(pos, prepend=0.0)))
+    returns = _returns(equity)
     return BacktestResult(
         returns=returns,
-        gross_returns=_returns(gross.equity),
-        equity=net.equity,
+        gross_returns=_returns(gross_equity),
+        equity=equity,
         positions=pos,
         fills=fills,
         trade_pnls=trade_pnls,
-        fees_paid=net.fees_paid,
-        metrics=summarise(returns, pos, config.bars_per_year, trade_pnls, net.equity),
+        fees_paid=fees_paid,
+        metrics=summarise(returns, pos, config.bars_per_year, trade_pnls, equity),
     )
 
 
 def run_backtest(
-    open_: np.ndarray, signals: np.ndarray, block_ids: np.ndarray, config: BacktestConfig
+    open_: np.ndarray,
+    signals: np.ndarray,
+    block_ids: np.ndarray,
+    config: BacktestConfig,
+    p_up: np.ndarray | None = None,
 ) -> BacktestResult:
     """Backtest BUY/SELL/NEUTRAL decisions taken at each bar's close, filled at the next open.
 
@@ -347,26 +439,32 @@ def run_backtest(
         open_: open price of every bar (finite, > 0).
         signals: int8 decisions (+1 BUY, -1 SELL, 0 NEUTRAL) at the close of each bar.
         block_ids: nondecreasing ids; nothing is held across a change of id.
-        config: mode, fees and slippage (bps per side), `hold_bars`, `bars_per_year`.
+        config: mode, sizing, fees and slippage (bps per side), `hold_bars`, `bars_per_year`.
+        p_up: P(up) at each bar's close; sizes the positions under probability sizing
+            (`probability_sizes`), where None means every position is all in. Unused all-in.
     """
     prices = _check_prices(open_)
     sig = np.asarray(signals)
     if sig.shape != prices.shape:
         raise ValueError(f"signals shape {sig.shape} differs from prices shape {prices.shape}")
-    target = positions_from_signals(sig, block_ids, config)
+    sizes = None
+    if config.sizing == "probability" and p_up is not None:
+        sizes = probability_sizes(p_up, config)
+    target = positions_from_signals(sig, block_ids, config, sizes)
     return _backtest(prices, held_positions(target, block_ids), config)
 
 
 def buy_and_hold(
     open_: np.ndarray, block_ids: np.ndarray, config: BacktestConfig
 ) -> BacktestResult:
-    """Long from the first open to the last open of every block, fees and slippage both ways.
+    """Long from the first open to the last open of every block, fees and slippage both ways,
+    all in whatever the sizing.
 
     Equity compounds from block to block; a one-bar block never trades.
     """
     prices = _check_prices(open_)
     _, last = block_bounds(_check_blocks(block_ids, prices.size))
-    return _backtest(prices, np.where(last, 0.0, 1.0), config)
+    return _backtest(prices, np.where(last, 0.0, 1.0), config, all_in=True)
 
 
 # (name, wants high volatility, wants an up trend); None = either.
