@@ -39,7 +39,7 @@ from models.backtest import (
 from models.cpcv import PathSharpes, path_sharpe_distribution
 from models.dataset import MarketArrays, window_ends
 from models.folds import CpcvFolds, Fold
-from models.metrics import moments, performance_summary, sharpe_per_bar
+from models.metrics import annualised_sharpe, moments, performance_summary, sharpe_per_bar
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,14 @@ def _portfolio_mean(
 
 
 def _results_per_symbol(
-    arrays: MarketArrays, test: OutOfSampleBars, signals: np.ndarray | None, config: BacktestConfig
+    arrays: MarketArrays,
+    test: OutOfSampleBars,
+    signals: np.ndarray | None,
+    config: BacktestConfig,
+    p_up: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, BacktestResult]]:
-    """Backtest each symbol's test rows; `signals` None means buy-and-hold."""
+    """Backtest each symbol's test rows; `signals` None means buy-and-hold; `p_up` sizes the
+    positions under probability sizing."""
     out = []
     symbol_of_row = arrays.symbol_index[test.rows]
     for code in range(len(arrays.symbols)):
@@ -129,7 +134,8 @@ def _results_per_symbol(
         if signals is None:
             result = buy_and_hold(arrays.open[rows], blocks, config)
         else:
-            result = run_backtest(arrays.open[rows], signals[mask], blocks, config)
+            sizing_p = None if p_up is None else p_up[mask]
+            result = run_backtest(arrays.open[rows], signals[mask], blocks, config, sizing_p)
         out.append((mask, result))
     return out
 
@@ -147,7 +153,7 @@ def evaluate(
     signals = None
     if predicted_return is not None and p_up is not None:
         signals = decide_signals(p_up, predicted_return, config)
-    per_symbol = _results_per_symbol(arrays, test, signals, config)
+    per_symbol = _results_per_symbol(arrays, test, signals, config, p_up)
     row_returns = np.zeros(len(test.rows))
     row_positions = np.zeros(len(test.rows))
     trade_pnls = []
@@ -188,6 +194,9 @@ def evaluate(
             "bars": float(len(returns)),
         }
     )
+    metrics.update(
+        _fee_scenarios(arrays, folds, test, signals, p_up, config, timeline, where, metrics)
+    )
     target_ret = arrays.target_ret[test.rows]
     if signals is not None:
         direction_up = arrays.target_up if arrays.direction_up is None else arrays.direction_up
@@ -203,6 +212,56 @@ def evaluate(
         fold_metrics=fold_metrics,
         regimes=[{"model": name, **r} for r in regimes],
     )
+
+
+FEE_SIDES: tuple[str, ...] = ("taker", "maker")
+"""The execution scenarios every record is scored under: all fills at the taker fee, all at the
+maker fee (`BacktestConfig.taker_fee_bps` / `maker_fee_bps`, slippage alike)."""
+
+
+def _fee_scenarios(
+    arrays: MarketArrays,
+    folds: Sequence[Fold],
+    test: OutOfSampleBars,
+    signals: np.ndarray | None,
+    p_up: np.ndarray | None,
+    config: BacktestConfig,
+    timeline: np.ndarray,
+    where: np.ndarray,
+    configured: dict[str, float],
+) -> dict[str, float]:
+    """`score_<side>`, `sharpe_<side>` and `total_return_<side>` for each fee side.
+
+    The decisions and positions stay those of the configured side (its fees set the edge a
+    signal must clear); only the fee charged on the fills changes. The configured side's
+    figures are the record's own `score`, `sharpe` and `total_return`; the other side's come
+    from backtesting the same signals again with its fee.
+    """
+    out: dict[str, float] = {}
+    for side in FEE_SIDES:
+        if side == config.fee_side:
+            score, sharpe = configured["score"], configured["sharpe"]
+            total_return = configured["total_return"]
+        else:
+            other = config.model_copy(update={"fee_side": side})
+            row_returns = np.zeros(len(test.rows))
+            for mask, result in _results_per_symbol(arrays, test, signals, other, p_up):
+                row_returns[mask] = result.returns
+            returns = _portfolio_mean(timeline, where, row_returns, len(arrays.symbols))
+            fold_sharpes = [
+                annualised_sharpe(
+                    returns[(timeline >= fold.test_start_ms) & (timeline < fold.test_end_ms)],
+                    config.bars_per_year,
+                )
+                for fold in folds
+            ]
+            score = float(np.mean(fold_sharpes))
+            sharpe = annualised_sharpe(returns, config.bars_per_year)
+            total_return = float(np.prod(1.0 + returns)) - 1.0
+        out[f"score_{side}"] = score
+        out[f"sharpe_{side}"] = sharpe
+        out[f"total_return_{side}"] = total_return
+    return out
 
 
 def _directional(
@@ -346,6 +405,10 @@ def combine_paths(
     sharpes = path_sharpe_distribution(path_returns, bars_per_year)
     metrics = {key: float(np.mean([p.metrics[key] for p in paths])) for key in paths[0].metrics}
     metrics["score"] = sharpes.mean
+    for side in FEE_SIDES:
+        # A path's scenario score, like its score, is its whole-path Sharpe.
+        if f"sharpe_{side}" in metrics:
+            metrics[f"score_{side}"] = metrics[f"sharpe_{side}"]
     plan = cpcv.plan
     return CpcvEvaluation(
         record=Evaluation(

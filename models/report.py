@@ -59,6 +59,10 @@ LEADERBOARD_METRICS: tuple[str, ...] = (
     "worst_fold_sharpe",
     "sharpe",
     "total_return",
+    "score_taker",
+    "score_maker",
+    "total_return_taker",
+    "total_return_maker",
     "max_drawdown",
     "signal_hit_rate",
     "directional_accuracy",
@@ -70,7 +74,10 @@ LEADERBOARD_METRICS: tuple[str, ...] = (
 """A trial's metrics in a leaderboard, in column order: Sharpe ratios annualised from 1-minute
 bars (`score` is their mean over folds, or under CPCV the mean path Sharpe, the other metrics
 then being means over paths), returns and drawdowns as fractions, `val_loss` the last
-validation loss; NaN where the trial did not complete."""
+validation loss; NaN where the trial did not complete. `score_taker` / `score_maker` and
+`total_return_taker` / `total_return_maker` are the execution scenarios: the same positions
+with every fill at the taker, or the maker, fee (one of them is the configured side, equal to
+`score` and `total_return`)."""
 
 SECTION_HEADINGS: tuple[str, ...] = (
     "Promotion decision",
@@ -445,7 +452,9 @@ def _section_leaderboard(board: pd.DataFrame) -> str:
             parts.append(_empty("No trial completed; the trials below stopped early or failed."))
     parts.append(
         "<p>Sorted by score (mean fold net Sharpe after fees, annualised from 1-minute bars), "
-        "NaN last.</p>"
+        "NaN last. Execution scenarios: score_taker / score_maker and total_return_taker / "
+        "total_return_maker rescore the same positions with every fill at the taker or the "
+        "maker fee; the gate uses the configured side.</p>"
     )
     ranked = board.copy()
     ranked.insert(0, "rank", range(1, len(ranked) + 1))

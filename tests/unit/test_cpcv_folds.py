@@ -187,6 +187,9 @@ def test_paths_are_their_splits_backtests_laid_end_to_end(tmp_path: Path) -> Non
     np.testing.assert_allclose(distribution.sharpes.sharpes, expected.sharpes)
     assert len(set(np.round(expected.sharpes, 9))) == 3  # the paths really differ
     assert scored.record.score == pytest.approx(expected.mean)
+    # The fee scenarios are path Sharpes too; the maker fee (2 bps) is above this taker one.
+    assert scored.record.metrics["score_taker"] == pytest.approx(expected.mean)
+    assert scored.record.metrics["score_maker"] < scored.record.metrics["score_taker"]
     np.testing.assert_allclose(scored.record.returns, paths.mean(axis=0))
     assert scored.record.metrics["bars"] == 4000
     assert {row["path"] for row in scored.record.fold_metrics} == {0, 1, 2}
