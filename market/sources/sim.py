@@ -165,6 +165,121 @@ class MarketSimulator:
             day += timedelta(days=1)
 
 
+@dataclass(frozen=True)
+class SimBlock:
+    """Simulated bars of many symbols over whole days: arrays of shape (symbols, minutes).
+
+    Row k holds symbol k's bars, minute j is `first day 00:00 UTC + j` minutes; `present` marks
+    the minutes outside outages. Prices, volumes and counts as in `SimDay`.
+    """
+
+    open_time_ms: np.ndarray
+    open: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+    trades: np.ndarray
+    taker_buy_base: np.ndarray
+    present: np.ndarray
+
+
+def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBlock:
+    """`days` days of bars from the anchor date for every symbol, vectorised across symbols.
+
+    The same bars as `MarketSimulator(config, symbol).days(...)` for each symbol, bit for bit:
+    each symbol draws its random numbers from its own (seed, symbol, day) generator, and the
+    recursions run one minute at a time over arrays of all symbols (1,440 numpy steps a day
+    whatever the number of symbols, instead of 1,440 Python steps per symbol).
+    """
+    cfg = config
+    n_symbols, n = len(symbols), MINUTES_PER_DAY
+    keys = [_stable_int(symbol) for symbol in symbols]
+    profile = intraday_vol_profile()
+    omega = cfg.minute_vol**2 * (1.0 - cfg.garch_alpha - cfg.garch_beta)
+    phi = cfg.signal_persistence
+    strength = cfg.signal_strength
+    noise_weight = math.sqrt(1.0 - strength**2)
+    signal_weight = math.sqrt(1.0 - phi * phi)
+    dof = cfg.student_t_dof
+    t_scale = math.sqrt(dof / (dof - 2.0))
+    # Carried state per symbol (SimState, as arrays).
+    last_close = np.array([20.0 + (key % 50_000) for key in keys], dtype=np.float64)
+    h = np.full(n_symbols, cfg.minute_vol**2)
+    x = np.zeros(n_symbols)
+    eps = np.zeros(n_symbols)
+    outage = np.zeros(n_symbols, dtype=np.int64)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SimBlock.__dataclass_fields__}
+    for offset in range(days):
+        day = cfg.anchor_date + timedelta(days=offset)
+        shocks = np.empty((n_symbols, n))
+        signal_noise = np.empty((n_symbols, n))
+        wick = np.empty((2, n_symbols, n))
+        volume_noise = np.empty((n_symbols, n))
+        flow_noise = np.empty((n_symbols, n))
+        outage_draw = np.empty((n_symbols, n))
+        outage_len = np.empty((n_symbols, n), dtype=np.int64)
+        for k, key in enumerate(keys):  # the draws of MarketSimulator.day, in its order
+            rng = np.random.default_rng([cfg.seed, key % 2**32, day.toordinal()])
+            shocks[k] = rng.standard_t(dof, n) / t_scale
+            signal_noise[k] = rng.standard_normal(n)
+            wick[:, k] = np.abs(rng.standard_normal((2, n)))
+            volume_noise[k] = rng.standard_normal(n)
+            flow_noise[k] = rng.standard_normal(n)
+            outage_draw[k] = rng.random(n)
+            outage_len[k] = rng.integers(1, cfg.max_gap_minutes + 1, n)
+        # The recursions read and write one minute of every symbol at a time: minute-major
+        # copies keep those rows contiguous.
+        shocks_t = np.ascontiguousarray(shocks.T)
+        signal_noise_t = np.ascontiguousarray(signal_noise.T)
+        starts_t = np.ascontiguousarray((outage_draw < cfg.gap_rate).T)
+        outage_len_t = np.ascontiguousarray(outage_len.T)
+        returns_t = np.empty((n, n_symbols))
+        sigma_t = np.empty((n, n_symbols))
+        signal_t = np.empty((n, n_symbols))
+        present_t = np.ones((n, n_symbols), dtype=bool)
+        for i in range(n):
+            h = omega + cfg.garch_alpha * eps * eps + cfg.garch_beta * h
+            root_h = np.sqrt(h)
+            s = root_h * profile[i]
+            z = strength * x + noise_weight * shocks_t[i]
+            returns_t[i] = s * z
+            eps = root_h * z
+            sigma_t[i] = s
+            x = phi * x + signal_weight * signal_noise_t[i]
+            signal_t[i] = x
+            if cfg.gap_rate > 0 or outage.any():
+                in_outage = outage > 0
+                starting = ~in_outage & starts_t[i]
+                present_t[i] = ~(in_outage | starting)
+                outage = np.where(in_outage, outage - 1, np.where(starting, outage_len_t[i] - 1, 0))
+        returns, sigma, signal, present = returns_t.T, sigma_t.T, signal_t.T, present_t.T
+        close = last_close[:, None] * np.exp(np.cumsum(returns, axis=1))
+        open_ = np.concatenate([last_close[:, None], close[:, :-1]], axis=1)
+        last_close = close[:, -1].copy()
+        activity = np.abs(returns) / np.maximum(sigma, 1e-12)
+        volume = 5.0 * profile * np.exp(0.4 * volume_noise) * (0.5 + activity)
+        taker_ratio = np.clip(0.5 + 0.12 * np.tanh(signal) + 0.04 * flow_noise, 0.0, 1.0)
+        open_time = date_start_ms(day) + np.arange(n, dtype=np.int64) * ONE_MINUTE_MS
+        parts["open_time_ms"].append(np.broadcast_to(open_time, (n_symbols, n)))
+        parts["open"].append(open_)
+        parts["high"].append(np.maximum(open_, close) * np.exp(0.3 * sigma * wick[0]))
+        parts["low"].append(np.minimum(open_, close) * np.exp(-0.3 * sigma * wick[1]))
+        parts["close"].append(close)
+        parts["volume"].append(volume)
+        parts["trades"].append(
+            np.maximum(1, np.round(volume * 40.0 * np.exp(0.2 * flow_noise))).astype(np.int64)
+        )
+        parts["taker_buy_base"].append(volume * taker_ratio)
+        parts["present"].append(present)
+    return SimBlock(
+        **{
+            name: np.ascontiguousarray(arrays[0]) if days == 1 else np.concatenate(arrays, axis=1)
+            for name, arrays in parts.items()
+        }
+    )
+
+
 def format_dump_line(day: SimDay, i: int) -> str:
     """Bar `i` of `day` as a Binance dump CSV line (8-decimal prices and volumes)."""
     ot = int(day.open_time_ms[i])

@@ -13,8 +13,9 @@ Three sources (`FeedConfig.source`):
   request-weight budget) for the minutes since the newest bar held; the first poll fetches the
   last `history_bars` minutes. Only closed bars are kept: a bar opening at `t` ms closes at
   `t + 59_999` ms and is final once that moment has passed.
-- `sim`: simulates `sim_days` days per symbol up front with the seeded market simulator, then
-  replays them on an accelerated clock.
+- `sim`: simulates `sim_days` days per symbol up front with the seeded market simulator
+  (vectorised across symbols: `market.sources.sim.simulate_symbols`), then replays them on an
+  accelerated clock.
 - `dump`: the same replay from Binance dump files (`dump_path`, a path or glob; CSV, CSV.gz or
   zip; millisecond or microsecond timestamps); files named `SYMBOL-...` are used for SYMBOL,
   otherwise every matching file.
@@ -23,6 +24,14 @@ A replay starts when the feed is constructed: the first poll exposes the first `
 bars, and every later poll releases each bar whose accelerated time has come,
 `bars_due = history_bars + floor((now - start) * replay_bars_per_s)` (`now`, `start` in seconds).
 When the replay runs out of bars it stops producing any, and so goes stale: that is by design.
+Bar j of a replay's source (0-based, j >= history_bars) thus closes, on the feed's clock, at
+`start + (j - history_bars + 1) / replay_bars_per_s` minus a fraction of a bar interval: the
+moment it becomes due (`replay_close_s`).
+
+A replay holds every symbol's source bars in one frame, symbol after symbol, and a count of bars
+released per symbol: a poll is one numpy comparison over the symbols, and a symbol's window is a
+zero-copy slice of that frame, so a tick costs O(symbols) of array work plus O(new bars) to read
+them (`newest_bars`), not a merge per symbol.
 
 Every row passes the Silver ETL's checks (`market.validation`, in polars form from
 `market.validation.polars_rules`): a malformed row is dropped and counted per reason, never
@@ -31,8 +40,9 @@ later copy counts as `duplicate_open_time`). Source failures (network errors, HT
 recorded per symbol (`last_error`: for the stream, why a symbol is not live) and logged; the
 next poll (or the stream's reconnect) retries.
 
-Memory is bounded: at most `history_bars` bars are held per symbol; a replay also holds its
-source bars (`sim_days` x 1440 bars per symbol for `sim`, the file's bars for `dump`).
+Memory is bounded: at most `history_bars` bars are held per symbol; a replay holds its source
+bars (`sim_days` x 1440 bars per symbol for `sim`, about 90 bytes a bar: 2,000 symbols x 1 day
+~260 MB; the file's bars for `dump`).
 
 Threading: `poll()` is meant for one background loop (it is not re-entrant); the read methods
 may be called from other threads at any time and see either the state before or after a poll.
@@ -40,6 +50,7 @@ may be called from other threads at any time and see either the state before or 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -51,15 +62,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import polars as pl
 
 from configs.schema import FeedConfig
 from market import validation as v
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
-from market.sim_silver import simulated_bars
 from market.sources.binance import BinanceAPIError, BinanceClient
 from market.sources.binance_ws import BinanceKlineStream, StreamStats
 from market.sources.dump import DumpSource, read_lines
+from market.sources.sim import simulate_symbols
 from market.validation.polars_rules import (
     BAR_SCHEMA,
     check_bars,
@@ -97,9 +109,32 @@ class _SymbolState:
     last_error: str | None = None
     # binance: open time (epoch ms) of the next minute to ask for; None before the first poll.
     next_open_ms: int | None = None
-    # replays: the validated, deduplicated, sorted source bars and how many were released.
-    source: pl.DataFrame | None = None
-    released: int = 0
+
+
+@dataclass
+class _Replay:
+    """The source bars of a replay, every symbol's in one frame, and how many were released.
+
+    Symbol k's bars are rows `start[k]` .. `start[k] + length[k] - 1` of `bars`, validated,
+    deduplicated and sorted by open time; the first `released[k]` of them have been released.
+    """
+
+    bars: pl.DataFrame
+    start: np.ndarray
+    length: np.ndarray
+    released: np.ndarray
+
+    @classmethod
+    def of(cls, frames: list[pl.DataFrame]) -> _Replay:
+        lengths = np.array([frame.height for frame in frames], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        bars = pl.concat(frames) if frames else empty_bars()
+        return cls(bars.rechunk(), starts, lengths, np.zeros(len(frames), dtype=np.int64))
+
+    def held(self, history_bars: int) -> tuple[np.ndarray, np.ndarray]:
+        """First row and number of rows of each symbol's window of `history_bars` bars."""
+        count = np.minimum(self.released, history_bars)
+        return self.start + self.released - count, count
 
 
 class BarFeed:
@@ -125,6 +160,8 @@ class BarFeed:
         self._states: dict[str, _SymbolState] = {s: _SymbolState() for s in config.symbols}
         self._client: BinanceClient | None = None
         self._stream: BinanceKlineStream | None = None
+        self._index = {symbol: k for k, symbol in enumerate(config.symbols)}
+        self._replay: _Replay | None = None
         self._start_s = clock()
         if config.source == "binance" and config.binance_live == "websocket":
             self._stream = BinanceKlineStream(
@@ -144,14 +181,54 @@ class BarFeed:
     # -- set-up ---------------------------------------------------------------------------
 
     def _load_sim(self) -> None:
-        for symbol, state in self._states.items():
-            bars = simulated_bars(self.config.sim, [symbol], self.config.sim_days)
-            state.source = self._clean_source(check_bars(bars), state)
+        self._replay = _Replay.of(self._replay_sources())
 
     def _load_dump(self) -> None:
         if self.config.dump_path is None:
             raise ValueError("FeedConfig.source is 'dump' but dump_path is not set")
-        for symbol, state in self._states.items():
+        self._replay = _Replay.of(self._replay_sources())
+
+    def _replay_sources(self) -> list[pl.DataFrame]:
+        """Each symbol's cleaned source bars (`_clean_source`), in config order."""
+        symbols = list(self._states)
+        if self.config.source == "sim":
+            block = simulate_symbols(self.config.sim, symbols, self.config.sim_days)
+            present = block.present.ravel()
+            trades = block.trades.ravel()[present]
+            volume, close = block.volume.ravel()[present], block.close.ravel()[present]
+            taker = block.taker_buy_base.ravel()[present]
+            rows_per_symbol = block.present.sum(axis=1)
+            bars = pl.DataFrame(
+                {
+                    "symbol": pl.Series(symbols).gather(
+                        np.repeat(np.arange(len(symbols)), rows_per_symbol)
+                    ),
+                    "open_time": block.open_time_ms.ravel()[present],
+                    "open": block.open.ravel()[present],
+                    "high": block.high.ravel()[present],
+                    "low": block.low.ravel()[present],
+                    "close": close,
+                    "volume": volume,
+                    "quote_volume": volume * close,
+                    "trades": trades,
+                    "taker_buy_base": taker,
+                    "taker_buy_quote": taker * close,
+                }
+            )
+            checked = check_bars(bars)
+            bounds = np.concatenate([[0], np.cumsum(rows_per_symbol)]).tolist()
+            pieces = [checked.slice(lo, hi - lo) for lo, hi in itertools.pairwise(bounds)]
+            if checked["reason"].null_count() == checked.height:
+                # Every row valid (the usual case): simulated minutes are unique and sorted.
+                return [piece.drop("reason") for piece in pieces]
+            return [
+                self._clean_source(piece, self._states[symbol])
+                for symbol, piece in zip(symbols, pieces, strict=True)
+            ]
+        assert self.config.dump_path is not None
+        frames = []
+        for symbol in symbols:
+            state = self._states[symbol]
             lines: list[str] = []
             for path in DumpSource(self.config.dump_path).files_for(symbol):
                 lines.extend(
@@ -159,14 +236,15 @@ class BarFeed:
                     for line in read_lines(Path(path))
                     if line.split(",", 1)[0].strip().lower() not in _HEADER_FIRST_FIELDS
                 )
-            state.source = self._clean_source(check_lines(lines, symbol), state)
+            frames.append(self._clean_source(check_lines(lines, symbol), state))
             log.info(
                 "feed dump %s: %d bars to replay from %s, %d rows rejected",
                 symbol,
-                state.source.height,
+                frames[-1].height,
                 self.config.dump_path,
                 sum(state.rejected.values()),
             )
+        return frames
 
     @staticmethod
     def _clean_source(checked: pl.DataFrame, state: _SymbolState) -> pl.DataFrame:
@@ -202,7 +280,8 @@ class BarFeed:
             return self._poll_stream(stream)
         if client is not None:
             return {symbol: self._poll_binance(client, symbol) for symbol in self._states}
-        return {symbol: self._poll_replay(symbol) for symbol in self._states}
+        assert self._replay is not None  # the one remaining kind of source
+        return self._poll_replay(self._replay)
 
     def _poll_stream(self, stream: BinanceKlineStream) -> dict[str, int]:
         stream.start()
@@ -227,17 +306,17 @@ class BarFeed:
         elapsed = max(0.0, now_s - self._start_s)
         return self.config.history_bars + math.floor(elapsed * self.config.replay_bars_per_s)
 
-    def _poll_replay(self, symbol: str) -> int:
-        state = self._states[symbol]
-        if state.source is None:  # only a binance feed has no source frame
-            return 0
-        due = min(self._replay_due(self._clock()), state.source.height)
-        if due <= state.released:
-            return 0
-        batch = state.source.slice(state.released, due - state.released)
+    def _replay_due_counts(self, now_s: float) -> np.ndarray:
+        """Source bars due per symbol (config order) at `now_s`, before capping at the source's
+        length: the same count for every symbol on the replay clock."""
+        return np.full(len(self._states), self._replay_due(now_s), dtype=np.int64)
+
+    def _poll_replay(self, replay: _Replay) -> dict[str, int]:
+        due = np.minimum(self._replay_due_counts(self._clock()), replay.length)
+        added = np.maximum(due - replay.released, 0)
         with self._lock:
-            state.released = due
-            return self._merge(state, batch)
+            replay.released = np.maximum(replay.released, due)
+        return dict(zip(self._states, added.tolist(), strict=True))
 
     def _poll_binance(self, client: BinanceClient, symbol: str) -> int:
         state = self._states[symbol]
@@ -329,13 +408,51 @@ class BarFeed:
         symbol the feed does not serve.
         """
         with self._lock:
-            return self._state(symbol).bars.clone()
+            state = self._state(symbol)
+            replay = self._replay
+            if replay is None:
+                return state.bars.clone()
+            first, count = replay.held(self.config.history_bars)
+            k = self._index[symbol]
+            return replay.bars.slice(int(first[k]), int(count[k]))
+
+    def held_counts(self, symbols: list[str] | tuple[str, ...]) -> np.ndarray:
+        """The number of bars held for each of `symbols` (int64, in the order given)."""
+        for symbol in symbols:
+            self._state(symbol)  # KeyError for an unknown symbol
+        with self._lock:
+            replay = self._replay
+            if replay is None:
+                return np.array([self._states[s].bars.height for s in symbols], dtype=np.int64)
+            _, count = replay.held(self.config.history_bars)
+            return count[[self._index[s] for s in symbols]]
+
+    def newest_bars(self, symbols: list[str] | tuple[str, ...], counts: list[int]) -> pl.DataFrame:
+        """The `counts[i]` newest held bars of each `symbols[i]` (fewer when fewer are held), in
+        one frame: symbol after symbol in the order given, each in open-time order.
+
+        One gather over the replay's frame (O(bars returned)), or one concatenation of the
+        windows' tails for the binance source.
+        """
+        for symbol in symbols:
+            self._state(symbol)
+        with self._lock:
+            replay = self._replay
+            if replay is None:
+                tails = [self._states[s].bars.tail(c) for s, c in zip(symbols, counts, strict=True)]
+                return pl.concat(tails) if tails else empty_bars()
+            first, held = replay.held(self.config.history_bars)
+            index = np.array([self._index[s] for s in symbols], dtype=np.int64)
+            take = np.minimum(np.asarray(counts, dtype=np.int64), held[index])
+            ends = first[index] + held[index]
+            block_starts = np.repeat(ends - take, take)
+            within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+            return replay.bars[block_starts + within]
 
     def last_bar_open_ms(self, symbol: str) -> int | None:
         """Open time (epoch ms) of the newest bar held, None before any bar arrived."""
-        with self._lock:
-            bars = self._state(symbol).bars
-            return int(bars["open_time"][-1]) if bars.height else None
+        bars = self.bars(symbol)
+        return int(bars["open_time"][-1]) if bars.height else None
 
     def staleness_s(self, symbol: str) -> float:
         """Seconds since the newest bar held became available; infinity when none is held.
@@ -347,13 +464,17 @@ class BarFeed:
         now_s = self._clock()
         with self._lock:
             state = self._state(symbol)
-            if state.bars.height == 0:
-                return math.inf
-            if self.config.source == "binance":
+            replay = self._replay
+            if replay is None:
+                if state.bars.height == 0:
+                    return math.inf
                 newest_close_s = (int(state.bars["open_time"][-1]) + ONE_MINUTE_MS) / 1000
                 return max(0.0, now_s - newest_close_s)
+            released = int(replay.released[self._index[symbol]])
+            if released == 0:
+                return math.inf
             # Source bar j (0-based) is due once history_bars + floor(elapsed * rate) > j.
-            late = max(0, state.released - self.config.history_bars)
+            late = max(0, released - self.config.history_bars)
             emitted_s = self._start_s + late / self.config.replay_bars_per_s
             return max(0.0, now_s - emitted_s)
 
@@ -386,8 +507,7 @@ class BarFeed:
         Covers at most the window held (`history_bars` minutes); the caller fills outcomes of
         earlier signals from it.
         """
-        with self._lock:
-            bars = self._state(symbol).bars.filter(pl.col("open_time") >= open_ms)
+        bars = self.bars(symbol).filter(pl.col("open_time") >= open_ms)
         return dict(zip(bars["open_time"].to_list(), bars["close"].to_list(), strict=True))
 
     def stream_stats(self) -> StreamStats | None:
@@ -397,8 +517,22 @@ class BarFeed:
     def replay_remaining(self, symbol: str) -> int | None:
         """Bars a replay has yet to release for `symbol`; None for the binance source."""
         with self._lock:
-            state = self._state(symbol)
-            return None if state.source is None else state.source.height - state.released
+            self._state(symbol)
+            replay = self._replay
+            if replay is None:
+                return None
+            k = self._index[symbol]
+            return int(replay.length[k] - replay.released[k])
+
+    def replay_close_s(self, source_index: int) -> float:
+        """When source bar `source_index` (0-based, per symbol) of a replay becomes due on the
+        feed's clock (epoch seconds): the replay's notion of that bar's close.
+
+        The first `history_bars` bars are due at the start; bar j >= history_bars once
+        `floor((now - start) * replay_bars_per_s) >= j - history_bars + 1`.
+        """
+        late = max(0, source_index - self.config.history_bars + 1)
+        return self._start_s + late / self.config.replay_bars_per_s
 
     def __repr__(self) -> str:
         details: dict[str, Any] = {

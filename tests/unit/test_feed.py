@@ -10,6 +10,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -17,7 +18,7 @@ from configs.schema import FeedConfig, SimConfig
 from market import validation as v
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
 from market.sim_silver import simulated_bars
-from market.sources.sim import MarketSimulator, format_dump_line
+from market.sources.sim import MarketSimulator, format_dump_line, simulate_symbols
 from market.validation.polars_rules import check_lines
 from serve.engine.feed import BarFeed
 
@@ -306,3 +307,38 @@ def test_rest_style_rows_are_checked_like_dump_lines() -> None:
         v.UNPARSEABLE_VALUE,
         None,
     ]
+
+
+def test_vectorised_simulator_gives_each_symbol_its_own_bars_bit_for_bit() -> None:
+    config = SimConfig(seed=5, anchor_date=date(2024, 2, 1), gap_rate=0.005, max_gap_minutes=5)
+    symbols = ["SIMAAA", "SIMBBB", "SIMGAP"]
+    block = simulate_symbols(config, symbols, 2)
+    fields = ["open_time_ms", "open", "high", "low", "close", "volume", "trades"]
+    fields += ["taker_buy_base", "present"]
+    for k, symbol in enumerate(symbols):
+        days = [
+            day
+            for _, day in MarketSimulator(config, symbol).days(date(2024, 2, 1), date(2024, 2, 2))
+        ]
+        for name in fields:
+            expected = np.concatenate([getattr(day, name) for day in days])
+            assert np.array_equal(getattr(block, name)[k], expected), (symbol, name)
+    assert not block.present.all()  # the outages are there
+
+
+def test_newest_bars_and_held_counts_read_many_symbols_at_once() -> None:
+    clock = FakeClock()
+    feed = sim_feed(clock, symbols=["SIMAAA", "SIMBBB", "SIMCCC"])
+    assert feed.held_counts(["SIMBBB"]).tolist() == [0]
+    feed.poll()
+    clock.advance(2.0)  # 4 bars each
+    assert feed.poll() == {"SIMAAA": 4, "SIMBBB": 4, "SIMCCC": 4}
+    assert feed.held_counts(["SIMCCC", "SIMAAA"]).tolist() == [120, 120]
+    newest = feed.newest_bars(["SIMCCC", "SIMAAA"], [4, 500])
+    expected = pl.concat([feed.bars("SIMCCC").tail(4), feed.bars("SIMAAA")])
+    assert newest.equals(expected)
+    # Bar 123 (the 4th after the 120 of history) was due 4 bars / 2 bars per s after the start.
+    assert feed.replay_close_s(123) == T0 + 2.0
+    assert feed.replay_close_s(0) == T0
+    with pytest.raises(KeyError, match="NOPE"):
+        feed.newest_bars(["NOPE"], [1])
