@@ -133,9 +133,11 @@ class SignalEngine:
         with self._lock:
             ticked = [symbol for symbol, count in new_bars.items() if count > 0]
             if ticked:
-                self._take_new_bars(ticked, new_bars)
+                # Every symbol's new bars in one read: O(new bars), not a window per symbol.
+                newest = self.feed.newest_bars(ticked, [new_bars[s] for s in ticked])
+                self._take_new_bars(ticked, new_bars, newest)
                 self._update_signals(ticked)
-                self._fill_outcomes(ticked)
+                self._fill_outcomes(newest)
                 self.outcomes = self.gold.outcome_summary(self.feed.symbols)
                 self.sequence += 1
         return new_bars
@@ -148,8 +150,11 @@ class SignalEngine:
         self._taken_close[:] = np.nan
         self._advance([self.feed.bars(symbol) for symbol in symbols])
 
-    def _take_new_bars(self, symbols: list[str], counts: dict[str, int]) -> None:
-        """Advance the state with the `counts[symbol]` newest held bars of each of `symbols`.
+    def _take_new_bars(
+        self, symbols: list[str], counts: dict[str, int], newest: pl.DataFrame
+    ) -> None:
+        """Advance the state with the `counts[symbol]` newest held bars of each of `symbols`
+        (`newest`: those bars, as `BarFeed.newest_bars` gives them).
 
         The feed counts a late minute (older than the newest bar held) and bars a burst pushed
         out of its window as new too: the state cannot take those in order, so when a symbol's
@@ -158,16 +163,18 @@ class SignalEngine:
         features = self._features
         if features is None:
             return
-        taken = self._taken_open_ms[features.symbol_indices(symbols)]
-        frames = []
-        for symbol, last in zip(symbols, taken.tolist(), strict=True):
-            newer = self.feed.bars(symbol).tail(counts[symbol])
-            if newer.height < counts[symbol] or newer["open_time"][0] <= last:
-                log.info("%s: a bar arrived out of order; rebuilding the feature state", symbol)
-                self._rebuild_features(features.window_rows)
-                return
-            frames.append(newer)
-        self._advance(frames)
+        wanted = np.array([counts[symbol] for symbol in symbols], dtype=np.int64)
+        got = np.minimum(wanted, self.feed.held_counts(symbols))
+        in_order = bool((got == wanted).all()) and newest.height == int(got.sum())
+        if in_order:
+            taken = self._taken_open_ms[features.symbol_indices(symbols)]
+            first_new = newest["open_time"].to_numpy()[np.cumsum(got) - got]
+            in_order = bool((first_new > taken).all())
+        if not in_order:
+            log.info("a bar arrived out of order; rebuilding the feature state")
+            self._rebuild_features(features.window_rows)
+            return
+        self._advance([newest])
 
     def _advance(self, frames: list[pl.DataFrame]) -> None:
         """Advance the state by `frames` (each the new bars of one symbol, in open-time order):
@@ -194,7 +201,8 @@ class SignalEngine:
         if serving is None or features is None:
             return
         needed = min_history_bars(serving.model.spec.window_bars)
-        eligible = [s for s in symbols if self.feed.bars(s).height >= needed]
+        held = self.feed.held_counts(symbols).tolist()
+        eligible = [s for s, count in zip(symbols, held, strict=True) if count >= needed]
         if not eligible:
             return
         idx = features.symbol_indices(eligible)
@@ -251,13 +259,20 @@ class SignalEngine:
             self.confidence_counts[min(bucket, len(CONFIDENCE_BUCKETS) - 1)] += 1
             self.confidence_sum += record.confidence
 
-    def _fill_outcomes(self, symbols: list[str]) -> None:
-        """Fill the Gold outcomes that `symbols`' held bars realise, in one transaction."""
-        closes_by_symbol = {}
-        for symbol in symbols:
-            bars = self.feed.bars(symbol)
-            if bars.height:
-                closes_by_symbol[symbol] = self.feed.closes_since(symbol, int(bars["open_time"][0]))
+    def _fill_outcomes(self, newest: pl.DataFrame) -> None:
+        """Fill the Gold outcomes that the new bars `newest` realise, in one transaction.
+
+        Only new bars can realise an outcome: a signal is computed for a symbol's newest bar,
+        so its horizon bar arrives later, as a new bar (after a restart, the first poll counts
+        every held bar as new, which covers the signals recorded before it)."""
+        closes_by_symbol: dict[str, dict[int, float]] = {}
+        for symbol, open_ms, close in zip(
+            newest["symbol"].to_list(),
+            newest["open_time"].to_list(),
+            newest["close"].to_list(),
+            strict=True,
+        ):
+            closes_by_symbol.setdefault(symbol, {})[open_ms] = close
         self.gold.fill_outcomes_many(closes_by_symbol, int(self.clock() * 1000))
 
     # -- reads ---------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_a_late_minute_filling_a_hole_rebuilds_the_state(tmp_path: Path) -> None
     assert late.height == 3
     with feed._lock:
         assert feed._merge(state, late) == 3
-    engine._take_new_bars([GAPPY], {GAPPY: 3})
+    engine._take_new_bars([GAPPY], {GAPPY: 3}, feed.newest_bars([GAPPY], [3]))
     engine._update_signals([GAPPY])
     expected = per_symbol_signal(engine, GAPPY)
     assert expected is not None and expected.p_up is not None
