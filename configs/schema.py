@@ -611,6 +611,12 @@ class FeedConfig(StrictModel):
     history_bars: int = Field(default=400, ge=100)
     poll_interval_s: float = Field(default=5.0, gt=0)
     replay_bars_per_s: float = Field(default=1.0, gt=0)
+    replay_start_s: float | None = Field(
+        default=None,
+        description="epoch seconds at which a replay starts releasing bars past its history "
+        "(bar history_bars + k closes at replay_start_s + (k + 1) / replay_bars_per_s); None: "
+        "when the feed is built. Lets a benchmark know every bar's close in advance",
+    )
     stale_after_s: float = Field(default=150.0, gt=0)
     dump_path: str | None = None
     sim: SimConfig = SimConfig()

@@ -25,8 +25,9 @@ bars, and every later poll releases each bar whose accelerated time has come,
 `bars_due = history_bars + floor((now - start) * replay_bars_per_s)` (`now`, `start` in seconds).
 When the replay runs out of bars it stops producing any, and so goes stale: that is by design.
 Bar j of a replay's source (0-based, j >= history_bars) thus closes, on the feed's clock, at
-`start + (j - history_bars + 1) / replay_bars_per_s` minus a fraction of a bar interval: the
-moment it becomes due (`replay_close_s`).
+`start + (j - history_bars + 1) / replay_bars_per_s`: the moment it becomes due
+(`replay_close_s`). `replay_start_s` (epoch seconds) fixes `start`, so that a client knows every
+bar's close in advance; by default it is the moment the feed is built.
 
 A replay holds every symbol's source bars in one frame, symbol after symbol, and a count of bars
 released per symbol: a poll is one numpy comparison over the symbols, and a symbol's window is a
@@ -162,7 +163,7 @@ class BarFeed:
         self._stream: BinanceKlineStream | None = None
         self._index = {symbol: k for k, symbol in enumerate(config.symbols)}
         self._replay: _Replay | None = None
-        self._start_s = clock()
+        self._start_s = clock() if config.replay_start_s is None else config.replay_start_s
         if config.source == "binance" and config.binance_live == "websocket":
             self._stream = BinanceKlineStream(
                 config.symbols,
