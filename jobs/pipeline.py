@@ -29,7 +29,14 @@ from jobs._cli import base_parser, print_summary, run, setup_logging, summary_st
 from market.ingest import run_ingest
 from market.lake import Lake
 from market.storage import resolve
-from serve.deploy import deploy, feed_for, resolve_config, serve_until_stopped, wait_until_ok
+from serve.deploy import (
+    deploy,
+    feed_for,
+    resolve_config,
+    serve_until_stopped,
+    universe_feed,
+    wait_until_ok,
+)
 from serve.haproxy import PortBusyError, check_serve_ports
 
 
@@ -93,9 +100,15 @@ def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages
 
 
 def serve_stage(
-    config: PipelineConfig, registry: str, lake: str, address: str | None
+    config: PipelineConfig,
+    registry: str,
+    lake: str,
+    address: str | None,
+    universe: int | None = None,
 ) -> dict[str, Any]:
-    """Deploy the API, mint an operator token, call /signal for each symbol."""
+    """Deploy the API, mint an operator token, call /signal for each symbol (with `universe`,
+    the live feed also serves that many simulated symbols, and only the trained symbols and the
+    first of the universe are called)."""
     from serve.api.auth import TokenService
     from serve.api.clients import ClientStore
     from serve.api.tokens import ensure_dev_secrets, token_subject
@@ -108,6 +121,11 @@ def serve_stage(
         lake=lake,
         feed=feed_for(config.ingest, serve_config.feed),
     )
+    if universe:
+        serve_config = serve_config.model_copy(
+            update={"feed": universe_feed(serve_config.feed, universe)}
+        )
+        say(f"serving {len(serve_config.feed.symbols)} simulated symbols live")
     created = ensure_dev_secrets(serve_config.auth)
     deployed = deploy(serve_config, address)
     tokens = TokenService.from_config(serve_config.auth.jwt)
@@ -123,7 +141,9 @@ def serve_stage(
     with contextlib.suppress(TimeoutError):
         wait_until_ok(f"{deployed['url']}/readyz", timeout_s=60)
     with httpx.Client(base_url=deployed["url"], timeout=30.0) as client:
-        for symbol in serve_config.feed.symbols:
+        symbols = serve_config.feed.symbols
+        # With a universe: the trained symbols (when still served) and the first new one.
+        for symbol in symbols[: len(symbols) - universe + 1] if universe else symbols:
             response = client.get("/signal", params={"symbol": symbol}, headers=headers)
             answers[symbol] = response.json()
             say(f"GET /signal?symbol={symbol} -> {response.status_code} {response.json()}")
@@ -148,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-serve", action="store_true", help="do not deploy the API")
     parser.add_argument(
         "--exit", action="store_true", help="stop the service and exit after the summary"
+    )
+    parser.add_argument(
+        "--universe",
+        type=int,
+        metavar="N",
+        help="train as configured, then serve N more simulated symbols live (SIM0001..)",
     )
     parser.add_argument(
         "--ray-jobs",
@@ -195,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     served: dict[str, Any] | None = None
     if config.serve:
         with stages.stage("serve", f"Ray Serve application from {config.serve}"):
-            served = serve_stage(config, registry, lake, args.address)
+            served = serve_stage(config, registry, lake, args.address, args.universe)
         # The dev client's secret is shown once, in the guide below, never in the JSON line.
         results["serve"] = {
             k: v for k, v in served.items() if k not in ("config", "dev_client_secret")

@@ -19,6 +19,7 @@ import httpx
 from cluster.ray_runtime import connect, local_ray_lost_processes
 from configs.schema import DEFAULT_GOLD_URL, FeedConfig, GoldConfig, IngestConfig, ServeConfig
 from market.lake import Lake
+from market.sources.sim import universe_symbols
 from market.storage import is_uri
 from serve.operator import read_targets
 
@@ -47,6 +48,15 @@ def feed_for(ingest: IngestConfig, feed: FeedConfig) -> FeedConfig:
     if ingest.source == "dump":
         updates["dump_path"] = ingest.path
     return feed.model_copy(update=updates)
+
+
+def universe_feed(feed: FeedConfig, count: int) -> FeedConfig:
+    """`feed` serving `count` more simulated symbols, SIM0001.. (`universe_symbols`), besides its
+    own: the live feed becomes the simulator replay (the serve config's seed, dates and clock),
+    so a model trained on a few symbols serves a whole universe it never saw."""
+    extra = [symbol for symbol in universe_symbols(count) if symbol not in feed.symbols]
+    symbols = list(feed.symbols) if feed.source == "sim" else []
+    return feed.model_copy(update={"source": "sim", "symbols": symbols + extra})
 
 
 def resolve_config(

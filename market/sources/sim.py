@@ -165,6 +165,13 @@ class MarketSimulator:
             day += timedelta(days=1)
 
 
+def universe_symbols(count: int) -> list[str]:
+    """`count` simulated symbol names, SIM0001, SIM0002, ... (at least four digits)."""
+    if count < 1:
+        raise ValueError(f"a universe needs at least one symbol, got {count}")
+    return [f"SIM{i:04d}" for i in range(1, count + 1)]
+
+
 @dataclass(frozen=True)
 class SimBlock:
     """Simulated bars of many symbols over whole days: arrays of shape (symbols, minutes).

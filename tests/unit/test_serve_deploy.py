@@ -22,7 +22,7 @@ from configs.schema import (
     load_config,
 )
 from market.lake import Lake
-from serve.deploy import feed_for, gold_for_lake, resolve_config, wait_until_ok
+from serve.deploy import feed_for, gold_for_lake, resolve_config, universe_feed, wait_until_ok
 from tests.conftest import REPO
 
 POSTGRES = "postgresql+psycopg://gold:secret@db.internal:5432/gold"
@@ -121,3 +121,33 @@ def test_wait_until_ok_times_out_while_nothing_answers() -> None:
     url = f"http://127.0.0.1:{free_port()}/healthz"
     with pytest.raises(TimeoutError, match="did not answer 200"):
         wait_until_ok(url, timeout_s=0.2, poll_s=0.05)
+
+
+def test_a_universe_adds_simulated_symbols_that_the_engine_serves(tmp_path: Path) -> None:
+    from serve.engine.engine import SignalEngine
+    from tests.serve_support import register_model
+    from tests.unit.test_serve_engine import FakeClock, config_for
+
+    trained = feed_for(IngestConfig(source="sim", symbols=["SIMA", "SIMB"]), FeedConfig())
+    feed = universe_feed(trained, 50)
+    assert feed.source == "sim"
+    assert feed.symbols[:3] == ["SIMA", "SIMB", "SIM0001"] and feed.symbols[-1] == "SIM0050"
+    assert len(feed.symbols) == 52
+    # From a dump or Binance, the live feed becomes the simulator of the universe alone.
+    dump = feed_for(IngestConfig(source="dump", symbols=["BTCUSDT"], path="d.csv"), FeedConfig())
+    assert universe_feed(dump, 3).symbols == ["SIM0001", "SIM0002", "SIM0003"]
+    with pytest.raises(ValueError, match="at least one"):
+        universe_feed(trained, 0)
+
+    # A model registered for the trained symbols serves a symbol it never saw.
+    register_model(tmp_path / "registry", seed=1)
+    config = config_for(tmp_path, symbols=universe_feed(trained, 50).symbols)
+    clock = FakeClock()
+    engine = SignalEngine(config, clock=clock)
+    assert engine.refresh_model()
+    engine.tick()
+    clock.now += 1.0
+    assert engine.tick()["SIM0042"] == 1
+    signal = engine.signal("SIM0042")
+    assert signal.signal in ("BUY", "SELL", "NEUTRAL") and signal.p_up is not None
+    assert signal.bar_open_time_ms == engine.feed.last_bar_open_ms("SIM0042")
