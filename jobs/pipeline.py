@@ -182,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         "(e.g. http://ray-head:8265) instead of running the stages in this driver",
     )
     args = parser.parse_args(argv)
+    if args.universe is not None and args.universe < 1:
+        parser.error("--universe needs at least one symbol")
+    if args.universe and args.ray_jobs:
+        parser.error("--universe is not supported with --ray-jobs")
     setup_logging()
     config = load_config(args.config, PipelineConfig)
     ingest_updates: dict[str, Any] = {}
