@@ -49,6 +49,7 @@ import httpx
 from cluster.ray_runtime import free_port
 from configs.schema import (
     AuthConfig,
+    EngineShardsConfig,
     FeedConfig,
     GoldConfig,
     JwtConfig,
@@ -66,7 +67,7 @@ SIM = SimConfig(seed=17, anchor_date=date(2024, 6, 3), signal_strength=0.3)
 
 
 def live_config(
-    tmp: Path, symbols: list[str], bar_interval_s: float, start_s: float
+    tmp: Path, symbols: list[str], bar_interval_s: float, start_s: float, symbols_per_shard: int
 ) -> ServeConfig:
     (tmp / "jwt_secret").write_text(SECRET)
     (tmp / "jwt_secret").chmod(0o600)
@@ -74,6 +75,7 @@ def live_config(
         ray=RayConfig(num_cpus=2, include_dashboard=False),
         registry=str(tmp / "registry"),
         port=free_port(),
+        engine=EngineShardsConfig(symbols_per_shard=symbols_per_shard),
         auth=AuthConfig(
             jwt=JwtConfig(secret_env="QUANT_AI_BENCH_UNSET", secret_file=str(tmp / "jwt_secret")),
             clients_file=str(tmp / "clients.yaml"),
@@ -173,7 +175,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_size(
-    n: int, bars: int, bar_interval_s: float, sample: int, setup_s: float
+    n: int, bars: int, bar_interval_s: float, sample: int, setup_s: float, symbols_per_shard: int
 ) -> dict[str, Any]:
     import psutil
     from ray import serve
@@ -186,7 +188,7 @@ def run_size(
         tmp = Path(scratch)
         register_model(tmp / "registry", seed=1)
         start_s = time.time() + setup_s
-        config = live_config(tmp, symbols, bar_interval_s, start_s)
+        config = live_config(tmp, symbols, bar_interval_s, start_s, symbols_per_shard)
         try:
             deployed = deploy(config, address=None, timeout_s=600)
             base = str(deployed["url"])
@@ -243,6 +245,7 @@ def run_size(
             late_sampled += seen > close_s(j + 1)
     return {
         "symbols": n,
+        "engine_shards": config.engine.count(n),
         "bars": bars,
         "bar_interval_s": bar_interval_s,
         "p50_close_to_signal_ms": round(percentile(signal_ms, 0.5), 1),
@@ -270,11 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--setup-s", type=float, default=40.0, help="seconds from deploy to the first live bar"
     )
+    parser.add_argument(
+        "--symbols-per-shard",
+        type=int,
+        default=1000,
+        help="engine shards: one Serve deployment per this many symbols (engine.symbols_per_shard)",
+    )
     args = parser.parse_args(argv)
     sizes = [int(n) for n in args.symbols.split(",") if n.strip()]
     results = []
     for n in sizes:
-        result = run_size(n, args.bars, args.bar_interval_s, args.sample, args.setup_s)
+        result = run_size(
+            n, args.bars, args.bar_interval_s, args.sample, args.setup_s, args.symbols_per_shard
+        )
         print(f"N={n}: {result}", file=sys.stderr, flush=True)
         results.append(result)
     largest = max(results, key=lambda r: int(r["symbols"]))
