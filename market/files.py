@@ -46,14 +46,19 @@ def make_dirs_durably(directory: Path, mode: int = 0o777) -> None:
 
 
 def write_durably(target: Path, text: str, mode: int = 0o666) -> None:
-    """Write `text` (UTF-8) to a synced temporary beside `target`, rename it to `target`, then
-    sync the directory. `mode` is the new file's (the umask applies, as to `open`); the
-    temporary is removed if the write fails."""
+    """`write_bytes_durably` of `text` in UTF-8."""
+    write_bytes_durably(target, text.encode("utf-8"), mode)
+
+
+def write_bytes_durably(target: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write `data` to a synced temporary beside `target`, rename it to `target`, then sync the
+    directory. `mode` is the new file's (the umask applies, as to `open`); the temporary is
+    removed if the write fails."""
     temporary = target.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)

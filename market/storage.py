@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from configs.schema import ObjectStoreConfig
+from market.files import write_bytes_durably
 
 SCHEMES: Final = ("file", "s3", "gs")
 """The URI schemes a location may have; a location without one is a local path."""
@@ -159,15 +159,7 @@ class Location:
             return
         target = Path(self.path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(temporary, "xb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_bytes_durably(target, data)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))

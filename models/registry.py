@@ -74,6 +74,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from configs.schema import ObjectStoreConfig
+from market.files import write_bytes_durably
 from market.storage import StorageError, is_uri, resolve
 
 PRODUCTION = "production"
@@ -215,16 +216,7 @@ class _LocalStore(_Store):
     def write_atomic(self, path: str, data: bytes) -> None:
         target = self._path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(temporary, "xb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        write_bytes_durably(target, data)
 
     def children(self, path: str) -> list[str]:
         try:
@@ -258,20 +250,6 @@ class _LocalStore(_Store):
                 yield
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename in `directory`; a no-op where directories cannot be opened."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 class _ArrowStore(_Store):
