@@ -181,7 +181,7 @@ def test_no_signal_is_never_promoted(
     assert registry.get_alias("signal", "production") is None
     # The leaderboard shows each trial's horizon and label; the registered (unpromoted) best
     # trial records its own, and its backtest held positions for that horizon.
-    leaderboard = pd.read_parquet(RunDir(tmp_path / "out").leaderboard_parquet)
+    leaderboard = RunDir(tmp_path / "out").read_leaderboard()
     best = leaderboard.set_index("trial_id").loc[summary["best_trial"]]
     metadata = registry.metadata("signal", gate["version"])
     assert metadata["horizon_bars"] == best["horizon_bars"] == metadata["backtest"]["hold_bars"]
