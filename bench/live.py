@@ -46,6 +46,7 @@ from typing import Any
 
 import httpx
 
+from bench.serve import token
 from cluster.ray_runtime import free_port
 from configs.schema import (
     AuthConfig,
@@ -94,17 +95,6 @@ def live_config(
         ),
         gold=GoldConfig(url=f"sqlite:///{tmp / 'gold.sqlite'}"),
     )
-
-
-def token(config: ServeConfig) -> str:
-    from serve.api.auth import TokenService
-    from serve.api.clients import ClientStore
-
-    store = ClientStore.load(config.auth.clients_file)
-    if "bench" not in store:
-        store.add("bench", ["signals:read"])
-    value, _ = TokenService.from_config(config.auth.jwt).mint("bench", ["signals:read"], 3600)
-    return value
 
 
 @dataclass

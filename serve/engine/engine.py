@@ -299,35 +299,35 @@ class SignalEngine:
             return snapshot
 
     def _build_snapshot(self, sequence: int) -> EngineSnapshot:
-        with self._lock:
-            serving = self.serving
-            return EngineSnapshot(
-                sequence=sequence,
-                taken_at=self.clock(),
-                stale_after_s=self.feed.config.stale_after_s,
-                symbols=tuple(
-                    SymbolState(
-                        symbol=symbol,
-                        staleness_s=self.feed.staleness_s(symbol),
-                        signal=self.signals.get(symbol),
-                        feed_error=self.feed.last_error(symbol),
-                    )
-                    for symbol in self.feed.symbols
-                ),
-                model=serving.info() if serving else None,
-                load_error=self.load_error,
-                reloads=self.reloads,
-                signal_counts=tuple(
-                    SignalCount(symbol, signal, count)
-                    for (symbol, signal), count in sorted(self.signal_counts.items())
-                ),
-                confidence=ConfidenceHistogram(
-                    buckets=CONFIDENCE_BUCKETS,
-                    counts=tuple(self.confidence_counts),
-                    sum=self.confidence_sum,
-                ),
-                outcomes=self.outcomes,
-            )
+        """A new snapshot numbered `sequence` (the caller holds the lock)."""
+        serving = self.serving
+        return EngineSnapshot(
+            sequence=sequence,
+            taken_at=self.clock(),
+            stale_after_s=self.feed.config.stale_after_s,
+            symbols=tuple(
+                SymbolState(
+                    symbol=symbol,
+                    staleness_s=self.feed.staleness_s(symbol),
+                    signal=self.signals.get(symbol),
+                    feed_error=self.feed.last_error(symbol),
+                )
+                for symbol in self.feed.symbols
+            ),
+            model=serving.info() if serving else None,
+            load_error=self.load_error,
+            reloads=self.reloads,
+            signal_counts=tuple(
+                SignalCount(symbol, signal, count)
+                for (symbol, signal), count in sorted(self.signal_counts.items())
+            ),
+            confidence=ConfidenceHistogram(
+                buckets=CONFIDENCE_BUCKETS,
+                counts=tuple(self.confidence_counts),
+                sum=self.confidence_sum,
+            ),
+            outcomes=self.outcomes,
+        )
 
     def predict(self, symbol: str, bars: pl.DataFrame) -> Signal:
         """The signal the serving model gives client bars (`ProductionModel.predict`)."""
