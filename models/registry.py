@@ -74,7 +74,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from configs.schema import ObjectStoreConfig
-from market.files import write_bytes_durably
+from market.files import exclusive_lock, write_bytes_durably
 from market.storage import StorageError, is_uri, resolve
 
 PRODUCTION = "production"
@@ -240,16 +240,10 @@ class _LocalStore(_Store):
 
     @contextlib.contextmanager
     def locked(self, path: str) -> Iterator[None]:
-        import fcntl
-
         lock_path = self._path(path)
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+b") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        with exclusive_lock(lock_path):
+            yield
 
 
 class _ArrowStore(_Store):
