@@ -52,8 +52,13 @@ class SimState:
 
 
 @dataclass(frozen=True)
-class SimDay:
-    """One simulated day: arrays of 1440 bars (NaN-free) and which of them are missing."""
+class SimBars:
+    """Simulated 1-minute bars (NaN-free) and which of them are missing (`present` False).
+
+    One symbol's day holds arrays of shape (1440,); `simulate_symbols` returns many symbols'
+    days as arrays of shape (symbols, minutes), row k for symbol k, minute j at
+    `first day 00:00 UTC + j` minutes. Prices in quote currency, volumes in base units.
+    """
 
     open_time_ms: np.ndarray
     open: np.ndarray
@@ -85,7 +90,7 @@ class MarketSimulator:
             outage_left=0,
         )
 
-    def day(self, day: date, state: SimState) -> tuple[SimDay, SimState]:
+    def day(self, day: date, state: SimState) -> tuple[SimBars, SimState]:
         """Simulate `day` from `state`; returns the day and the state at its end."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, self._key % 2**32, day.toordinal()])
@@ -134,7 +139,7 @@ class MarketSimulator:
         trades = np.maximum(1, np.round(volume * 40.0 * np.exp(0.2 * flow_noise))).astype(np.int64)
         taker_ratio = np.clip(0.5 + 0.12 * np.tanh(signal) + 0.04 * flow_noise, 0.0, 1.0)
         start = date_start_ms(day)
-        result = SimDay(
+        result = SimBars(
             open_time_ms=start + np.arange(n, dtype=np.int64) * ONE_MINUTE_MS,
             open=open_,
             high=high,
@@ -150,7 +155,7 @@ class MarketSimulator:
         )
         return result, end_state
 
-    def days(self, first: date, last: date) -> Iterator[tuple[date, SimDay]]:
+    def days(self, first: date, last: date) -> Iterator[tuple[date, SimBars]]:
         """Days `first`..`last` inclusive, simulated from the anchor date on."""
         if first < self.config.anchor_date:
             raise ValueError(
@@ -172,26 +177,7 @@ def universe_symbols(count: int) -> list[str]:
     return [f"SIM{i:04d}" for i in range(1, count + 1)]
 
 
-@dataclass(frozen=True)
-class SimBlock:
-    """Simulated bars of many symbols over whole days: arrays of shape (symbols, minutes).
-
-    Row k holds symbol k's bars, minute j is `first day 00:00 UTC + j` minutes; `present` marks
-    the minutes outside outages. Prices, volumes and counts as in `SimDay`.
-    """
-
-    open_time_ms: np.ndarray
-    open: np.ndarray
-    high: np.ndarray
-    low: np.ndarray
-    close: np.ndarray
-    volume: np.ndarray
-    trades: np.ndarray
-    taker_buy_base: np.ndarray
-    present: np.ndarray
-
-
-def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBlock:
+def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBars:
     """`days` days of bars from the anchor date for every symbol, vectorised across symbols.
 
     The same bars as `MarketSimulator(config, symbol).days(...)` for each symbol, bit for bit:
@@ -216,7 +202,7 @@ def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBlo
     x = np.zeros(n_symbols)
     eps = np.zeros(n_symbols)
     outage = np.zeros(n_symbols, dtype=np.int64)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in SimBlock.__dataclass_fields__}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SimBars.__dataclass_fields__}
     for offset in range(days):
         day = cfg.anchor_date + timedelta(days=offset)
         shocks = np.empty((n_symbols, n))
@@ -279,7 +265,7 @@ def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBlo
         )
         parts["taker_buy_base"].append(volume * taker_ratio)
         parts["present"].append(present)
-    return SimBlock(
+    return SimBars(
         **{
             name: np.ascontiguousarray(arrays[0]) if days == 1 else np.concatenate(arrays, axis=1)
             for name, arrays in parts.items()
@@ -287,7 +273,7 @@ def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBlo
     )
 
 
-def format_dump_line(day: SimDay, i: int) -> str:
+def format_dump_line(day: SimBars, i: int) -> str:
     """Bar `i` of `day` as a Binance dump CSV line (8-decimal prices and volumes)."""
     ot = int(day.open_time_ms[i])
     vwap = (day.open[i] + day.high[i] + day.low[i] + day.close[i]) / 4.0
