@@ -203,6 +203,13 @@ class BinanceStreamConfig(StrictModel):
     backfill_retry_s: float = Field(
         default=10.0, gt=0, description="seconds before a failed REST backfill is tried again"
     )
+    max_connection_age_s: float = Field(
+        default=23 * 3600.0,
+        gt=0,
+        lt=24 * 3600.0,
+        description="seconds after which a connection is replaced (the replacement subscribed "
+        "before the old one closes), ahead of Binance's 24 h cut",
+    )
 
 
 class IngestConfig(StrictModel):

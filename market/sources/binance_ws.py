@@ -13,7 +13,9 @@ The protocol, from Binance's spot WebSocket Streams documentation
   count (a connection beyond it is disconnected); 300 connection attempts per 5 minutes per IP.
 - The server sends a ping frame every 20 s and disconnects a client that has not answered with a
   pong within a minute; `websockets` answers pings itself, so the receive loop must never block
-  the event loop (REST backfills run on a worker thread). A connection is cut at 24 h.
+  the event loop (REST backfills run on a worker thread). A connection is cut at 24 h, so each
+  one is replaced before that (`max_connection_age_s`): the replacement is opened and fully
+  subscribed before the old one is closed, and the klines both deliver meanwhile are deduplicated.
 - A `serverShutdown` event announces that the server is about to close the connection and asks
   for a new one as soon as possible: the client reconnects then, after its shortest backoff.
 - A kline event is `{"e": "kline", "E": event_ms, "s": SYMBOL, "k": {"t": open_ms,
@@ -309,15 +311,19 @@ class StreamStats:
     duplicates: int = 0
     open_updates: int = 0
     malformed: int = 0
+    rotations: int = 0
     reconnects: list[Reconnect] = field(default_factory=list)
     backfills: list[Backfill] = field(default_factory=list)
 
 
 @dataclass
 class _Session:
-    """One connection's state: the SUBSCRIBE messages awaiting their answer."""
+    """One connection's state: the SUBSCRIBE messages awaiting their answer, and whether every
+    stream of the connection is subscribed (`live`)."""
 
     awaiting: dict[int, tuple[float, list[str]]] = field(default_factory=dict)
+    unanswered_batches: int = 0
+    live: asyncio.Event = field(default_factory=asyncio.Event)
     received_klines: bool = False
 
 
@@ -462,8 +468,10 @@ class BinanceKlineStream:
         attempt = 0
         while True:
             session = _Session()
+            task = asyncio.create_task(self._session(index, symbols, session))
+            session, task = await self._rotate_until_lost(index, symbols, session, task)
             try:
-                await self._session(index, symbols, session)
+                await task
                 reason = "closed"
             except _CONNECTION_ERRORS as error:
                 reason = f"{type(error).__name__}: {error}"
@@ -488,6 +496,65 @@ class BinanceKlineStream:
             attempt += 1
             await asyncio.sleep(delay)
 
+    async def _rotate_until_lost(
+        self,
+        index: int,
+        symbols: tuple[str, ...],
+        session: _Session,
+        task: asyncio.Task[None],
+    ) -> tuple[_Session, asyncio.Task[None]]:
+        """Replace the connection every `max_connection_age_s` seconds, make before break, until
+        one is lost; returns that connection's session and its (finished) task.
+
+        The replacement must be fully subscribed before the old connection is closed, so no
+        minute depends on a REST backfill; a replacement that fails is retried after the
+        reconnect backoff while the old connection keeps delivering.
+        """
+        wait_s = self.config.max_connection_age_s
+        failures = 0
+        while True:
+            try:
+                done, _ = await asyncio.wait({task}, timeout=wait_s)
+            except asyncio.CancelledError:  # the stream stops: so does its connection
+                task.cancel()
+                raise
+            if done:
+                return session, task
+            successor = _Session()
+            successor_task = asyncio.create_task(self._session(index, symbols, successor))
+            live = asyncio.create_task(successor.live.wait())
+            try:
+                await asyncio.wait(
+                    {live, successor_task, task}, return_when=asyncio.FIRST_COMPLETED
+                )
+            except asyncio.CancelledError:
+                for running in (live, successor_task, task):
+                    running.cancel()
+                raise
+            live.cancel()
+            if successor_task.done():  # the replacement failed: keep the old connection
+                error = successor_task.exception() if not successor_task.cancelled() else None
+                log.warning(
+                    "kline stream connection %d: its replacement failed (%s); retrying",
+                    index,
+                    f"{type(error).__name__}: {error}" if error else "cancelled",
+                )
+                wait_s = self._backoff(failures)
+                failures += 1
+                continue
+            # The replacement is live, or the old connection was lost first: either way the
+            # replacement takes over (a lost old connection's minutes come from its backfill).
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                with self._lock:
+                    self._stats.rotations += 1
+                log.info("kline stream connection %d replaced before its age limit", index)
+            elif not task.cancelled() and task.exception() is not None:
+                log.warning("kline stream connection %d lost while being replaced", index)
+            session, task = successor, successor_task
+            wait_s, failures = self.config.max_connection_age_s, 0
+
     async def _session(self, index: int, symbols: tuple[str, ...], session: _Session) -> None:
         batches = chunks([stream_name(s) for s in symbols], self.config.streams_per_message)
         url = f"{self.config.url.rstrip('/')}/stream?streams={'/'.join(batches[0])}"
@@ -500,6 +567,9 @@ class BinanceKlineStream:
             with self._lock:
                 self._stats.connects += 1
             self._subscribed(batches[0])
+            session.unanswered_batches = len(batches) - 1
+            if session.unanswered_batches == 0:
+                session.live.set()
             sender = asyncio.create_task(self._subscribe(ws, batches[1:], session))
             try:
                 await self._receive(ws, session)
@@ -556,6 +626,9 @@ class BinanceKlineStream:
                 raise SubscribeError(f"SUBSCRIBE {event.id} refused: {event.error}")
             if answered is not None:
                 self._subscribed(answered[1])
+                session.unanswered_batches -= 1
+                if session.unanswered_batches == 0:
+                    session.live.set()
             return
         if not event.closed:
             with self._lock:

@@ -152,3 +152,29 @@ def test_minutes_that_close_while_reconnecting_come_from_the_backfill_after_the_
     # a catch-up after that stall could fetch the minutes instead.
     (reconnect,) = rig.stream.stats().reconnects
     assert reconnect.delay_s >= 0.5
+
+
+def test_connections_are_replaced_before_their_age_limit_without_losing_or_repeating_a_kline(
+    dump_lines: list[str], rigs: list[StreamRig]
+) -> None:
+    # Two symbols, one stream named per message: a replacement is live only once its SUBSCRIBE
+    # is answered, and the old connection must keep delivering until then. 40 live minutes
+    # take 1.6 s, so a 0.4 s age limit replaces the connection several times.
+    other = "ETHUSDT"
+    rig = start_rig(
+        {SYMBOL: dump_lines[:MINUTES], other: dump_lines[:MINUTES]},
+        HISTORY,
+        max_connection_age_s=0.4,
+        streams_per_message=1,
+    )
+    rigs.append(rig)
+
+    assert rig.collect() == rig.tape  # 0 lost, 0 duplicated, 0 changed, in open-time order
+    stats = rig.stream.stats()
+    assert stats.rotations >= 2
+    assert stats.reconnects == []  # a replacement is not a lost connection
+    assert len(rig.server.connections) == stats.rotations + 1
+    streams = {f"{SYMBOL.lower()}@kline_1m", f"{other.lower()}@kline_1m"}
+    for connection in rig.server.connections:
+        assert connection.streams == streams and connection.closed_by_server is None
+    assert rig.stream.error(SYMBOL) is None and rig.stream.error(other) is None
