@@ -54,6 +54,13 @@ def build_source(config: IngestConfig) -> KlineSource:
     return BinanceSource(BinanceClient(config.binance), start, end)
 
 
+INGEST_TASK_PREFIX = "ingest-"
+"""Ray names each symbol's ingest task `ingest-<SYMBOL>` (what the State API and the dashboard
+list), so where a symbol's work ran, and how often it was retried, can be read back."""
+
+
+# A task lost with its node (or its worker process) is run again, up to twice: a rerun stores
+# only what is not stored yet (parts are committed whole and matched by their rows' positions).
 @ray.remote(max_retries=2)
 def _ingest_task(
     config: IngestConfig, symbol: str, lake: str, object_store: ObjectStoreConfig
@@ -85,7 +92,12 @@ def run_ingest(
     store = open_bronze(lake, settings)
     removed = store.remove_temporaries()
     started = time.perf_counter()
-    pending = {_ingest_task.remote(config, s, str(lake), settings): s for s in config.symbols}
+    pending = {
+        _ingest_task.options(name=f"{INGEST_TASK_PREFIX}{s}").remote(
+            config, s, str(lake), settings
+        ): s
+        for s in config.symbols
+    }
     reports: list[dict[str, Any]] = []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
