@@ -278,12 +278,8 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop every node (workers first, SIGTERM, then SIGKILL after `STOP_GRACE_S`) and remove
         the cluster's directory when the cluster created it."""
-        nodes = [n for n in self.nodes.values() if n.spec is not self.head_spec]
-        nodes += [n for n in self.nodes.values() if n.spec is self.head_spec]
-        for node in nodes:
-            _stop_group(node)
-        for node in self.killed.values():
-            _stop_group(node)  # a worker a killed node had forked after the kill began
+        # All nodes at once: each may take the whole grace period, and they end together.
+        _stop_groups([*self.nodes.values(), *self.killed.values()])
         self.nodes.clear()
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
@@ -383,24 +379,28 @@ def _ray_executable() -> str:
     return found
 
 
-def _stop_group(node: LocalNode) -> None:
-    """SIGTERM the node's process group (`ray start --block` then stops its processes), SIGKILL
-    what is left after `STOP_GRACE_S` seconds."""
-    group = node.process.pid
-    members = node.processes()
+def _stop_groups(nodes: Sequence[LocalNode]) -> None:
+    """SIGTERM the nodes' process groups and processes (`ray start --block` then stops what it
+    started), SIGKILL what is left after `STOP_GRACE_S` seconds."""
+    members = {node.process.pid: node.processes() for node in nodes}
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, sig)
-        for member in members:
-            with contextlib.suppress(psutil.Error):
-                member.send_signal(sig)
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.process.pid, sig)
+            for member in members[node.process.pid]:
+                with contextlib.suppress(psutil.Error):
+                    member.send_signal(sig)
         deadline = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < deadline:
-            if node.process.poll() is not None and all(gone(p) for p in members):
+            if all(
+                node.process.poll() is not None and all(gone(p) for p in members[node.process.pid])
+                for node in nodes
+            ):
                 return
             time.sleep(0.1)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        node.process.wait(timeout=STOP_GRACE_S)
+    for node in nodes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            node.process.wait(timeout=STOP_GRACE_S)
 
 
 def main(argv: list[str] | None = None) -> int:
