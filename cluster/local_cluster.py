@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psutil
 
-from cluster.processes import gone
+from cluster.processes import gone, terminate
 from cluster.ray_runtime import free_port
 
 if TYPE_CHECKING:
@@ -276,10 +276,10 @@ class LocalCluster:
         return node
 
     def stop(self) -> None:
-        """Stop every node (workers first, SIGTERM, then SIGKILL after `STOP_GRACE_S`) and remove
-        the cluster's directory when the cluster created it."""
+        """Stop every node (SIGTERM, then SIGKILL after `STOP_GRACE_S`) and remove the cluster's
+        directory when the cluster created it."""
         # All nodes at once: each may take the whole grace period, and they end together.
-        _stop_groups([*self.nodes.values(), *self.killed.values()])
+        _stop_nodes([*self.nodes.values(), *self.killed.values()])
         self.nodes.clear()
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
@@ -379,25 +379,10 @@ def _ray_executable() -> str:
     return found
 
 
-def _stop_groups(nodes: Sequence[LocalNode]) -> None:
-    """SIGTERM the nodes' process groups and processes (`ray start --block` then stops what it
-    started), SIGKILL what is left after `STOP_GRACE_S` seconds."""
-    members = {node.process.pid: node.processes() for node in nodes}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for node in nodes:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(node.process.pid, sig)
-            for member in members[node.process.pid]:
-                with contextlib.suppress(psutil.Error):
-                    member.send_signal(sig)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while time.monotonic() < deadline:
-            if all(
-                node.process.poll() is not None and all(gone(p) for p in members[node.process.pid])
-                for node in nodes
-            ):
-                return
-            time.sleep(0.1)
+def _stop_nodes(nodes: Sequence[LocalNode]) -> None:
+    """SIGTERM every process of the nodes (`ray start --block` then stops what it started),
+    SIGKILL what is left after `STOP_GRACE_S` seconds, and reap the `ray start` processes."""
+    terminate([p for node in nodes for p in node.processes()], grace_s=STOP_GRACE_S)
     for node in nodes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             node.process.wait(timeout=STOP_GRACE_S)
