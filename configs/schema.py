@@ -14,7 +14,9 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    SerializationInfo,
     StringConstraints,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -51,11 +53,18 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+REVEAL_SECRETS: Final = "reveal_secrets"
+"""Serialization context key: `model_dump(mode="json", context={REVEAL_SECRETS: True})` writes
+an `ObjectStoreConfig`'s secret key in clear (for a config handed to Ray Serve replicas, which
+get plain mappings); any other dump masks it."""
+
+
 class ObjectStoreConfig(StrictModel):
     """How `s3://` locations (lake, registry, sweep runs) are reached. Every field left unset is
     read from the standard environment, as every S3 tool reads it: `AWS_ENDPOINT_URL`,
     `AWS_REGION` (or `AWS_DEFAULT_REGION`), `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`; keep
-    credentials in the environment rather than in a committed YAML."""
+    credentials in the environment rather than in a committed YAML. The pipeline, tune and
+    serve configs each hold one (`object_store:`)."""
 
     endpoint_url: str | None = Field(
         default=None,
@@ -75,6 +84,15 @@ class ObjectStoreConfig(StrictModel):
         if url is not None and not url.startswith(("http://", "https://")):
             raise ValueError(f"endpoint_url {url!r} must start with http:// or https://")
         return url
+
+    @field_serializer("secret_access_key", when_used="json")
+    def _masked_unless_revealed(
+        self, secret: SecretStr | None, info: SerializationInfo
+    ) -> str | None:
+        if secret is None:
+            return None
+        context = info.context or {}
+        return secret.get_secret_value() if context.get(REVEAL_SECRETS) else str(secret)
 
 
 class RayConfig(StrictModel):
@@ -237,12 +255,13 @@ class PipelineConfig(StrictModel):
     )
     tune: str | None = Field(
         default=DEFAULT_TUNE_CONFIG,
-        description="tune YAML of the sweep stage (its `ray` section is ignored: the pipeline "
-        "connects once); None stops after Silver",
+        description="tune YAML of the sweep stage (its `ray` and `object_store` sections are "
+        "ignored: the pipeline connects once, to one store); None stops after Silver",
     )
     serve: str | None = Field(
         default=DEFAULT_SERVE_CONFIG,
-        description="serve YAML of the deploy stage; None stops after the gate",
+        description="serve YAML of the deploy stage (its `object_store` section is ignored: "
+        "the pipeline's applies); None stops after the gate",
     )
     retrain_interval_minutes: float | None = Field(
         default=None, gt=0, description="re-run ingest -> features -> tune -> gate this often"
@@ -481,6 +500,10 @@ class TuneJobConfig(StrictModel):
 
     seed: int = 7
     ray: RayConfig = RayConfig()
+    object_store: ObjectStoreConfig = Field(
+        default_factory=ObjectStoreConfig,
+        description="endpoint, region and credentials of s3:// lake, registry and runs",
+    )
     symbols: list[Symbol] | None = Field(default=None, description="None = every Silver symbol")
     num_samples: int = Field(default=4, ge=1)
     max_concurrent_trials: int = Field(default=1, ge=1)
@@ -745,7 +768,11 @@ class ServeConfig(StrictModel):
     """The Ray Serve application of `python -m jobs.deploy` / `serve deploy`."""
 
     ray: RayConfig = RayConfig()
-    registry: str = "registry"
+    registry: str = Field(default="registry", description="a path or URI (s3://, gs://, file://)")
+    object_store: ObjectStoreConfig = Field(
+        default_factory=ObjectStoreConfig,
+        description="endpoint, region and credentials of an s3:// registry",
+    )
     model_name: str = "signal"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)

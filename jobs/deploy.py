@@ -9,6 +9,7 @@ import sys
 from cluster.ray_runtime import cluster_address
 from configs.schema import DEFAULT_SERVE_CONFIG, ServeConfig, load_config
 from jobs._cli import base_parser, print_summary, run, setup_logging, summary_stays_last
+from market.storage import resolve
 from serve.deploy import deploy, resolve_config, serve_until_stopped
 
 
@@ -16,7 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--config", default=DEFAULT_SERVE_CONFIG, help="serve YAML (ServeConfig)")
     parser.add_argument("--registry", help="model registry directory or URI (overrides config)")
-    parser.add_argument("--lake", help="lake directory: the Gold store goes to <lake>/gold/")
+    parser.add_argument(
+        "--lake", help="lake: the default Gold store goes to <lake>/gold/ on a local lake"
+    )
     parser.add_argument("--port", type=int, help="HTTP port (overrides the config)")
     parser.add_argument(
         "--host", help="address to bind, e.g. 0.0.0.0 in a container (overrides the config)"
@@ -35,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         host=args.host,
     )
+    # An unusable registry (unreachable store, missing bucket) fails here, before Ray starts.
+    resolve(config.registry, config.object_store)
     on_cluster = cluster_address(config.ray, args.address) is not None
     summary = deploy(config, args.address)
     print_summary({"job": "deploy", "registry": config.registry, **summary})

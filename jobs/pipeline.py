@@ -28,7 +28,7 @@ from configs.schema import (
 from jobs._cli import base_parser, print_summary, run, setup_logging, summary_stays_last
 from market.ingest import run_ingest
 from market.lake import Lake
-from market.storage import resolve
+from market.storage import object_store_settings, resolve
 from serve.deploy import (
     deploy,
     feed_for,
@@ -60,13 +60,15 @@ class Stages:
 
 
 def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages) -> dict[str, Any]:
-    """Ingest -> features -> (tune -> gate): the part the retraining schedule repeats."""
+    """Ingest -> features -> (tune -> gate): the part the retraining schedule repeats.
+    `config.object_store` is complete here (`main` filled it from the environment)."""
     ingest_cfg = config.ingest
+    store = config.object_store
     results: dict[str, Any] = {}
     with stages.stage("ingest", f"{ingest_cfg.source} {','.join(ingest_cfg.symbols)}"):
-        results["ingest"] = run_ingest(ingest_cfg, lake)
+        results["ingest"] = run_ingest(ingest_cfg, lake, store)
     with stages.stage("features", f"Spark on Ray -> {Lake.at(lake).silver_location}"):
-        features = run_feature_etl(config.spark, lake)
+        features = run_feature_etl(config.spark, lake, store)
     results["features"] = features
     say(
         f"Silver at {features['silver']} ({features['rows_out']} rows in, "
@@ -75,7 +77,7 @@ def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages
     )
     if config.tune:
         job = load_config(config.tune, TuneJobConfig)
-        runs = resolve(config.runs, config.object_store, probe=False)
+        runs = resolve(config.runs, store, probe=False)
         out = runs / f"tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
         with stages.stage("tune", f"{config.tune} ({job.num_samples} trials) -> {out}"):
             from models.selection import run_selection
@@ -85,7 +87,7 @@ def train_cycle(config: PipelineConfig, lake: str, registry: str, stages: Stages
                 registry,
                 job,
                 out,
-                object_store=config.object_store,
+                object_store=store,
                 progress=lambda line: say(f"  tune: {line}"),
             )
         decision = selection.summary.get("gate", {})
@@ -120,6 +122,7 @@ def serve_stage(
         registry=registry,
         lake=lake,
         feed=feed_for(config.ingest, serve_config.feed),
+        object_store=config.object_store,
     )
     if universe:
         serve_config = serve_config.model_copy(
@@ -204,10 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     lake = args.lake or config.lake
     registry = args.registry or config.registry
-    # Locations this run cannot use fail here, before Ray starts (one line, exit status 2):
-    # Silver is written to local disk so far.
-    _ = Lake.at(lake).silver
-    resolve(config.runs, config.object_store)
+    # The object store's unset fields come from this driver's environment, once: every stage
+    # and every task on any node then reaches the same store. Locations this run cannot use
+    # fail here, before Ray starts (one line, exit status 2).
+    config = config.model_copy(update={"object_store": object_store_settings(config.object_store)})
+    for location in (lake, registry, config.runs):
+        resolve(location, config.object_store)
     if args.ray_jobs:
         return submit_as_ray_jobs(args.ray_jobs, args.config, config, lake, registry)
     if config.serve and cluster_address(config.ray, args.address) is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from cluster.ray_runtime import connect
 from configs.schema import DEFAULT_TUNE_CONFIG, TuneJobConfig, load_config
 from jobs._cli import base_parser, print_summary, run, setup_logging
-from market.storage import resolve
+from market.storage import object_store_settings, resolve
 
 # Absolute, so that the job runs from any working directory.
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / DEFAULT_TUNE_CONFIG
@@ -45,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not args.out:
         parser.error("--resume needs the --out of the sweep to continue")
     out = args.out or f"runs/tune-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    # An unusable location fails here, before Ray starts (StorageError: one line, status 2).
-    resolve(out)
+    # The object store's unset fields come from this driver's environment, once, for every
+    # trial on every node. An unusable location fails here, before Ray starts (StorageError:
+    # one line, status 2).
+    object_store = object_store_settings(job.object_store)
+    for location in (args.lake, args.registry, out):
+        resolve(location, object_store)
     connect(job.ray, args.address)
     from models.selection import run_selection
 
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         out,
         shuffle_labels=args.shuffle_labels,
         resume=args.resume,
+        object_store=object_store,
         progress=progress,
     )
     print_summary(result.summary)

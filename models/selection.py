@@ -136,7 +136,7 @@ def run_selection(
     settings = object_store_settings(object_store)
     run = RunDir(out_dir, settings)
     run.root.mkdir()
-    arrays = load_silver(lake, job.symbols)
+    arrays = load_silver(lake, job.symbols, settings)
     schedule = make_schedule(
         int(arrays.open_time_ms.min()),
         int(arrays.open_time_ms.max()),

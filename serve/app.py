@@ -35,7 +35,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from configs.schema import ServeConfig, load_config
+from configs.schema import REVEAL_SECRETS, ServeConfig, load_config
 from serve.api.apps import make_apps
 from serve.engine.engine import SignalEngine
 from serve.engine.production import ProductionModel
@@ -340,19 +340,26 @@ def engine_deployment_name(shard: int, shards: int) -> str:
     return ENGINE_DEPLOYMENT if shards == 1 else f"{ENGINE_DEPLOYMENT}-{shard}"
 
 
+def replica_args(config: ServeConfig) -> dict[str, Any]:
+    """`config` as the plain mapping a deployment is bound with, the object store's secret key
+    in clear: the driver resolved it (config or environment) once, and a replica on another
+    node must reach the same registry whatever its own environment holds."""
+    return config.model_dump(mode="json", context={REVEAL_SECRETS: True})
+
+
 def build_app(config: ServeConfig) -> Any:
     """The bound Serve application (engine shards + predictor + ingress) for `serve.run`.
 
     Each engine shard is a deployment of one replica bound with its share of the feed's symbols
     (`serve.engine.shards`): Serve's replicas of one deployment are interchangeable, so a shard
     that owns particular symbols is a deployment of its own."""
-    data = config.model_dump(mode="json")
+    data = replica_args(config)
     plan = ShardPlan.of(config)
     engines = [
         SignalEngineDeployment.options(  # type: ignore[attr-defined]
             name=engine_deployment_name(shard, plan.count),
             ray_actor_options={"num_cpus": config.engine.cpus_per_shard},
-        ).bind(plan.shard_config(config, shard).model_dump(mode="json"))
+        ).bind(replica_args(plan.shard_config(config, shard)))
         for shard in range(plan.count)
     ]
     predictor = PredictDeployment.options(  # type: ignore[attr-defined]

@@ -17,10 +17,17 @@ from typing import Any, NoReturn
 import httpx
 
 from cluster.ray_runtime import connect, local_ray_lost_processes
-from configs.schema import DEFAULT_GOLD_URL, FeedConfig, GoldConfig, IngestConfig, ServeConfig
+from configs.schema import (
+    DEFAULT_GOLD_URL,
+    FeedConfig,
+    GoldConfig,
+    IngestConfig,
+    ObjectStoreConfig,
+    ServeConfig,
+)
 from market.lake import Lake
 from market.sources.sim import universe_symbols
-from market.storage import is_uri
+from market.storage import is_uri, local_path, object_store_settings
 from serve.operator import read_targets
 
 APP_NAME = "quant-ai"
@@ -29,11 +36,13 @@ APP_NAME = "quant-ai"
 def gold_for_lake(gold: GoldConfig, lake: str | None) -> GoldConfig:
     """The Gold store to use beside `lake`.
 
-    The default URL (`DEFAULT_GOLD_URL`) stands for "no store of its own": with a lake it
-    becomes the lake's SQLite store, next to the lake's other zones. Any other URL (a PostgreSQL
+    The default URL (`DEFAULT_GOLD_URL`) stands for "no store of its own": with a local lake it
+    becomes the lake's SQLite store, next to the lake's other zones (an object-store lake has
+    no place for a SQLite file: the default stays). Any other URL (a PostgreSQL
     server, a SQLite file chosen on purpose) was configured deliberately and is kept.
     """
-    if lake is None or gold.url != DEFAULT_GOLD_URL:
+    if lake is None or gold.url != DEFAULT_GOLD_URL or local_path(lake) is None:
+        # A SQLite file cannot live on an object store: such a lake keeps the configured URL.
         return gold
     return gold.model_copy(update={"url": Lake.at(lake).gold_sqlite_url})
 
@@ -67,12 +76,16 @@ def resolve_config(
     port: int | None = None,
     host: str | None = None,
     feed: FeedConfig | None = None,
+    object_store: ObjectStoreConfig | None = None,
 ) -> ServeConfig:
     """`config` with the given overrides (None or empty keeps the config's value), the Gold
-    store placed by `gold_for_lake`, and local paths made absolute (`absolute_paths`)."""
+    store placed by `gold_for_lake`, the object store's unset fields taken from this process's
+    AWS environment (`object_store` replaces the config's section first), and local paths made
+    absolute (`absolute_paths`)."""
     overrides = {"registry": registry, "port": port, "host": host, "feed": feed}
     updates: dict[str, Any] = {key: value for key, value in overrides.items() if value}
     updates["gold"] = gold_for_lake(config.gold, lake)
+    updates["object_store"] = object_store_settings(object_store or config.object_store)
     return absolute_paths(config.model_copy(update=updates))
 
 

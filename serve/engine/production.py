@@ -66,7 +66,7 @@ class ProductionModel:
     def __init__(self, config: ServeConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.registry = ModelRegistry(config.registry)
+        self.registry = ModelRegistry(config.registry, object_store=config.object_store)
         self.spec_hash = spec_hash()
         self.serving: ServingModel | None = None
         self.load_error: str | None = None

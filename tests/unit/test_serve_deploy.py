@@ -48,6 +48,13 @@ def test_without_a_lake_the_default_gold_store_stays() -> None:
     assert gold_for_lake(GoldConfig(), None).url == DEFAULT_GOLD_URL
 
 
+def test_an_object_store_lake_keeps_the_default_gold_store(tmp_path: Path) -> None:
+    """A SQLite file cannot live on an object store, nor under a local directory named like one."""
+    assert gold_for_lake(GoldConfig(), "s3://bucket/lake").url == DEFAULT_GOLD_URL
+    file_lake = f"file://{tmp_path}/lake"
+    assert gold_for_lake(GoldConfig(), file_lake).url == Lake.at(file_lake).gold_sqlite_url
+
+
 def test_the_shipped_serve_config_uses_the_default_gold_store(tmp_path: Path) -> None:
     """`make run` and `jobs.deploy --lake` put Gold into the lake only because of this."""
     config = load_config(REPO / DEFAULT_SERVE_CONFIG, ServeConfig)

@@ -136,15 +136,18 @@ def test_lake_zones_written_locally_take_a_file_uri_and_refuse_an_object_store(
         ),
         (
             ("jobs.pipeline", "--lake", "s3://bucket/lake", "--config", str(PIPELINE_CONFIG)),
-            "is a URI",
+            "cannot reach 's3://bucket/lake'",
+        ),
+        (
+            ("jobs.tune", "--lake", "lake", "--registry", "s3://bucket/registry"),
+            "cannot reach 's3://bucket/registry'",
         ),
     ],
 )
 def test_jobs_refuse_an_unusable_location_before_ray_starts(
     argv: tuple[str, ...], refusal: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where a job writes local disk only, a URI; where it accepts an object store (a sweep's
-    runs), one that cannot be reached (here: nothing listens at the endpoint)."""
+    """An object-store location that cannot be reached (nothing listens at the endpoint)."""
     module = importlib.import_module(argv[0])
 
     def no_ray(*_: object) -> None:
@@ -188,3 +191,34 @@ def test_resuming_a_sweep_needs_the_out_it_was_stored_in(
     with pytest.raises(SystemExit) as exited:
         tune.main(["--lake", "lake", "--registry", "registry", "--resume"])
     assert exited.value.code == 2 and "--resume needs the --out" in capsys.readouterr().err
+
+
+def test_tune_and_serve_yaml_name_their_object_store_and_the_environment_fills_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One schema (`object_store:`) in the pipeline, tune and serve YAMLs; the endpoint from the
+    YAML, the credentials from the environment; a Serve replica gets the secret in clear, any
+    other dump masks it."""
+    from configs.schema import ServeConfig, TuneJobConfig, load_config
+    from serve.app import replica_args
+    from serve.deploy import resolve_config
+
+    section = "object_store:\n  endpoint_url: http://127.0.0.1:1\n  connect_timeout_s: 1.5\n"
+    for name, model in (("tune", TuneJobConfig), ("serve", ServeConfig)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(section + "registry: s3://bucket/registry\n" * (name == "serve"))
+        config = load_config(path, model)
+        assert config.object_store.endpoint_url == "http://127.0.0.1:1"
+        assert config.object_store.connect_timeout_s == 1.5
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://elsewhere:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-from-env")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
+    resolved = resolve_config(load_config(tmp_path / "serve.yaml", ServeConfig))
+    assert resolved.registry == "s3://bucket/registry"
+    store = resolved.object_store
+    assert store.endpoint_url == "http://127.0.0.1:1", "the YAML's field wins"
+    assert store.access_key_id == "key-from-env" and store.secret_access_key is not None
+    assert store.secret_access_key.get_secret_value() == "secret-from-env"
+    assert "secret-from-env" not in resolved.model_dump_json()
+    replica = ServeConfig.model_validate(replica_args(resolved))
+    assert replica.object_store == store
