@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import pandas as pd
 import pyarrow as pa
@@ -48,7 +49,13 @@ from market.features.spark_engine import (
 from market.files import write_durably
 from market.klines import ONE_MINUTE_MS
 from market.lake import BRONZE, QUARANTINE, SILVER, Lake
-from market.silver_manifest import ManifestLake, SilverState, new_build_id, partition_values
+from market.silver_manifest import (
+    ManifestLake,
+    SilverCommitConflictError,
+    SilverState,
+    new_build_id,
+    partition_values,
+)
 from market.storage import Location, resolve
 from market.validation.spark_rules import parse_and_validate
 
@@ -56,6 +63,7 @@ if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql.types import StructType
 
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "_spec.json"
 SPEC_METADATA_KEY = "quant_ai_feature_spec"
@@ -78,6 +86,9 @@ class SilverSummary:
     gaps: int = 0
     missing_minutes: int = 0
     out_of_order: int = 0
+    commit_conflicts: int = 0
+    """Other builds of the same object-store lake that committed while this one ran; each made
+    this one discard its files and plan again from their commit."""
     seconds: float = 0.0
 
 
@@ -167,6 +178,10 @@ _BRONZE_ARROW_SCHEMA = pa.schema(
     ]
 )
 _BRONZE_READ_THREADS = 8
+
+COMMIT_ATTEMPTS: Final = 3
+"""Builds of an object-store lake one build may lose to (another committed first, so it plans
+again from that commit) before it gives up with SilverCommitConflictError."""
 """Parts fetched at once from an object store: each read is one GET, latency-bound."""
 
 
@@ -423,9 +438,30 @@ def _partitions(table: pa.Table, columns: Sequence[str]) -> list[tuple[tuple[str
 
 
 def _build_on_object_store(spark: SparkSession, root: Location) -> SilverSummary:
-    """The ETL over an object-store lake: Bronze in through pyarrow, the same Spark code, the
-    results collected as Arrow and written as new files, committed by one PUT of the state."""
+    """`_build_once`, planned again from the new state each time another build of the lake
+    commits first (`market.silver_manifest`: concurrent builds); SilverCommitConflictError
+    after `COMMIT_ATTEMPTS` such conflicts in a row."""
     lake = ManifestLake(root.filesystem, root.path)
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            summary = _build_once(spark, root, lake)
+        except SilverCommitConflictError as conflict:
+            if attempt == COMMIT_ATTEMPTS:
+                raise SilverCommitConflictError(
+                    f"{conflict}; other builds of {root.uri} committed first {attempt} times "
+                    "in a row: run one Silver build per lake at a time, or retry"
+                ) from conflict
+            log.warning("%s: planning again from that commit", conflict)
+            continue
+        summary.commit_conflicts = attempt - 1
+        return summary
+    raise AssertionError("unreachable")
+
+
+def _build_once(spark: SparkSession, root: Location, lake: ManifestLake) -> SilverSummary:
+    """The ETL over an object-store lake: Bronze in through pyarrow, the same Spark code, the
+    results collected as Arrow and written as new files, committed by one PUT of the state.
+    SilverCommitConflictError (its files deleted) when another build committed meanwhile."""
     summary = SilverSummary(
         silver=root.child(SILVER).uri,
         quarantine=root.child(QUARANTINE).uri,
@@ -474,9 +510,18 @@ def _build_on_object_store(spark: SparkSession, root: Location) -> SilverSummary
     lake.put_json(f"{SILVER}/{SPEC_FILE}", {**_spec_identity(), "spec": spec.spec_document()})
     done = dict(previous.symbols) if previous.spec_hash == spec.spec_hash() else {}
     done.update({s: keys[s] for s in symbols})
-    state = lake.commit(
-        previous, spec_hash=spec.spec_hash(), symbols=done, replaced=replaced, written=written
-    )
+    try:
+        state = lake.commit(
+            previous,
+            spec_hash=spec.spec_hash(),
+            symbols=done,
+            replaced=replaced,
+            written=written,
+            build_id=build_id,
+        )
+    except SilverCommitConflictError:
+        lake.discard(written)
+        raise
     lake.collect_garbage(state)
     return summary
 

@@ -16,7 +16,17 @@ Readers read the files `files` lists (`committed_files`), never a directory list
 that dies anywhere before step 2 leaves readers on the previous commit, and its rerun (which finds
 the previous state, so plans the same work) commits once: nothing is read twice. A reader that
 loaded a manifest just before a commit still finds its files, which stay one more generation.
-There are no locks: run one Silver build per lake at a time, as for Bronze.
+
+Two builds of the same lake at once: an object store has no lock and pyarrow no conditional PUT,
+so the state carries a generation (and the id of the build that committed it) instead. A build
+remembers the state it planned from; just before its PUT it reads the state again, and when
+another build has committed meanwhile it raises `SilverCommitConflictError` without writing:
+the caller discards its files and plans again from the new state (`market.silver`). Garbage
+collection deletes only files of builds that started before the committing one, so a build that
+started later never loses files it is about to commit. What remains is the milliseconds between
+that second read and the PUT: two commits inside it are last-writer-wins (the last state stays
+whole, since a collection first checks that its own commit is still the stored one; the other
+build's work is redone by the next build).
 
 A Silver without `files` in its state (every local lake, whose Spark commit renames) is read as
 the directory it is.
@@ -24,6 +34,7 @@ the directory it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -51,6 +62,10 @@ class SilverState:
     symbols: dict[str, list[str]] = field(default_factory=dict)
     files: tuple[str, ...] | None = None
     retained: tuple[str, ...] = ()
+    generation: int = 0
+    """Commits so far (0: never committed through the manifest)."""
+    build: str | None = None
+    """The id of the build that committed this state."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SilverState:
@@ -60,6 +75,8 @@ class SilverState:
             symbols={k: list(v) for k, v in data.get("symbols", {}).items()},
             files=None if files is None else tuple(files),
             retained=tuple(data.get("retained", ())),
+            generation=int(data.get("generation", 0)),
+            build=data.get("build"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -67,7 +84,26 @@ class SilverState:
         if self.files is not None:
             data["files"] = list(self.files)
             data["retained"] = list(self.retained)
+            data["generation"] = self.generation
+            data["build"] = self.build
         return data
+
+    @property
+    def version(self) -> tuple[int, str | None]:
+        """What tells two commits apart: the generation and the committing build."""
+        return self.generation, self.build
+
+
+class SilverCommitConflictError(RuntimeError):
+    """Another build committed Silver after this one planned from the previous state."""
+
+
+def build_of(key: str) -> str | None:
+    """The build id in a data file's name (`.../part-<build>.parquet`); None for another name."""
+    name = key.rsplit("/", 1)[-1]
+    if name.startswith("part-") and name.endswith(".parquet"):
+        return name[len("part-") : -len(".parquet")]
+    return None
 
 
 def partition_values(key: str) -> dict[str, str]:
@@ -76,8 +112,11 @@ def partition_values(key: str) -> dict[str, str]:
 
 
 def new_build_id() -> str:
-    """A name no other build of the lake uses: UTC time (sortable) and a random suffix."""
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    """A name no other build of the lake uses: the UTC time to the microsecond, so that ids
+    sort by when their builds started (garbage collection relies on it), and a random suffix."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stamp}{int(now % 1 * 1_000_000):06d}Z-{uuid.uuid4().hex[:8]}"
 
 
 class ManifestLake:
@@ -138,22 +177,45 @@ class ManifestLake:
         symbols: dict[str, list[str]],
         replaced: Callable[[str], bool],
         written: Iterable[str],
+        build_id: str,
     ) -> SilverState:
-        """Commit a build in one PUT of the state: `previous`'s files minus those `replaced`
-        says the build supersedes, plus those it `written`. Returns the committed state."""
+        """Commit build `build_id` in one PUT of the state: `previous`'s files minus those
+        `replaced` says the build supersedes, plus those it `written`. Returns the committed
+        state; SilverCommitConflictError, writing nothing, when the stored state is no longer
+        `previous` (another build committed since this one read it)."""
+        current = self.read_state()
+        if current.version != previous.version:
+            raise SilverCommitConflictError(
+                f"Silver at {self.root} was committed by build {current.build} (generation "
+                f"{current.generation}) after build {build_id} planned from generation "
+                f"{previous.generation}"
+            )
         kept = [key for key in previous.files or () if not replaced(key)]
         state = SilverState(
             spec_hash=spec_hash,
             symbols=symbols,
             files=tuple(sorted({*kept, *written})),
             retained=tuple(previous.files or ()),
+            generation=previous.generation + 1,
+            build=build_id,
         )
         self.put_json(self.state_key, state.to_json())
         return state
 
+    def discard(self, written: Iterable[str]) -> None:
+        """Delete a build's own uncommitted files (lake-relative keys) after a conflict; those
+        the winner's garbage collection deleted already are skipped."""
+        for key in written:
+            with contextlib.suppress(FileNotFoundError):
+                self.filesystem.delete_file(self.path(key))
+
     def collect_garbage(self, state: SilverState) -> int:
         """Delete every Parquet file of the data zones that `state` lists neither as committed
-        nor as retained; returns how many. Run it only after `commit`."""
+        nor as retained and that no build younger than `state.build` wrote (such a build may
+        be about to commit it); returns how many. Run it only after `commit`. Nothing is
+        deleted when the stored state is no longer `state` (a later commit's collection will)."""
+        if self.read_state().version != state.version:
+            return 0
         listed = {*(state.files or ()), *state.retained}
         removed = 0
         for zone in DATA_ZONES:
@@ -161,9 +223,13 @@ class ManifestLake:
             for info in self.filesystem.get_file_info(selector):
                 key = info.path[len(self.root) + 1 :]
                 is_data = info.type == pafs.FileType.File and key.endswith(".parquet")
-                if is_data and key not in listed:
-                    self.filesystem.delete_file(info.path)
-                    removed += 1
+                if not is_data or key in listed:
+                    continue
+                writer = build_of(key)
+                if writer is not None and state.build is not None and writer > state.build:
+                    continue
+                self.filesystem.delete_file(info.path)
+                removed += 1
         return removed
 
     def committed_files(self, zone: str = SILVER) -> list[str] | None:

@@ -12,7 +12,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from market.silver_manifest import ManifestLake, SilverState, new_build_id, partition_values
+from market.silver_manifest import (
+    ManifestLake,
+    SilverCommitConflictError,
+    SilverState,
+    new_build_id,
+    partition_values,
+)
 
 
 @pytest.fixture
@@ -47,6 +53,7 @@ def build(lake: ManifestLake, parts: dict[str, tuple[int, ...]], symbols: list[s
         symbols=done,
         replaced=lambda key: any(key.startswith(d + "/") for d in parts),
         written=written,
+        build_id=build_id,
     )
 
 
@@ -106,3 +113,46 @@ def test_the_state_round_trips_and_a_local_state_has_no_manifest() -> None:
         "symbol": "A",
         "month": "2024-01",
     }
+
+
+def test_a_build_that_planned_before_another_commit_is_refused_and_writes_nothing(
+    lake: ManifestLake,
+) -> None:
+    build(lake, {"silver/symbol=A/month=2024-01": (1,)}, ["A"])
+    planned_from = lake.read_state()
+    first_id = new_build_id()
+    late = lake.write_part("silver/symbol=B/month=2024-01", first_id, table(9))
+    winner = build(lake, {"silver/symbol=A/month=2024-01": (2,)}, ["A"])
+    with pytest.raises(SilverCommitConflictError, match=f"generation {planned_from.generation}"):
+        lake.commit(
+            planned_from,
+            spec_hash="h",
+            symbols={"B": ["part-of-B"]},
+            replaced=lambda key: False,
+            written=[late],
+            build_id=first_id,
+        )
+    assert lake.read_state() == winner and winner.generation == planned_from.generation + 1
+    assert rows(lake) == [2]
+
+
+def test_garbage_collection_spares_files_of_builds_younger_than_the_commit(
+    lake: ManifestLake,
+) -> None:
+    older, committing, younger = sorted(new_build_id() for _ in range(3))
+    dead = lake.write_part("silver/symbol=A/month=2024-01", older, table(1))
+    in_progress = lake.write_part("silver/symbol=B/month=2024-01", younger, table(2))
+    state = lake.commit(
+        lake.read_state(),
+        spec_hash="h",
+        symbols={},
+        replaced=lambda key: False,
+        written=[lake.write_part("silver/symbol=C/month=2024-01", committing, table(3))],
+        build_id=committing,
+    )
+    assert lake.collect_garbage(state) == 1
+    assert not lake.filesystem.get_file_info(lake.path(dead)).is_file
+    assert lake.filesystem.get_file_info(lake.path(in_progress)).is_file
+    build(lake, {"silver/symbol=D/month=2024-01": (4,)}, ["D"])
+    lake.write_part("silver/symbol=E/month=2024-01", older, table(5))
+    assert lake.collect_garbage(state) == 0, "a superseded commit collects nothing"
