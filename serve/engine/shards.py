@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from configs.schema import ServeConfig
+from configs.schema import REVEAL_SECRETS, ServeConfig
 
 
 def _rank_key(symbol: str) -> bytes:
@@ -68,8 +68,9 @@ class ShardPlan:
 
     def shard_config(self, config: ServeConfig, shard: int) -> ServeConfig:
         """`config` as shard `shard` runs it: its feed serves the shard's symbols only, and it is
-        itself one shard (validated, as the shard's deployment will read it)."""
-        data = config.model_dump(mode="json")
+        itself one shard (validated, as the shard's deployment will read it; the object store's
+        secret kept)."""
+        data = config.model_dump(mode="json", context={REVEAL_SECRETS: True})
         data["feed"]["symbols"] = list(self.symbols[shard])
         data["engine"] = {**data["engine"], "shards": None, "symbols_per_shard": None}
         return ServeConfig.model_validate(data)

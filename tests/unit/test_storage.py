@@ -202,6 +202,7 @@ def test_tune_and_serve_yaml_name_their_object_store_and_the_environment_fills_t
     from configs.schema import ServeConfig, TuneJobConfig, load_config
     from serve.app import replica_args
     from serve.deploy import resolve_config
+    from serve.engine.shards import ShardPlan
 
     section = "object_store:\n  endpoint_url: http://127.0.0.1:1\n  connect_timeout_s: 1.5\n"
     for name, model in (("tune", TuneJobConfig), ("serve", ServeConfig)):
@@ -222,3 +223,5 @@ def test_tune_and_serve_yaml_name_their_object_store_and_the_environment_fills_t
     assert "secret-from-env" not in resolved.model_dump_json()
     replica = ServeConfig.model_validate(replica_args(resolved))
     assert replica.object_store == store
+    engine_shard = ShardPlan.of(resolved).shard_config(resolved, 0)
+    assert ServeConfig.model_validate(replica_args(engine_shard)).object_store == store
