@@ -1,8 +1,9 @@
 """The Silver ETL on a real S3-compatible store (SeaweedFS on loopback) with real Spark (RayDP):
 the same Silver as from the same Bronze on local disk, reruns that add nothing, a build that dies
-before its commit invisible to readers, the sweep's reader, and `jobs.features --lake s3://`
-against an unreachable store. (The job's success path is `cluster.etl.run_feature_etl`, which
-runs `build_silver` as these tests do; a job of its own would start a second Ray and RayDP.)"""
+before its commit invisible to readers, two builds at once (the overtaken one plans again), the
+sweep's reader, and `jobs.features --lake s3://` against an unreachable store. (The job's
+success path is `cluster.etl.run_feature_etl`, which runs `build_silver` as these tests do; a
+job of its own would start a second Ray and RayDP.)"""
 
 from __future__ import annotations
 
@@ -171,6 +172,43 @@ def test_the_dashboards_reader_reads_silver_from_the_store(
     start = end - timedelta(hours=6)
     window = load_silver_window(remote, "SIMA", start, end)
     assert window.height > 300 and window.equals(load_silver_window(local, "SIMA", start, end))
+
+
+def test_a_build_that_another_build_overtakes_plans_again_and_both_succeed(
+    lakes: dict[str, Any], object_store: ObjectStore, spark: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A third day for SIMB; while the first build is between its files and its commit, a second
+    build of the same lake runs whole and commits first. The first must not overwrite that
+    commit: it discards its files, plans again from the new state (nothing left to do) and
+    succeeds; Silver equals the same build on local disk, and no file of the lost attempt stays.
+    """
+    remote, local, config = lakes["remote"], lakes["local"], lakes["config"]
+    ingest(remote, ["SIMB"], 3, config, object_store.config)
+    real_commit = ManifestLake.commit
+    overtaken: dict[str, Any] = {}
+
+    def commit_after_another_build(lake: ManifestLake, *args: Any, **kwargs: Any) -> Any:
+        if not overtaken:
+            overtaken["written"] = list(kwargs["written"])
+            overtaken["other"] = build_silver(spark, remote, object_store.config)
+        return real_commit(lake, *args, **kwargs)
+
+    monkeypatch.setattr(ManifestLake, "commit", commit_after_another_build)
+    first = build_silver(spark, remote, object_store.config)
+    monkeypatch.undo()
+
+    other = overtaken["other"]
+    assert other.symbols_processed == ["SIMB"] and other.commit_conflicts == 0
+    assert first.commit_conflicts == 1
+    assert first.symbols_processed == [] and first.symbols_unchanged == SYMBOLS
+    lake = resolve(remote, object_store.config)
+    state = ManifestLake(lake.filesystem, lake.path).read_state()
+    assert state.generation == 3, "the first build, the dead one's rerun, the overtaking one"
+    stored = stored_keys(object_store, remote)
+    assert not {f"{lake.path}/{key}" for key in overtaken["written"]} & set(stored)
+    ingest(local, ["SIMB"], 3, config, None)
+    build_silver(spark, local)
+    assert silver_frame(remote, object_store.config).equals(silver_frame(local))
 
 
 FEATURES = (sys.executable, "-m", "jobs.features")
