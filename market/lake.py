@@ -32,6 +32,10 @@ GOLD: Final = "gold"
 SILVER_STATE_FILE: Final = "_state.json"
 """Under `silver/`: per symbol, the Bronze parts that built it and the spec hash."""
 
+SILVER_BUILD_LOCK: Final = ".silver-build.lock"
+"""Under a local lake's root: the file a Silver build holds an exclusive `flock` on, so that a
+second build of the same lake waits (an object-store lake commits by generation instead)."""
+
 GOLD_SQLITE_FILE: Final = "signals.sqlite"
 """Under `gold/`: the default SQLite Gold store of served signals."""
 

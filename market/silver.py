@@ -46,9 +46,9 @@ from market.features.spark_engine import (
     add_segments_and_targets,
     compute_features_spark,
 )
-from market.files import write_durably
+from market.files import exclusive_lock, write_durably
 from market.klines import ONE_MINUTE_MS
-from market.lake import BRONZE, QUARANTINE, SILVER, Lake
+from market.lake import BRONZE, QUARANTINE, SILVER, SILVER_BUILD_LOCK, Lake
 from market.silver_manifest import (
     ManifestLake,
     SilverCommitConflictError,
@@ -360,6 +360,15 @@ def build_silver(
 
 
 def _build_local(spark: SparkSession, lake: Path) -> SilverSummary:
+    """The ETL over a local lake, holding the lake's build lock: a second build of the same
+    lake (on this machine, or on a shared filesystem that honours `flock`) waits for this one
+    and then finds its work done."""
+    lake.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(lake / SILVER_BUILD_LOCK):
+        return _build_local_locked(spark, lake)
+
+
+def _build_local_locked(spark: SparkSession, lake: Path) -> SilverSummary:
     zones = Lake.at(lake)
     bronze, silver, quarantine = zones.bronze, zones.silver, zones.quarantine
     summary = SilverSummary(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,9 @@ from market import validation as v
 from market.bronze import Batch, BatchMeta, BronzeStore, RawKline
 from market.features import spec
 from market.features.polars_engine import compute_features
+from market.files import exclusive_lock
 from market.klines import BAR_COLUMNS, ONE_MINUTE_MS, date_start_ms
+from market.lake import SILVER_BUILD_LOCK
 from market.silver import SPEC_METADATA_KEY, build_silver
 from market.sources.base import ingest_symbol
 from market.sources.dump import DumpSource
@@ -145,7 +149,12 @@ def test_incremental_run_equals_a_full_rebuild(
     ingest_sim(incremental, SYMBOLS, days=2, config=config)
     first = build_silver(spark, incremental)
     assert first.symbols_processed == SYMBOLS
-    nothing = build_silver(spark, incremental)
+    # A second build of the same lake waits while another holds the lake's build lock.
+    with ThreadPoolExecutor(1) as pool, exclusive_lock(incremental / SILVER_BUILD_LOCK):
+        waiting = pool.submit(build_silver, spark, incremental)
+        time.sleep(2.0)
+        assert not waiting.done(), "a build ran while another held the lake"
+    nothing = waiting.result(timeout=120)
     assert nothing.symbols_processed == [] and nothing.symbols_unchanged == SYMBOLS
     # A third day (2024-02-01) arrives for SIMA only: SIMB is untouched, SIMA rewrites January
     # (its last targets now see February) and February.
