@@ -162,8 +162,8 @@ def serve_stage(
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__ or "")
     parser.add_argument("--config", default=DEFAULT_PIPELINE_CONFIG, help="pipeline YAML")
-    parser.add_argument("--lake", help="lake directory (overrides the config)")
-    parser.add_argument("--registry", help="model registry directory (overrides the config)")
+    parser.add_argument("--lake", help="lake: a path or URI (overrides the config)")
+    parser.add_argument("--registry", help="model registry: a path or URI (overrides the config)")
     parser.add_argument("--source", choices=SOURCES, help="kline source")
     parser.add_argument("--symbols", help="comma-separated symbols (overrides the config)")
     parser.add_argument("--path", help="dump file or glob (--source dump)")
