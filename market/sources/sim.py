@@ -69,6 +69,10 @@ class SimBars:
     trades: np.ndarray
     taker_buy_base: np.ndarray
     present: np.ndarray
+    planted_signal: np.ndarray
+    """The latent signal x at each bar's close (unit variance; it drives the returns of the
+    bars after it with weight `signal_strength`): what an oracle of the planted component
+    knows at a decision. Not part of the klines."""
 
 
 class MarketSimulator:
@@ -149,6 +153,7 @@ class MarketSimulator:
             trades=trades,
             taker_buy_base=volume * taker_ratio,
             present=present,
+            planted_signal=signal,
         )
         end_state = SimState(
             close=float(close[-1]), variance=h, signal=x, shock=eps, outage_left=outage
@@ -265,6 +270,7 @@ def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBar
         )
         parts["taker_buy_base"].append(volume * taker_ratio)
         parts["present"].append(present)
+        parts["planted_signal"].append(signal)
     return SimBars(
         **{
             name: np.ascontiguousarray(arrays[0]) if days == 1 else np.concatenate(arrays, axis=1)

@@ -314,7 +314,7 @@ def test_vectorised_simulator_gives_each_symbol_its_own_bars_bit_for_bit() -> No
     symbols = ["SIMAAA", "SIMBBB", "SIMGAP"]
     block = simulate_symbols(config, symbols, 2)
     fields = ["open_time_ms", "open", "high", "low", "close", "volume", "trades"]
-    fields += ["taker_buy_base", "present"]
+    fields += ["taker_buy_base", "present", "planted_signal"]
     for k, symbol in enumerate(symbols):
         days = [
             day
