@@ -16,6 +16,7 @@ storage, and an interrupted sweep can be resumed from it (`run_sweep(resume=True
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -181,7 +182,16 @@ def make_trial(
             trial_dir.save(evaluation, schedule)
         tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
 
+    # Tune registers a trainable under its name for the whole Ray job: two sweeps running at
+    # once from one driver (the power study's runs) would otherwise share the name and run
+    # each other's closures. Derived from the run directory, so a resumed sweep keeps it.
+    trial.__name__ = trial.__qualname__ = trainable_name(run)
     return trial
+
+
+def trainable_name(run: RunDir) -> str:
+    """The Tune trainable name of the sweep stored in `run`: unique per run directory."""
+    return "trial_" + hashlib.sha256(run.root.uri.encode()).hexdigest()[:10]
 
 
 def ray_storage(location: Location) -> dict[str, Any]:
