@@ -523,6 +523,60 @@ class TuneJobConfig(StrictModel):
     model_name: str = "signal"
 
 
+class PowerStudyConfig(StrictModel):
+    """`jobs.power`: the detection-power study. The sweep and gate of `tune` run over
+    simulated markets with a planted signal of each of `strengths` (SimConfig.signal_strength)
+    for each of `seeds`, and over pure random walks (strength 0) for each of
+    `random_walk_seeds`. A run's seed seeds both its market and its sweep; the rest of `sim`
+    is shared by every run. Each strength is also measured in user units at
+    `accuracy_horizon_bars` (bars): the planted component's directional accuracy and the gross
+    annualised Sharpe of its oracle, on the sweep's out-of-sample bars."""
+
+    ray: RayConfig = RayConfig()
+    tune: TuneJobConfig
+    sim: SimConfig = SimConfig()
+    symbols: list[Symbol] = Field(default_factory=lambda: ["SIMAAA", "SIMBBB"], min_length=1)
+    days: int = Field(default=14, ge=1, description="simulated days per market")
+    strengths: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1, description="seeds of every planted strength")
+    random_walk_seeds: list[int] = Field(default_factory=list)
+    accuracy_horizon_bars: LabelHorizon = 10
+    detection_rate: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="a strength counts as detected when at least this share of its seeds "
+        "is promoted",
+    )
+    max_concurrent_runs: int = Field(
+        default=1,
+        ge=1,
+        description="runs sweeping at once; each holds its trial drivers' CPUs while its "
+        "training waits for a worker's, so keep runs x trial_driver_cpus + one worker's CPUs "
+        "within the cluster's",
+    )
+
+    @field_validator("strengths")
+    @classmethod
+    def _planted(cls, strengths: list[float]) -> list[float]:
+        for strength in strengths:
+            if not 0 < strength < 1:
+                raise ValueError(
+                    f"a planted strength lies in (0, 1), got {strength}: random walks are "
+                    "`random_walk_seeds`"
+                )
+        if len(set(strengths)) != len(strengths):
+            raise ValueError(f"strengths repeat: {strengths}")
+        return sorted(strengths)
+
+    @field_validator("seeds", "random_walk_seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}")
+        return seeds
+
+
 # The scopes a signal-API token may carry (clients are granted them in the clients file).
 SCOPE_READ: Final = "signals:read"
 """GET /signal, GET /signals/history, GET /models/current."""
