@@ -404,7 +404,8 @@ def run_study(
     progress: Callable[[str], None] = print,
 ) -> StudyResult:
     """Run every planned market as a Ray task (at most `config.max_concurrent_runs` at once),
-    summarise, and write the tables and the HTML report under `out`.
+    summarise, and write the tables and the HTML report under `out` (the run table is
+    rewritten as each run finishes).
 
     `out` is a local directory: each run's lake, registry and sweep lie under `out/runs/<run>`;
     on a cluster of several nodes it must be a directory every node sees (a shared
@@ -431,6 +432,8 @@ def run_study(
             pending.pop(ref)
             result: PowerRun = ray.get(ref)
             runs.append(result)
+            # The runs so far, so that a study stopped part way leaves what it measured.
+            (root / RUNS_CSV).write_text(runs_frame(runs).to_csv(index=False))
             progress(
                 f"{result.name}: planted accuracy {result.planted_accuracy:.4f}, "
                 f"{'PROMOTED' if result.promoted else 'refused'}, DSR {result.dsr:.3f}, "
