@@ -397,9 +397,11 @@ LabelHorizon = Literal[10, 30, 60, 240]
 """A label horizon in 1-minute bars: one of the horizons Silver carries targets for
 (`market.features.spec.TARGET_HORIZONS_BARS`; a test holds the two equal)."""
 
-LabelKind = Literal["direction", "triple_barrier"]
-"""What the classification head learns: the sign of the horizon's return (`direction`) or
-which of two cost-aware price barriers the next bars touch first (`triple_barrier`)."""
+LabelKind = Literal["direction", "triple_barrier", "meta"]
+"""What the classification head learns: the sign of the horizon's return (`direction`),
+which of two cost-aware price barriers the next bars touch first (`triple_barrier`), or whether
+the side a primary rule proposes clears the round-trip cost within the horizon (`meta`, see
+MetaLabelConfig)."""
 
 
 def _default_horizons() -> list[LabelHorizon]:
@@ -415,7 +417,8 @@ class SearchSpaceConfig(StrictModel):
 
     `horizon_bars` picks the label horizon (bars) of a trial: its targets, its backtest hold
     (unless `backtest.hold_bars` is set) and the model's served horizon. `label` picks the
-    classification target (`direction` or `triple_barrier`, see TripleBarrierConfig).
+    classification target (`direction`, `triple_barrier` (see TripleBarrierConfig) or `meta`
+    (see MetaLabelConfig)).
     """
 
     horizon_bars: list[LabelHorizon] = Field(default_factory=_default_horizons, min_length=1)
@@ -495,6 +498,27 @@ class TripleBarrierConfig(StrictModel):
     stop_loss: float = Field(default=10.0, ge=0)
 
 
+class MetaLabelConfig(StrictModel):
+    """The primary rule under the `meta` label, and what the meta label asks of its side.
+
+    At the close of bar t the primary rule proposes a side from one model input known then:
+    `momentum` takes the sign of `primary_feature`, `reversal` the opposite sign; a zero or
+    missing value proposes nothing (no label, no trade). The meta label is 1 when that side's
+    trade, entered at close_t, clears the round-trip cost within the horizon: its profit-take
+    barrier is touched first, or no barrier is touched and its log return over the horizon
+    exceeds the cost; 0 when its stop-loss comes first, both barriers fall in one bar, or it
+    times out short of the cost. The barriers are `triple_barrier`'s, mirrored for a short
+    (its profit-take below the close). The backtest trades the proposed side only when the
+    model's probability reaches `backtest.p_up_threshold`.
+    """
+
+    primary_rule: Literal["momentum", "reversal"] = "momentum"
+    primary_feature: str = Field(
+        default="ret_10",
+        description="the model input whose sign proposes the side (e.g. ret_10, macd_hist)",
+    )
+
+
 class TuneJobConfig(StrictModel):
     """`jobs.tune`: the sweep, its folds, backtest and promotion gate."""
 
@@ -519,6 +543,7 @@ class TuneJobConfig(StrictModel):
     folds: FoldConfig = FoldConfig()
     backtest: BacktestConfig = BacktestConfig()
     triple_barrier: TripleBarrierConfig = TripleBarrierConfig()
+    meta_label: MetaLabelConfig = MetaLabelConfig()
     gate: GateConfig = GateConfig()
     model_name: str = "signal"
 

@@ -78,6 +78,7 @@ __all__ = [
     "buy_and_hold",
     "decide_signals",
     "held_positions",
+    "meta_signals",
     "positions_from_signals",
     "probability_sizes",
     "regime_breakdown",
@@ -147,6 +148,31 @@ def decide_signals(
     signals = np.zeros(p.shape, dtype=np.int8)
     signals[buy] = BUY
     signals[sell] = SELL
+    return signals
+
+
+def meta_signals(p_meta: np.ndarray, side: np.ndarray, config: BacktestConfig) -> np.ndarray:
+    """BUY (+1) / SELL (-1) / NEUTRAL (0) per bar, as int8, under the `meta` label.
+
+    Args:
+        p_meta: the meta model's probability that the primary side's trade clears the
+            round-trip cost within the horizon (its label says so already, so no predicted
+            return is asked to pay the cost again).
+        side: the primary rule's side at each bar (+1 long, -1 short, 0 none).
+        config: `p_up_threshold` is the probability the meta model must reach.
+
+    The primary side is traded where ``p_meta >= p_up_threshold``; NaN or no side is NEUTRAL.
+    Under probability sizing `p_meta` sizes the position as P(up) does a long's
+    (`probability_sizes`).
+    """
+    p = np.asarray(p_meta, dtype=np.float64)
+    proposed = np.asarray(side, dtype=np.float64)
+    if p.shape != proposed.shape:
+        raise ValueError(f"p_meta shape {p.shape} differs from side shape {proposed.shape}")
+    # The same slack as decide_signals, so that both labels meet the threshold alike.
+    trade = (p >= config.p_up_threshold - 1e-12) & np.isfinite(proposed)
+    signals = np.zeros(p.shape, dtype=np.int8)
+    signals[trade] = np.sign(proposed[trade]).astype(np.int8)
     return signals
 
 

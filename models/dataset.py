@@ -13,7 +13,7 @@ reaches past its range.
 
 Labels: MarketArrays carries Silver's forward returns at every spec horizon; `labelled` picks
 one horizon and a label kind (`direction`: up/down over the horizon; `triple_barrier`: see
-`triple_barrier_labels`) for a trial.
+`triple_barrier_labels`; `meta`: see `meta_labels`) for a trial.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pyarrow as pa
 
-from configs.schema import ObjectStoreConfig, TripleBarrierConfig
+from configs.schema import MetaLabelConfig, ObjectStoreConfig, TripleBarrierConfig
 from market.features.spec import (
     FEATURE_COLUMNS,
     HORIZON_BARS,
@@ -55,7 +55,7 @@ SILVER_COLUMNS: tuple[str, ...] = (
 # Read when present: a table without them (a hand-made one) still loads, with the default
 # horizon's direction label only.
 _OPTIONAL_COLUMNS = ("high", "low")
-LABEL_KINDS: tuple[str, ...] = ("direction", "triple_barrier")
+LABEL_KINDS: tuple[str, ...] = ("direction", "triple_barrier", "meta")
 # The triple-barrier label of a bar whose time barrier was reached (or whose two barriers fell
 # in one bar), as the classification target: halfway, so the loss pulls P(up) towards 0.5.
 TIME_BARRIER_TARGET = 0.5
@@ -83,9 +83,11 @@ class MarketArrays:
 
     `target_ret` / `target_up` are the labels a model trains on: the log return over the next
     `horizon_bars` bars and the classification target of `label` (1/0 for `direction`; 1, 0 or
-    TIME_BARRIER_TARGET for `triple_barrier`). `direction_up` is always the 1/0 up label at
-    `horizon_bars` (what directional accuracy is scored against). `forward_returns` holds the
-    log return at every horizon Silver carries, so that `labelled` can switch horizon.
+    TIME_BARRIER_TARGET for `triple_barrier`; 1/0 for `meta`, NaN where the primary rule
+    proposes no side). `direction_up` is always the 1/0 up label at `horizon_bars` (what
+    directional accuracy is scored against). `forward_returns` holds the log return at every
+    horizon Silver carries, so that `labelled` can switch horizon. `primary_side` (+1 long, -1
+    short, 0 none; float32) is the primary rule's side at every bar under `meta`, else None.
     """
 
     symbols: tuple[str, ...]
@@ -104,6 +106,7 @@ class MarketArrays:
     direction_up: np.ndarray | None = None  # float32 1/0 at `horizon_bars`; None: = target_up
     horizon_bars: int = HORIZON_BARS
     label: str = "direction"
+    primary_side: np.ndarray | None = None
 
     def labelled(
         self,
@@ -111,12 +114,15 @@ class MarketArrays:
         label: str = "direction",
         barrier: TripleBarrierConfig | None = None,
         round_trip_cost_bps: float = 0.0,
+        meta: MetaLabelConfig | None = None,
     ) -> MarketArrays:
         """These arrays with the targets of `horizon_bars` (bars) and `label`.
 
         `barrier` and `round_trip_cost_bps` (both sides' fees and slippage, bps) set the
-        triple-barrier label; they are ignored for `direction`. Raises ValueError for a horizon
-        the arrays do not carry, an unknown label, or a triple barrier without high/low.
+        triple-barrier and meta labels; `meta` the meta label's primary rule; they are ignored
+        where their label is not picked. Raises ValueError for a horizon the arrays do not
+        carry, an unknown label, a barrier label without high/low, or a primary feature that is
+        not a model input.
         """
         if label not in LABEL_KINDS:
             raise ValueError(f"unknown label {label!r}: one of {', '.join(LABEL_KINDS)}")
@@ -126,17 +132,33 @@ class MarketArrays:
         forward = self.forward_returns[horizon_bars]
         up = np.where(np.isfinite(forward), forward > 0, np.nan).astype(np.float32)
         target_up = up
-        if label == "triple_barrier":
+        primary_side = None
+        if label in ("triple_barrier", "meta"):
             if self.high is None or self.low is None:
-                raise ValueError("the triple-barrier label needs Silver's high and low")
+                raise ValueError(f"the {label} label needs Silver's high and low")
             vol = self.inputs[:, INPUT_COLUMNS.index(BARRIER_VOL_COLUMN)].astype(np.float64)
-            barriers = barrier_widths(
+            upper, lower = barrier_widths(
                 barrier or TripleBarrierConfig(), horizon_bars, round_trip_cost_bps, vol
             )
-            labels = triple_barrier_labels(
-                self.close, self.high, self.low, np.isfinite(forward), horizon_bars, *barriers
-            )
-            target_up = barrier_targets(labels)
+            has_horizon = np.isfinite(forward)
+            if label == "triple_barrier":
+                labels = triple_barrier_labels(
+                    self.close, self.high, self.low, has_horizon, horizon_bars, upper, lower
+                )
+                target_up = barrier_targets(labels)
+            else:
+                primary_side = primary_sides(self.inputs, meta or MetaLabelConfig())
+                target_up = meta_labels(
+                    self.close,
+                    self.high,
+                    self.low,
+                    forward,
+                    horizon_bars,
+                    primary_side,
+                    upper,
+                    lower,
+                    round_trip_cost_bps,
+                )
         return replace(
             self,
             target_ret=forward,
@@ -144,6 +166,7 @@ class MarketArrays:
             direction_up=up,
             horizon_bars=horizon_bars,
             label=label,
+            primary_side=primary_side,
         )
 
     @property
@@ -271,11 +294,27 @@ def triple_barrier_labels(
     Reads only close_t (known at the decision) and bars t+1..t+h: rows are in time order and
     `has_horizon` guarantees that those h rows are the same segment's next h minutes.
     """
+    return _first_touch(close, high, low, has_horizon, horizon_bars, upper, lower)[0]
+
+
+def _first_touch(
+    close: np.ndarray,
+    high: np.ndarray,
+    low: np.ndarray,
+    has_horizon: np.ndarray,
+    horizon_bars: int,
+    upper: np.ndarray,
+    lower: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(`triple_barrier_labels`, touched): `touched` is True where a barrier was reached
+    within the horizon, both in one bar included, so that a 0 label tells a time barrier
+    (False) from an ambiguous bar (True)."""
     n = len(close)
     labels = np.full(n, np.nan, dtype=np.float32)
+    touched = np.zeros(n, dtype=bool)
     pending = np.flatnonzero(has_horizon & np.isfinite(upper) & np.isfinite(lower))
     if pending.size == 0:
-        return labels
+        return labels, touched
     labels[pending] = 0.0
     log_close = np.log(close)
     up_at = log_close[pending] + upper[pending]
@@ -287,11 +326,64 @@ def triple_barrier_labels(
         settled = hit_up | hit_down
         labels[pending[hit_up & ~hit_down]] = 1.0
         labels[pending[hit_down & ~hit_up]] = -1.0
+        touched[pending[settled]] = True
         keep = ~settled
         pending, up_at, down_at = pending[keep], up_at[keep], down_at[keep]
         if pending.size == 0:
             break
-    return labels
+    return labels, touched
+
+
+def primary_sides(inputs: np.ndarray, config: MetaLabelConfig) -> np.ndarray:
+    """The meta label's primary side per bar (float32 +1 long, -1 short, 0 none): the sign of
+    the model input `config.primary_feature` at bar t (known at t's close), flipped under
+    `reversal`; 0 where it is zero or missing. Raises ValueError for a name that is not a
+    model input."""
+    if config.primary_feature not in INPUT_COLUMNS:
+        raise ValueError(
+            f"primary_feature {config.primary_feature!r} is not a model input: one of "
+            f"{', '.join(INPUT_COLUMNS)}"
+        )
+    values = inputs[:, INPUT_COLUMNS.index(config.primary_feature)].astype(np.float64)
+    side = np.sign(np.nan_to_num(values, nan=0.0))
+    if config.primary_rule == "reversal":
+        side = -side
+    return side.astype(np.float32)
+
+
+def meta_labels(
+    close: np.ndarray,
+    high: np.ndarray,
+    low: np.ndarray,
+    forward: np.ndarray,
+    horizon_bars: int,
+    side: np.ndarray,
+    upper: np.ndarray,
+    lower: np.ndarray,
+    round_trip_cost_bps: float,
+) -> np.ndarray:
+    """float32 per bar t: 1 when the trade of `side` (+1 long, -1 short) entered at close_t
+    clears the round-trip cost within `horizon_bars` bars, else 0; NaN where the side is 0 or
+    the horizon has no label (`forward`, the log return over the horizon, is NaN).
+
+    `upper` / `lower` are the triple barrier's distances (log units, cost included,
+    `barrier_widths`): a long takes profit at +upper and stops at -lower; a short mirrors them
+    (profit at -upper, stop at +lower). 1: the profit-take barrier is touched first, or
+    neither is touched and side x forward > the cost (bps / 1e4). 0: the stop comes first,
+    both fall in one bar (order unknown: counted as failure), or the trade times out short of
+    the cost. Like `triple_barrier_labels` it reads close_t and bars t+1..t+h only.
+    """
+    has_horizon = np.isfinite(forward)
+    out = np.full(len(close), np.nan, dtype=np.float32)
+    cost = round_trip_cost_bps / 1e4
+    for direction, rise, fall in ((1.0, upper, lower), (-1.0, lower, upper)):
+        proposed = has_horizon & (side == direction)
+        labels, touched = _first_touch(close, high, low, proposed, horizon_bars, rise, fall)
+        rows = np.flatnonzero(proposed & np.isfinite(labels))
+        won = labels[rows] == direction
+        timed_out = ~touched[rows] & (direction * forward[rows].astype(np.float64) > cost)
+        out[rows] = (won | timed_out).astype(np.float32)
+    return out
 
 
 def barrier_targets(labels: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from models.backtest import (
     BacktestResult,
     buy_and_hold,
     decide_signals,
+    meta_signals,
     regime_breakdown,
     run_backtest,
 )
@@ -149,10 +150,17 @@ def evaluate(
     predicted_return: np.ndarray | None,
     p_up: np.ndarray | None,
 ) -> Evaluation:
-    """Score predictions aligned with `test.rows` (NaN = no opinion); None = buy-and-hold."""
+    """Score predictions aligned with `test.rows` (NaN = no opinion); None = buy-and-hold.
+
+    Under the `meta` label `p_up` is the meta model's probability that the primary side clears
+    the cost, and the decisions are `meta_signals` of the arrays' `primary_side`."""
     signals = None
+    side = None if arrays.primary_side is None else arrays.primary_side[test.rows]
     if predicted_return is not None and p_up is not None:
-        signals = decide_signals(p_up, predicted_return, config)
+        if side is not None:
+            signals = meta_signals(p_up, side, config)
+        else:
+            signals = decide_signals(p_up, predicted_return, config)
     per_symbol = _results_per_symbol(arrays, test, signals, config, p_up)
     row_returns = np.zeros(len(test.rows))
     row_positions = np.zeros(len(test.rows))
@@ -200,7 +208,11 @@ def evaluate(
     target_ret = arrays.target_ret[test.rows]
     if signals is not None:
         direction_up = arrays.target_up if arrays.direction_up is None else arrays.direction_up
-        metrics.update(_directional(signals, p_up, target_ret, direction_up[test.rows]))
+        metrics.update(
+            _directional(signals, p_up, target_ret, direction_up[test.rows])
+            if side is None
+            else _meta_directional(signals, p_up, side, direction_up[test.rows], arrays, test)
+        )
     regimes = regime_breakdown(
         row_returns, arrays.close[test.rows], test.block, config.bars_per_year
     )
@@ -281,6 +293,32 @@ def _directional(
         scored = known & np.isfinite(p_up)
         correct = (p_up[scored] > 0.5) == (target_up[scored] > 0.5)
         out["directional_accuracy"] = float(correct.mean()) if scored.any() else float("nan")
+    return out
+
+
+def _meta_directional(
+    signals: np.ndarray,
+    p_meta: np.ndarray | None,
+    side: np.ndarray,
+    direction_up: np.ndarray,
+    arrays: MarketArrays,
+    test: OutOfSampleBars,
+) -> dict[str, float]:
+    """`signal_hit_rate` as for a direction model; `directional_accuracy`: how often the
+    primary side is the horizon's direction on the bars the meta model accepts (p > 0.5);
+    `meta_accuracy`: how often (p > 0.5) equals the meta label."""
+    out = _directional(signals, None, arrays.target_ret[test.rows], direction_up)
+    if p_meta is None:
+        return out
+    meta = arrays.target_up[test.rows]
+    known = np.isfinite(p_meta) & np.isfinite(meta) & np.isfinite(direction_up) & (side != 0)
+    accepted = known & (p_meta > 0.5)
+    up = direction_up[accepted] > 0.5
+    out["directional_accuracy"] = (
+        float(np.mean(up == (side[accepted] > 0))) if accepted.any() else float("nan")
+    )
+    agrees = (p_meta[known] > 0.5) == (meta[known] > 0.5)
+    out["meta_accuracy"] = float(agrees.mean()) if known.any() else float("nan")
     return out
 
 

@@ -66,6 +66,7 @@ LEADERBOARD_METRICS: tuple[str, ...] = (
     "max_drawdown",
     "signal_hit_rate",
     "directional_accuracy",
+    "meta_accuracy",
     "trades",
     "turnover",
     "exposure",

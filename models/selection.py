@@ -42,6 +42,7 @@ from models.evaluation import (
 )
 from models.folds import CpcvFolds, Fold, Schedule, make_schedule, training_units
 from models.gate import GateDecision, apply_gate, candidate_dsr
+from models.networks import ModelSpec
 from models.pbo import PboResult, probability_of_backtest_overfitting
 from models.registry import PRODUCTION, ModelRegistry, current_git_commit
 from models.report import LEADERBOARD_METRICS, write_html_report, write_leaderboard
@@ -169,6 +170,9 @@ def run_selection(
         else f"PBO undefined: {pbo.reason}"
     )
     decision = apply_gate(best, trial_srs, len(outcomes), references, job.gate, pbo.pbo)
+    if best is not None:
+        best_spec = spec_of(next(o for o in completed if o.trial_id == best.name).config)
+        _refuse_unservable(decision, best_spec)
 
     registry = ModelRegistry(registry_uri, object_store=settings)
     decision.production_before = registry.get_alias(job.model_name, PRODUCTION)
@@ -225,6 +229,20 @@ def run_selection(
         "seconds": round(time.perf_counter() - started, 1),
     }
     return SelectionResult(summary=summary, leaderboard=board, gate=decision)
+
+
+UNSERVABLE_LABELS: tuple[str, ...] = ("meta",)
+"""Labels whose models Serve cannot decide on yet: a `meta` model's probability is about the
+primary rule's side, which the signal engine does not compute."""
+
+
+def _refuse_unservable(decision: GateDecision, spec: ModelSpec) -> None:
+    """Keep a candidate that Serve could not run correctly out of production (it is still
+    registered, with the reason)."""
+    if spec.label in UNSERVABLE_LABELS:
+        reason = f"label {spec.label!r} is research-only: Serve does not compute its decisions"
+        decision.reasons = [*([] if decision.promoted else decision.reasons), reason]
+        decision.promoted = False
 
 
 def _describe(schedule: Schedule) -> str:
@@ -301,8 +319,9 @@ def _register(
         "horizon_bars": spec.horizon_bars,
         "label": spec.label,
         "triple_barrier": job.triple_barrier.model_dump(mode="json")
-        if spec.label == "triple_barrier"
+        if spec.label in ("triple_barrier", "meta")
         else None,
+        "meta_label": job.meta_label.model_dump(mode="json") if spec.label == "meta" else None,
         "symbols": list(arrays.symbols),
         "training_data_range": chosen.training,
         "validation_range": chosen.validation,

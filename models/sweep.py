@@ -105,6 +105,7 @@ def labelling(job: TuneJobConfig, spec: ModelSpec) -> dict[str, Any]:
         "label": spec.label,
         "barrier": job.triple_barrier,
         "round_trip_cost_bps": 2.0 * (backtest.fee_bps + backtest.slippage_bps),
+        "meta": job.meta_label,
     }
 
 

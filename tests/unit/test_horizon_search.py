@@ -46,7 +46,7 @@ def test_the_config_offers_exactly_the_silver_horizons_and_defaults_to_today() -
     with pytest.raises(ValidationError):
         SearchSpaceConfig(horizon_bars=[])
     with pytest.raises(ValidationError):
-        SearchSpaceConfig(label=["meta"])
+        SearchSpaceConfig(label=["trend"])
 
 
 def test_the_hold_follows_the_horizon_unless_the_config_sets_it() -> None:

@@ -183,6 +183,8 @@ def test_unknown_horizons_labels_and_missing_prices_are_refused(arrays: MarketAr
     with pytest.raises(ValueError, match="no 15-bar target"):
         arrays.labelled(15)
     with pytest.raises(ValueError, match="unknown label"):
-        arrays.labelled(10, "meta")
+        arrays.labelled(10, "trend")
     with pytest.raises(ValueError, match="high and low"):
         replace(arrays, high=None).labelled(10, "triple_barrier")
+    with pytest.raises(ValueError, match="high and low"):
+        replace(arrays, high=None).labelled(10, "meta")
