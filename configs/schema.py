@@ -136,6 +136,13 @@ class SimConfig(StrictModel):
         "planted signal (0 = martingale returns)",
     )
     signal_persistence: float = Field(default=0.9, ge=0, lt=1)
+    market_correlation: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="correlation of any two symbols' same-minute return shocks: each shock is "
+        "sqrt(rho) x a market-wide shock + sqrt(1 - rho) x the symbol's own (0 = independent)",
+    )
     gap_rate: float = Field(
         default=0.0, ge=0, le=0.01, description="per-bar probability that an outage starts"
     )
@@ -418,11 +425,14 @@ class SearchSpaceConfig(StrictModel):
     `horizon_bars` picks the label horizon (bars) of a trial: its targets, its backtest hold
     (unless `backtest.hold_bars` is set) and the model's served horizon. `label` picks the
     classification target (`direction`, `triple_barrier` (see TripleBarrierConfig) or `meta`
-    (see MetaLabelConfig)).
+    (see MetaLabelConfig)). `cross_asset` picks whether a trial's model also reads every
+    swept symbol's same-minute 1-minute log return (one global model over all the symbols, see
+    `models.dataset.cross_asset_inputs`).
     """
 
     horizon_bars: list[LabelHorizon] = Field(default_factory=_default_horizons, min_length=1)
     label: list[LabelKind] = Field(default_factory=_default_labels, min_length=1)
+    cross_asset: list[bool] = Field(default_factory=lambda: [False], min_length=1)
 
     family: list[ModelFamily] = Field(default_factory=lambda: list(MODEL_FAMILIES), min_length=1)
     hidden_size: list[int] = Field(default_factory=lambda: [16, 32], min_length=1)

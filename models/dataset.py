@@ -11,6 +11,11 @@ present (past the warm-up). Fold ranges are checked on the decision bar and, for
 validation, on the target bar t + h too (h = the arrays' `horizon_bars`), so that no label
 reaches past its range.
 
+Cross-asset inputs (`MarketArrays.with_cross_asset`): for a universe of symbols, every row
+also gets each symbol's 1-minute log return at the row's own minute, a mask saying whether that
+return exists, and a one-hot of the row's own symbol, so that one global model trained on all
+symbols' windows reads the other markets (see `cross_asset_inputs`).
+
 Labels: MarketArrays carries Silver's forward returns at every spec horizon; `labelled` picks
 one horizon and a label kind (`direction`: up/down over the horizon; `triple_barrier`: see
 `triple_barrier_labels`; `meta`: see `meta_labels`) for a trial.
@@ -107,6 +112,7 @@ class MarketArrays:
     horizon_bars: int = HORIZON_BARS
     label: str = "direction"
     primary_side: np.ndarray | None = None
+    input_columns: tuple[str, ...] = INPUT_COLUMNS  # the columns of `inputs`, in order
 
     def labelled(
         self,
@@ -167,6 +173,19 @@ class MarketArrays:
             horizon_bars=horizon_bars,
             label=label,
             primary_side=primary_side,
+        )
+
+    def with_cross_asset(self, universe: Sequence[str]) -> MarketArrays:
+        """These arrays with `cross_asset_inputs(self, universe)` appended to the inputs (and
+        their names, `cross_asset_columns(universe)`, to `input_columns`). Raises ValueError
+        when the arrays already carry cross-asset inputs."""
+        if self.input_columns != INPUT_COLUMNS:
+            raise ValueError("these arrays already carry cross-asset inputs")
+        extra = cross_asset_inputs(self, universe)
+        return replace(
+            self,
+            inputs=np.concatenate([self.inputs, extra], axis=1),
+            input_columns=INPUT_COLUMNS + cross_asset_columns(universe),
         )
 
     @property
@@ -254,6 +273,55 @@ def arrays_from_table(table: pa.Table) -> MarketArrays:
         forward_returns=forward_returns,
         direction_up=target_up,
     )
+
+
+CROSS_RETURN_PREFIX = "xret_"
+CROSS_MASK_PREFIX = "xmask_"
+OWN_SYMBOL_PREFIX = "is_"
+CROSS_ASSET_PREFIXES = (CROSS_RETURN_PREFIX, CROSS_MASK_PREFIX, OWN_SYMBOL_PREFIX)
+
+
+def cross_asset_columns(universe: Sequence[str]) -> tuple[str, ...]:
+    """Names of the cross-asset inputs of `universe`: `xret_<S>` for every symbol, then
+    `xmask_<S>`, then `is_<S>` (3 per symbol, in the order given)."""
+    return tuple(prefix + symbol for prefix in CROSS_ASSET_PREFIXES for symbol in universe)
+
+
+def cross_asset_inputs(arrays: MarketArrays, universe: Sequence[str]) -> np.ndarray:
+    """float32 [bars, 3 x len(universe)]: per row at minute T, for each symbol S of `universe`,
+
+    * `xret_S`: ln(close_S(T) / close_S(T - 1 minute)), S's 1-minute log return over the bar
+      that opens at T. S's bar T closes when the row's own bar T does, at the decision, so
+      nothing later than the decision is read; 0 when S has no bar at T or at T - 1 minute;
+    * `xmask_S`: 1 when that return exists, else 0 (a missing bar is 0 + mask, never dropped,
+      so that every symbol keeps all its windows);
+    * `is_S`: 1 on S's own rows, else 0 (its own return is then `ret_1`, the others' are the
+      other markets).
+
+    Rows are aligned on `open_time_ms`; each symbol of `universe` must be in the arrays.
+    """
+    missing = sorted(set(universe) - set(arrays.symbols))
+    if missing:
+        raise ValueError(f"no rows for cross-asset symbols {', '.join(missing)}")
+    n = len(universe)
+    out = np.zeros((arrays.bars, 3 * n), dtype=np.float32)
+    slices = arrays.symbol_slices()
+    times = arrays.open_time_ms
+    for k, symbol in enumerate(universe):
+        rows = slices[symbol]
+        own_times = times[rows]
+        log_close = np.log(arrays.close[rows])
+        step = np.full(len(own_times), np.nan)
+        follows = np.diff(own_times) == ONE_MINUTE_MS
+        step[1:][follows] = np.diff(log_close)[follows]
+        at = np.minimum(np.searchsorted(own_times, times), len(own_times) - 1)
+        found = own_times[at] == times
+        value = np.where(found, step[at], np.nan)
+        known = np.isfinite(value)
+        out[:, k] = np.where(known, value, 0.0)
+        out[:, n + k] = known
+        out[rows, 2 * n + k] = 1.0
+    return out
 
 
 # The volatility that `vol` barriers scale: per-bar std of 1-minute log returns, last 60 bars.
@@ -496,6 +564,7 @@ class Scaler:
             mean=values.mean(axis=0),
             std=np.where(std > 1e-12, std, 1.0),
             target_scale=target_scale if target_scale > 0 else 1.0,
+            columns=arrays.input_columns,
         )
 
     def transform(self, inputs: np.ndarray) -> np.ndarray:
@@ -515,7 +584,10 @@ class Scaler:
     def from_json(cls, text: str) -> Scaler:
         data = json.loads(text)
         columns = tuple(data["columns"])
-        if columns != INPUT_COLUMNS:
+        extra = columns[len(INPUT_COLUMNS) :]
+        if columns[: len(INPUT_COLUMNS)] != INPUT_COLUMNS or not all(
+            c.startswith(CROSS_ASSET_PREFIXES) for c in extra
+        ):
             raise ValueError(f"scaler columns {columns} differ from the model inputs")
         return cls(
             mean=np.asarray(data["mean"], dtype=np.float64),

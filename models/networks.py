@@ -36,6 +36,11 @@ class ModelSpec(StrictModel):
         default=10, description="bars ahead its targets look (the served horizon)"
     )
     label: LabelKind = "direction"
+    cross_asset_symbols: tuple[str, ...] = Field(
+        default=(),
+        description="the universe whose same-minute returns it reads as extra inputs "
+        "(models.dataset.cross_asset_columns); empty: its own symbol's inputs only",
+    )
 
 
 class SignalHead(nn.Module):

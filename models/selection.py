@@ -29,7 +29,7 @@ from configs.schema import ObjectStoreConfig, TuneJobConfig
 from market.features.spec import SPEC_VERSION, spec_hash
 from market.storage import Location, object_store_settings
 from models.artifact import read_model_dir
-from models.dataset import INPUT_COLUMNS, MarketArrays, load_silver
+from models.dataset import INPUT_COLUMNS, MarketArrays, cross_asset_columns, load_silver
 from models.evaluation import (
     Evaluation,
     OutOfSampleBars,
@@ -171,7 +171,8 @@ def run_selection(
     )
     decision = apply_gate(best, trial_srs, len(outcomes), references, job.gate, pbo.pbo)
     if best is not None:
-        best_spec = spec_of(next(o for o in completed if o.trial_id == best.name).config)
+        best_config = next(o for o in completed if o.trial_id == best.name).config
+        best_spec = spec_of(best_config, arrays.symbols)
         _refuse_unservable(decision, best_spec)
 
     registry = ModelRegistry(registry_uri, object_store=settings)
@@ -238,10 +239,18 @@ primary rule's side, which the signal engine does not compute."""
 
 def _refuse_unservable(decision: GateDecision, spec: ModelSpec) -> None:
     """Keep a candidate that Serve could not run correctly out of production (it is still
-    registered, with the reason)."""
+    registered, with the reason): a `meta` label, whose decisions the signal engine does not
+    compute, or cross-asset inputs, which it does not build (it computes each symbol's
+    features apart)."""
+    reasons = []
     if spec.label in UNSERVABLE_LABELS:
-        reason = f"label {spec.label!r} is research-only: Serve does not compute its decisions"
-        decision.reasons = [*([] if decision.promoted else decision.reasons), reason]
+        reasons.append(
+            f"label {spec.label!r} is research-only: Serve does not compute its decisions"
+        )
+    if spec.cross_asset_symbols:
+        reasons.append("cross-asset inputs are research-only: Serve does not build them")
+    if reasons:
+        decision.reasons = [*([] if decision.promoted else decision.reasons), *reasons]
         decision.promoted = False
 
 
@@ -309,13 +318,14 @@ def _register(
     """Register the best trial's model trained on the newest data (`_registered`)."""
     chosen = _registered(schedule)
     files = read_model_dir(run.trial(best.name).fold(chosen.index))
-    spec = spec_of(outcome.config)
+    spec = spec_of(outcome.config, arrays.symbols)
     metadata = {
         "trial_id": best.name,
         "hyperparameters": {k: outcome.config.get(k) for k in HYPERPARAMETERS},
         "feature_spec_hash": spec_hash(),
         "feature_spec_version": SPEC_VERSION,
-        "input_columns": list(INPUT_COLUMNS),
+        "input_columns": [*INPUT_COLUMNS, *cross_asset_columns(spec.cross_asset_symbols)],
+        "cross_asset_symbols": list(spec.cross_asset_symbols),
         "horizon_bars": spec.horizon_bars,
         "label": spec.label,
         "triple_barrier": job.triple_barrier.model_dump(mode="json")

@@ -27,12 +27,12 @@ from configs.schema import BacktestConfig, SearchSpaceConfig, TuneJobConfig
 from market.features.spec import HORIZON_BARS
 from market.storage import Location
 from models.artifact import LoadedModel, load_model_files, read_model_dir
-from models.dataset import INPUT_COLUMNS, MarketArrays
+from models.dataset import INPUT_COLUMNS, MarketArrays, cross_asset_columns
 from models.evaluation import OutOfSampleBars, evaluate, evaluate_cpcv, model_predictions
 from models.folds import CpcvFolds, Fold, Schedule, TrainingRanges, training_units
 from models.networks import ModelSpec
 from models.runs import COMPLETED, EARLY_STOPPED, ERRORED, RunDir, TrialDir
-from models.training import train_loop_per_worker
+from models.training import train_loop_per_worker, trial_arrays
 
 EXPERIMENT_NAME = "sweep"
 """The Tune experiment's directory under the run's Tune storage."""
@@ -49,6 +49,7 @@ HYPERPARAMETERS = (
     "tcn_dilations",
     "horizon_bars",
     "label",
+    "cross_asset",
 )
 
 
@@ -68,14 +69,17 @@ def search_space(space: SearchSpaceConfig) -> dict[str, Any]:
         "tcn_dilations": tune.choice([list(d) for d in space.tcn_dilations]),
         "horizon_bars": tune.choice(list(space.horizon_bars)),
         "label": tune.choice(list(space.label)),
+        "cross_asset": tune.choice(list(space.cross_asset)),
     }
 
 
-def spec_of(config: dict[str, Any]) -> ModelSpec:
-    """The ModelSpec of a trial's sampled hyper-parameters."""
+def spec_of(config: dict[str, Any], symbols: Sequence[str] = ()) -> ModelSpec:
+    """The ModelSpec of a trial's sampled hyper-parameters; a `cross_asset` trial reads the
+    same-minute returns of `symbols` (the swept universe) too."""
+    cross = tuple(symbols) if config.get("cross_asset") else ()
     return ModelSpec(
         family=config["family"],
-        input_size=len(INPUT_COLUMNS),
+        input_size=len(INPUT_COLUMNS) + len(cross_asset_columns(cross)),
         hidden_size=int(config["hidden_size"]),
         num_layers=int(config["num_layers"]),
         dropout=float(config["dropout"]),
@@ -87,6 +91,7 @@ def spec_of(config: dict[str, Any]) -> ModelSpec:
         # Validated by ModelSpec (one of the Silver horizons); absent in older trial configs.
         horizon_bars=config.get("horizon_bars", HORIZON_BARS),
         label=config.get("label", "direction"),
+        cross_asset_symbols=cross,
     )
 
 
@@ -135,7 +140,8 @@ def make_trial(
         from ray.tune.integration.ray_train import TuneReportCallback
 
         trial_id = tune.get_context().get_trial_id()
-        spec = spec_of(config)
+        base: MarketArrays = ray.get(data_ref)
+        spec = spec_of(config, base.symbols)
         scaling = job.scaling
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -168,7 +174,7 @@ def make_trial(
         with result.checkpoint.as_directory() as checkpoint_dir:
             trial_dir.path.upload(Path(checkpoint_dir))
         trial_dir.config.write_text(json.dumps(config, default=str))
-        arrays: MarketArrays = ray.get(data_ref).labelled(**labelling(job, spec))
+        arrays = trial_arrays(base, labelling(job, spec), spec)
         backtest = backtest_for(job.backtest, spec.horizon_bars)
         if isinstance(schedule, CpcvFolds):
             models = load_fold_models(trial_dir, schedule.splits)

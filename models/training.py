@@ -168,19 +168,31 @@ def _trainer(max_epochs: int, reporter: EpochReporter, distributed: bool) -> pl.
     return prepare_trainer(trainer)
 
 
+def trial_arrays(
+    arrays: MarketArrays, labelling: dict[str, Any] | None, spec: ModelSpec
+) -> MarketArrays:
+    """The arrays a trial trains and is scored on: labelled by `labelling` (keyword arguments
+    of `MarketArrays.labelled`; None or empty keeps the arrays' own), with the cross-asset
+    inputs of `spec.cross_asset_symbols` when it has any."""
+    if labelling:
+        arrays = arrays.labelled(**labelling)
+    if spec.cross_asset_symbols:
+        arrays = arrays.with_cross_asset(spec.cross_asset_symbols)
+    return arrays
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. `config`: data (a one-element list holding the MarketArrays
     ObjectRef), labelling (keyword arguments of `MarketArrays.labelled`: the trial's horizon
-    and label; absent = the arrays' own), spec, folds (`TrainingRanges.as_dict()` of each fold
-    or split), seed, max_epochs, max_train_windows, shuffle_labels, threads."""
+    and label; absent = the arrays' own), spec (its cross-asset symbols add their inputs),
+    folds (`TrainingRanges.as_dict()` of each fold or split), seed, max_epochs,
+    max_train_windows, shuffle_labels, threads."""
     import ray
     import ray.train
 
     torch.set_num_threads(int(config["threads"]))
-    arrays: MarketArrays = ray.get(config["data"][0])
-    if config.get("labelling"):
-        arrays = arrays.labelled(**config["labelling"])
     spec = ModelSpec.model_validate(config["spec"])
+    arrays = trial_arrays(ray.get(config["data"][0]), config.get("labelling"), spec)
     folds = [TrainingRanges.from_dict(f) for f in config["folds"]]
     context = ray.train.get_context()
     with tempfile.TemporaryDirectory() as scratch:

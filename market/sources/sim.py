@@ -4,9 +4,11 @@ The return process: GARCH(1,1) variance (volatility clustering) with Student-t i
 tails), scaled by an intraday seasonality curve. An optional planted predictable component: a
 latent AR(1) order-flow signal x_t that shows in the taker-buy ratio at bar t and drives the
 returns of the following bars with weight `signal_strength` (0 gives martingale returns, so
-nothing is predictable). Each day is drawn from its own seed, (seed, symbol, day), with the
-state carried over from the day before, starting at `anchor_date`: a day's bars do not depend on
-the range requested, so reruns and extensions reproduce them exactly.
+nothing is predictable). Symbols move together through `market_correlation`: every symbol's
+shock mixes in a market-wide shock drawn from its own (seed, market, day) generator. Each day is
+drawn from its own seed, (seed, symbol, day), with the state carried over from the day before,
+starting at `anchor_date`: a day's bars do not depend on the range requested, so reruns and
+extensions reproduce them exactly.
 """
 
 from __future__ import annotations
@@ -29,6 +31,22 @@ MINUTES_PER_DAY = 1440
 
 def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+MARKET_KEY = "market"
+"""The generator name of the market-wide shocks that correlate the symbols."""
+
+
+def market_shocks(config: SimConfig, day: date, own: np.ndarray) -> np.ndarray:
+    """A symbol's (or, [symbols, minutes], every symbol's) unit-variance shocks of `day` with
+    the market-wide shock mixed in at `config.market_correlation`; `own` as is when it is 0."""
+    rho = config.market_correlation
+    if rho == 0.0:
+        return own
+    dof = config.student_t_dof
+    rng = np.random.default_rng([config.seed, _stable_int(MARKET_KEY) % 2**32, day.toordinal()])
+    common = rng.standard_t(dof, MINUTES_PER_DAY) / math.sqrt(dof / (dof - 2.0))
+    return math.sqrt(1.0 - rho) * own + math.sqrt(rho) * common
 
 
 def intraday_vol_profile() -> np.ndarray:
@@ -101,6 +119,7 @@ class MarketSimulator:
         n = MINUTES_PER_DAY
         dof = cfg.student_t_dof
         shocks = rng.standard_t(dof, n) / math.sqrt(dof / (dof - 2.0))
+        shocks = market_shocks(cfg, day, shocks)
         signal_noise = rng.standard_normal(n)
         wick = np.abs(rng.standard_normal((2, n)))
         volume_noise = rng.standard_normal(n)
@@ -226,6 +245,7 @@ def simulate_symbols(config: SimConfig, symbols: list[str], days: int) -> SimBar
             flow_noise[k] = rng.standard_normal(n)
             outage_draw[k] = rng.random(n)
             outage_len[k] = rng.integers(1, cfg.max_gap_minutes + 1, n)
+        shocks = market_shocks(cfg, day, shocks)
         # The recursions read and write one minute of every symbol at a time: minute-major
         # copies keep those rows contiguous.
         shocks_t = np.ascontiguousarray(shocks.T)
