@@ -156,17 +156,30 @@ def test_planted_signal_is_found_and_promoted(planted_run: dict[str, Any]) -> No
     assert "<h2>Backtest overfitting</h2>" in report and shown in report
 
 
-# The second control also sweeps the longer horizons with triple-barrier labels: no label
-# kind or horizon may find an edge where there is none.
-LONGER_TRIPLE_BARRIER = {"horizon_bars": [30, 60], "label": ["triple_barrier"]}
+# The second control sweeps the longer horizons with triple-barrier and meta labels (seed 13
+# samples one trial of each) over cross-asset inputs of correlated symbols: no label kind,
+# horizon or input set may find an edge where there is none.
+LONGER_COST_AWARE_CROSS_ASSET = {
+    "horizon_bars": [30, 60],
+    "label": ["triple_barrier", "meta"],
+    "cross_asset": [True],
+}
 
 
-@pytest.mark.parametrize(("seed", "search"), [(11, None), (12, LONGER_TRIPLE_BARRIER)])
+@pytest.mark.parametrize(
+    ("seed", "search", "correlation"),
+    [(11, None, 0.0), (13, LONGER_COST_AWARE_CROSS_ASSET, 0.5)],
+)
 def test_no_signal_is_never_promoted(
-    seed: int, search: dict[str, Any] | None, tmp_path: Path
+    seed: int, search: dict[str, Any] | None, correlation: float, tmp_path: Path
 ) -> None:
     lake = tmp_path / "lake"
-    config = SimConfig(seed=seed, anchor_date=date(2024, 1, 1), signal_strength=0.0)
+    config = SimConfig(
+        seed=seed,
+        anchor_date=date(2024, 1, 1),
+        signal_strength=0.0,
+        market_correlation=correlation,
+    )
     write_sim_silver(lake, config, SYMBOLS, DAYS)
     control = control_config(tmp_path, search)
     summary = run_tune(
@@ -189,6 +202,16 @@ def test_no_signal_is_never_promoted(
     expected = search or {"horizon_bars": [10], "label": ["direction"]}
     assert set(leaderboard["horizon_bars"]) <= set(expected["horizon_bars"])
     assert set(leaderboard["label"]) == set(expected["label"])
+    cross_asset = expected.get("cross_asset", [False])
+    assert set(leaderboard["cross_asset"]) == set(cross_asset)
+    if cross_asset == [True]:
+        # One global model over both symbols, reading both symbols' returns; Serve cannot
+        # build those inputs (or a meta model's side), so the gate says so.
+        assert metadata["cross_asset_symbols"] == SYMBOLS
+        assert "xret_SIMBBB" in metadata["input_columns"]
+        assert any("cross-asset inputs are research-only" in r for r in gate["reasons"])
+        if metadata["label"] == "meta":
+            assert metadata["meta_label"]["primary_feature"] == "ret_10"
 
 
 def test_shuffled_labels_give_no_edge(planted_lake: Path, tmp_path: Path) -> None:
