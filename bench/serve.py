@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from configs.schema import (
     SimConfig,
 )
 from market.sim_silver import simulated_bars
+from serve.app import POLARS_THREADS_ENV
 from serve.deploy import deploy, wait_until_ok
 
 SYMBOL = "SIMBENCH"
@@ -148,9 +150,12 @@ def run_serve_side(config: ServeConfig, duration_s: float) -> dict[str, Any]:
 
 def run_plain_side(config_path: Path, config: ServeConfig, duration_s: float) -> dict[str, Any]:
     port = config.port
+    # As on Serve's /predict replica (serve.app.build_app): polars' pool sized by the config.
+    env = {**os.environ, POLARS_THREADS_ENV: str(config.predict.threads)}
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.serve", "--plain-server", str(config_path)],
         stdout=subprocess.DEVNULL,
+        env=env,
     )
     try:
         headers = {"Authorization": f"Bearer {token(config)}"}

@@ -813,6 +813,13 @@ class PredictConfig(StrictModel):
     max_queued_requests: int = Field(
         default=8, ge=0, description="requests one ingress replica queues when all are busy"
     )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        description="compute threads of a /predict replica (torch intra-op, polars' pool): one "
+        "400-bar request is too small to split, and idle pool threads spin on cores that other "
+        "requests and the engine need",
+    )
 
 
 class EngineShardsConfig(StrictModel):

@@ -63,7 +63,9 @@ class LoadedModel:
 
     def _forward(self, normalised_windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.net.eval()
-        with torch.no_grad():
+        # inference_mode skips autograd's version counters and view tracking (no_grad keeps
+        # them): the same arithmetic, less bookkeeping per call.
+        with torch.inference_mode():
             out = self.net(torch.from_numpy(np.ascontiguousarray(normalised_windows)))
         ret = out[:, 0].double().numpy() * self.scaler.target_scale
         prob = torch.sigmoid(out[:, 1].double()).numpy()

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ray
+import torch
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_DEPLOYMENT = "SignalEngine"
 PREDICT_DEPLOYMENT = "Predict"
+POLARS_THREADS_ENV = "POLARS_MAX_THREADS"
 INGRESS_DEPLOYMENT = "SignalIngress"
 # How long the ingress waits for one engine shard's answer (seconds): a shard without a live
 # replica (Serve queues calls until one is up) must not hold up the ingress' start-up, the other
@@ -125,6 +127,9 @@ class PredictDeployment:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ServeConfig.model_validate(config)
+        # This process only answers /predict, one small request at a time per thread (polars'
+        # pool is sized from the environment build_app gives the replica).
+        torch.set_num_threads(self.config.predict.threads)
         self.model = ProductionModel(self.config)
         self.model.refresh()
         self._task: asyncio.Task[None] | None = None
@@ -366,6 +371,11 @@ def build_app(config: ServeConfig) -> Any:
         num_replicas=config.predict.replicas,
         max_ongoing_requests=config.predict.max_ongoing_requests,
         max_queued_requests=config.predict.max_queued_requests,
+        ray_actor_options={
+            "num_cpus": 0,
+            # Read once, when polars starts its pool: it must be in the process' environment.
+            "runtime_env": {"env_vars": {POLARS_THREADS_ENV: str(config.predict.threads)}},
+        },
     ).bind(data)
     ingress = SignalIngress.options(  # type: ignore[attr-defined]
         num_replicas=config.ingress_replicas, max_ongoing_requests=config.max_ongoing_requests

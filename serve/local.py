@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from configs.schema import ServeConfig
 from serve.api.apps import ApiApps, make_apps
 from serve.api.ratelimit import ConcurrencyLimit
@@ -35,6 +37,10 @@ class LocalBackend:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         predict = engine.config.predict
+        # The process answers /predict, one window per forward; the engine's batched forward
+        # shares the setting (PredictConfig.threads; polars' pool is sized by
+        # POLARS_MAX_THREADS in the environment the process starts with).
+        torch.set_num_threads(predict.threads)
         self._predictions = ConcurrencyLimit(
             predict.max_ongoing_requests + predict.max_queued_requests
         )

@@ -124,10 +124,9 @@ def compute_signal(
         )
     if np.any(np.diff(open_times) != ONE_MINUTE_MS):
         return base.with_reason("NEUTRAL", 0.0, _gap_reason(window))
-    columns = {
-        name: tail[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        for name in INPUT_COLUMNS
-    }
+    # One select for every input column (one polars call, not one per column): [bars, inputs].
+    matrix = tail.select(pl.col(INPUT_COLUMNS).cast(pl.Float64).fill_null(float("nan"))).to_numpy()
+    columns = {name: matrix[:, j] for j, name in enumerate(INPUT_COLUMNS)}
     inputs = model_inputs(columns, tail["close"].cast(pl.Float64).to_numpy())
     predicted, p_up = model.predict_windows(inputs[None, :, :])
     if not (math.isfinite(predicted[0]) and math.isfinite(p_up[0])):
