@@ -1,12 +1,13 @@
 """JWT issuance and verification for the signal API (DESIGN.md §5).
 
 Tokens are short-lived OAuth2-style bearer JWTs: `sub` (the client id), `aud`, `iss`, `iat`,
-`nbf`, `exp` (epoch seconds), `scope` (space-separated) and a random `jti`. Verification accepts
-exactly one algorithm, the configured one, so `alg: none` and HS/RS algorithm confusion are
-rejected, and no lifetime (`exp - iat`) over `max_ttl_s`. Whether the token's client is still
-enabled and its `jti` not revoked is the client store's check (`serve.api.clients`). Every
-failure raises `AuthError`, whose `code` labels `auth_failures_total{reason}` and whose `detail`
-is safe to return to the caller: it never contains the token or a key.
+`nbf`, `exp` (epoch seconds), `scope` (space-separated) and a random `jti` (32 hex digits).
+Verification accepts exactly one algorithm, the configured one, so `alg: none` and HS/RS
+algorithm confusion are rejected, and no lifetime (`exp - iat`) over `max_ttl_s`. Whether the
+token's client is still enabled and its `jti` not revoked is the client store's check
+(`serve.api.clients`). Every failure raises `AuthError`, whose `code` labels
+`auth_failures_total{reason}` and whose `detail` is safe to return to the caller: it never
+contains the token or a key.
 """
 
 from __future__ import annotations
@@ -248,7 +249,9 @@ class TokenService:
             "nbf": issued,
             "exp": issued + ttl,
             "scope": " ".join(_validate_scope_names(scopes)),
-            "jti": secrets.token_urlsafe(16),
+            # 128 random bits in hex: an operator pastes the jti after `revoke --jti`, and a
+            # base64url text starts with "-" once in 64, which argparse takes for an option.
+            "jti": secrets.token_hex(16),
         }
         token = jwt.encode(payload, self._sign_key, algorithm=self._config.algorithm)
         return token, ttl

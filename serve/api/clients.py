@@ -8,7 +8,7 @@ File format (written by `python -m serve.api.tokens`, atomically, mode 0600)::
         scopes: [signals:read, signals:predict]
         disabled: false
     revoked_tokens:
-      - jti: 3q2-7wLk...
+      - jti: 9f86d081884c7d659a2feaa0c55ad015
         expires_at: 1767225600
 
 Only hashes are stored; a secret is shown once, when it is generated. A bearer token is

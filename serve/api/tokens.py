@@ -150,7 +150,11 @@ def _parser() -> argparse.ArgumentParser:
 
     revoke = sub.add_parser("revoke", parents=[common], help="refuse one token")
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("--jti", help="the token's jti claim (kept for jwt.max_ttl_s)")
+    which.add_argument(
+        "--jti",
+        help="the token's jti claim (kept for jwt.max_ttl_s); one that begins with '-' (not "
+        "minted here) as --jti=JTI",
+    )
     which.add_argument(
         "--token",
         help="the token itself, or - to read it from stdin (keeps it out of shell history); "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -230,6 +231,25 @@ def test_revoked_jti_is_refused_while_the_clients_other_tokens_work(dep: Deploym
     assert set(ClientStore.load(dep.clients_file).revoked_token_ids()) == {
         jti,
         jwt.decode(second, options={"verify_signature": False})["jti"],
+    }
+
+
+def test_a_minted_jti_is_revocable_with_the_cli_whatever_its_random_bytes(
+    dep: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`revoke --jti JTI` must take every jti the API mints. Bytes 0xf8 start a base64url text
+    with "-", which argparse reads as an option instead of the value of --jti."""
+    monkeypatch.setattr(secrets, "token_bytes", lambda nbytes=None: b"\xf8" * (nbytes or 32))
+    token = dep.token()
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    assert dep.cli("revoke", "--jti", jti) == 0
+    dep.wait_reload()
+    assert refused(dep.models(token))
+    # A jti beginning with "-" from another issuer goes in the documented `--jti=JTI` form.
+    assert dep.cli("revoke", "--jti=-issued-elsewhere") == 0
+    assert set(ClientStore.load(dep.clients_file).revoked_token_ids()) == {
+        jti,
+        "-issued-elsewhere",
     }
 
 
