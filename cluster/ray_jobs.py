@@ -326,7 +326,9 @@ class PipelineParams:
     ) -> PipelineParams:
         """The stage jobs of a pipeline YAML (`config`, read from `config_path`), submitted to the
         Ray dashboard at `address`: its ingest settings, its tune and serve YAMLs (deploying when
-        it names a serve YAML), and `config_path` for the stages that read the YAML themselves."""
+        it names a serve YAML), and `config_path` for the stages that read the YAML themselves.
+        The YAML's object-store endpoint and region go to every job's environment; the
+        credentials do not (see `ObjectStoreConfig.endpoint_environment`)."""
         ingest = config.ingest
         return cls(
             lake=lake,
@@ -341,6 +343,8 @@ class PipelineParams:
             deploy=config.serve is not None,
             serve_config=config.serve,
             address=address,
+            # Every stage job, tune and deploy included, reaches the pipeline YAML's store.
+            env_vars=config.object_store.endpoint_environment(),
         )
 
     def for_run(self, run_id: str) -> PipelineParams:

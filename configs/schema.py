@@ -85,6 +85,14 @@ class ObjectStoreConfig(StrictModel):
             raise ValueError(f"endpoint_url {url!r} must start with http:// or https://")
         return url
 
+    def endpoint_environment(self) -> dict[str, str]:
+        """The endpoint and region as the standard variables (`AWS_ENDPOINT_URL`, `AWS_REGION`),
+        for a process on another machine to reach the same store. Never the credentials: what
+        crosses a process boundary this way is shown by Ray's dashboard, so the machines that
+        run the jobs hold their own credentials (environment or YAML)."""
+        environment = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_REGION": self.region}
+        return {name: value for name, value in environment.items() if value}
+
     @field_serializer("secret_access_key", when_used="json")
     def _masked_unless_revealed(
         self, secret: SecretStr | None, info: SerializationInfo

@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ray-jobs",
         metavar="DASHBOARD_URL",
         help="submit each stage as a Ray job to the cluster whose dashboard is at this URL "
-        "(e.g. http://ray-head:8265) instead of running the stages in this driver",
+        "(e.g. http://ray-head:8265) instead of running the stages in this driver; the jobs get "
+        "the object store's endpoint and region, never its credentials: the cluster's nodes hold "
+        "their own (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
     )
     args = parser.parse_args(argv)
     if args.universe is not None and args.universe < 1:

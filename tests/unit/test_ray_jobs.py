@@ -413,3 +413,30 @@ def test_other_submission_errors_and_a_lasting_lack_of_agents_are_raised(
     monkeypatch.setattr(ray_jobs, "SUBMIT_RETRY_S", 0.05)
     with pytest.raises(RuntimeError, match=ray_jobs.NO_AGENT):
         ray_jobs.submit_and_wait(_AgentlessAtFirst(10**6), "x", None, timeout_s=5)
+
+
+def test_the_pipeline_yamls_store_endpoint_reaches_every_job_but_its_secret_does_not() -> None:
+    config = PipelineConfig.model_validate(
+        {
+            "object_store": {
+                "endpoint_url": "http://10.0.0.5:8333",
+                "region": "eu-west-1",
+                "access_key_id": "desk",
+                "secret_access_key": "s3cr3t-value",
+            }
+        }
+    )
+    params = PipelineParams.from_pipeline_config(
+        config, "configs/pipeline.yaml", BASE["lake"], BASE["registry"], "http://head:8265"
+    )
+    runtime_env = build_runtime_env(params.working_dir, params.env_vars)
+    assert runtime_env["env_vars"] == {
+        "AWS_ENDPOINT_URL": "http://10.0.0.5:8333",
+        "AWS_REGION": "eu-west-1",
+    }
+    assert "s3cr3t-value" not in repr(runtime_env) and "desk" not in repr(runtime_env)
+    # A store reached through AWS's own endpoint and the default region adds nothing.
+    plain = PipelineParams.from_pipeline_config(
+        PipelineConfig(), "configs/pipeline.yaml", BASE["lake"], BASE["registry"], "http://h:8265"
+    )
+    assert plain.env_vars == {}
