@@ -6,7 +6,7 @@ from cluster.ray_runtime import connect
 from configs.schema import SOURCES, IngestConfig, PipelineConfig, load_config
 from jobs._cli import base_parser, print_summary, run, setup_logging
 from market.ingest import run_ingest
-from market.storage import resolve
+from market.storage import object_store_settings, resolve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         sim=base.ingest.sim,
         binance=binance,
     )
-    # An unusable lake fails here, before Ray starts (StorageError: one line, exit status 2).
-    resolve(args.lake, base.object_store)
+    # An unusable lake fails here, before Ray starts (StorageError: one line, exit status 2);
+    # the settings are completed from the environment once, for the probe and every task.
+    object_store = object_store_settings(base.object_store)
+    lake = resolve(args.lake, object_store)
     connect(base.ray, args.address)
-    print_summary(run_ingest(config, args.lake, base.object_store))
+    print_summary(run_ingest(config, lake, object_store))
     return 0
 
 

@@ -305,10 +305,13 @@ class Bronze(Protocol):
     def read_marker(self, kind: str, key: str) -> dict[str, object] | None: ...
 
 
-def open_bronze(lake: str | Path, object_store: ObjectStoreConfig | None = None) -> Bronze:
-    """The Bronze zone of `lake` (a path or URI, see `market.storage`): a `BronzeStore` on local
-    disk, an `ObjectBronzeStore` on an object store. StorageError when `lake` cannot be used."""
-    root = resolve(lake, object_store)
+def open_bronze(
+    lake: str | Path | Location, object_store: ObjectStoreConfig | None = None
+) -> Bronze:
+    """The Bronze zone of `lake` (a path or URI, see `market.storage`, or a `Location` already
+    resolved, which is not probed again): a `BronzeStore` on local disk, an `ObjectBronzeStore`
+    on an object store. StorageError when `lake` cannot be used."""
+    root = lake if isinstance(lake, Location) else resolve(lake, object_store)
     if root.is_local:
         return BronzeStore(root.local_path())
     return ObjectBronzeStore(root.child(BRONZE))

@@ -19,7 +19,7 @@ from market.sources.base import KlineSource, ingest_symbol
 from market.sources.binance import BinanceClient, BinanceSource
 from market.sources.dump import DumpSource
 from market.sources.sim import SimSource
-from market.storage import object_store_settings
+from market.storage import Location, object_store_settings
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,14 @@ def _ingest_task(
 
 
 def run_ingest(
-    config: IngestConfig, lake: str | Path, object_store: ObjectStoreConfig | None = None
+    config: IngestConfig,
+    lake: str | Path | Location,
+    object_store: ObjectStoreConfig | None = None,
 ) -> dict[str, Any]:
     """Ingest every configured symbol into Bronze as Ray tasks; returns the job summary.
 
-    `lake` is a path or URI; an object store's settings are completed from this process's
+    `lake` is a path or URI (probed here), or a `Location` the caller resolved (and probed)
+    with the same settings; an object store's settings are completed from this process's
     environment here, once, so every task reaches the same store on whichever node it runs.
     A lake that cannot be opened raises `market.storage.StorageError` before any task starts."""
     resolve_range(config)  # fail fast on a bad range, before any task starts
