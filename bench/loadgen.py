@@ -25,6 +25,14 @@ its CPU is taken from the server under test, so the cheapest accurate generator 
 * ``asyncio``: a pure-Python fallback (raw asyncio streams on uvloop when available, one
   coroutine per connection, no httpx) in a child process. Same semantics, fractional durations.
 
+Paced load (``paced_load``, asyncio engine): a fixed total request rate spread over the
+connections (each sends its next request one interval after the previous one was sent, or at
+once when that one took longer), cycling through several paths, and every request recorded as
+a ``Sample`` (send time, latency, status; status 0 for a transport error or a timeout). Every
+request sent within the window is counted, however late it ends, so that a fault injected during
+the run cannot hide a failure behind the end of the window. For fault tests: the failures and the
+tail latency of any part of the run are read from the samples.
+
 Choice, measured here (2 cores, shared; the trivial FastAPI route of bench/serve_probe.py on
 plain uvicorn; generator CPU from getrusage of the child, user + system, loopback syscalls
 included): wrk costs 31-42 us of CPU per request, the asyncio engine 80-117 us (2.5-3x more),
@@ -47,8 +55,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 Engine = Literal["auto", "wrk", "asyncio"]
@@ -92,8 +101,25 @@ end
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One request of a paced load: when it was sent (seconds since the window opened), how
+    long it took (seconds; until the transport error or the timeout when it failed), its path
+    and its HTTP status (0: transport error or timeout)."""
+
+    sent_s: float
+    latency_s: float
+    path: str
+    status: int
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status <= 299
+
+
+@dataclass(frozen=True)
 class LoadResult:
-    """Outcome of one measured window (warm-up excluded)."""
+    """Outcome of one measured window (warm-up excluded). `samples` holds every request of a
+    paced load (`paced_load`), in the order they ended; empty otherwise."""
 
     requests: int
     errors: int
@@ -103,6 +129,7 @@ class LoadResult:
     max_ms: float
     duration_s: float = 0.0
     engine: str = ""
+    samples: tuple[Sample, ...] = ()
 
 
 def _check_url(url: str) -> tuple[str, int, str]:
@@ -141,10 +168,10 @@ def _run_bounded(cmd: list[str], limit_s: float) -> str:
     return out
 
 
-def _parse_marker(out: str) -> dict[str, float]:
+def _parse_marker(out: str) -> dict[str, Any]:
     for line in reversed(out.splitlines()):
         if line.startswith(JSON_MARKER):
-            data: dict[str, float] = json.loads(line[len(JSON_MARKER) :])
+            data: dict[str, Any] = json.loads(line[len(JSON_MARKER) :])
             return data
     raise RuntimeError(f"no result line in load generator output: {out[-2000:]!r}")
 
@@ -342,14 +369,107 @@ async def _asyncio_main(spec: dict[str, object]) -> dict[str, float]:
     }
 
 
+def _request_bytes(host: str, port: int, path: str, headers: dict[str, str]) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _paced_connection_loop(
+    host: str,
+    port: int,
+    requests: list[tuple[str, bytes]],
+    first_send: float,
+    interval_s: float,
+    measure_to: float,
+    timeout_s: float,
+    opened: float,
+    samples: list[list[object]],
+) -> None:
+    """One keep-alive connection sending `requests` in turn, one every `interval_s` seconds
+    from `first_send` until `measure_to` (perf_counter seconds); records each as
+    [sent, latency, path, status] with `sent` relative to `opened`."""
+    clock = time.perf_counter
+    writer: asyncio.StreamWriter | None = None
+    reader: asyncio.StreamReader | None = None
+    due = first_send
+    turn = 0
+    while due < measure_to:
+        await asyncio.sleep(max(0.0, due - clock()))
+        path, request = requests[turn % len(requests)]
+        turn += 1
+        start = clock()
+        try:
+            if writer is None or reader is None:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), timeout_s
+                )
+            assert reader is not None and writer is not None
+            writer.write(request)
+            status, close = await asyncio.wait_for(_read_response(reader), timeout_s)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            status, close = 0, True
+        except TimeoutError:
+            status, close = 0, True
+        samples.append([start - opened, clock() - start, path, status])
+        if close and writer is not None:
+            writer.close()
+            writer, reader = None, None
+        # The next request is due one interval after this one was sent; a late answer delays
+        # it (no burst to catch up).
+        due = max(due + interval_s, clock())
+    if writer is not None:
+        writer.close()
+
+
+async def _paced_main(spec: dict[str, object]) -> dict[str, object]:
+    host, port, _ = _check_url(str(spec["url"]))
+    headers = spec["headers"]
+    paths = spec["paths"]
+    assert isinstance(headers, dict) and isinstance(paths, list)
+    concurrency = int(str(spec["concurrency"]))
+    duration_s = float(str(spec["duration_s"]))
+    timeout_s = float(str(spec["timeout_s"]))
+    interval_s = concurrency / float(str(spec["rate_per_s"]))
+    requests = [(str(path), _request_bytes(host, port, str(path), headers)) for path in paths]
+    opened = time.perf_counter()
+    measure_to = opened + duration_s
+    samples: list[list[object]] = []
+    tasks = [
+        asyncio.create_task(
+            _paced_connection_loop(
+                host,
+                port,
+                # Each connection starts at another path, so every path is asked at the rate.
+                requests[index % len(requests) :] + requests[: index % len(requests)],
+                opened + interval_s * index / concurrency,
+                interval_s,
+                measure_to,
+                timeout_s,
+                opened,
+                samples,
+            )
+        )
+        for index in range(concurrency)
+    ]
+    _, pending = await asyncio.wait(tasks, timeout=duration_s + timeout_s + 1.0)
+    for task in pending:
+        task.cancel()
+    return {"duration_s": duration_s, "samples": samples}
+
+
 def _worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    main: Coroutine[Any, Any, Mapping[str, object]] = (
+        _paced_main(spec) if spec.get("rate_per_s") else _asyncio_main(spec)
+    )
+    result: Mapping[str, object]
     try:
         import uvloop
     except ImportError:
-        result = asyncio.run(_asyncio_main(spec))
+        result = asyncio.run(main)
     else:
-        result = uvloop.run(_asyncio_main(spec))
+        result = uvloop.run(main)
     sys.stdout.write(JSON_MARKER + json.dumps(result) + "\n")
 
 
@@ -416,6 +536,66 @@ def run_load(
     if chosen == "wrk":
         return _run_wrk(url, headers, concurrency, duration_s, warmup_s, threads, timeout_s)
     return _run_asyncio(url, headers, concurrency, duration_s, warmup_s, timeout_s)
+
+
+def paced_load(
+    base_url: str,
+    paths: Sequence[str],
+    headers: dict[str, str],
+    rate_per_s: float,
+    duration_s: float,
+    *,
+    concurrency: int = 4,
+    timeout_s: float = 10.0,
+) -> LoadResult:
+    """GET `paths` of `base_url` (loopback only) in turn at `rate_per_s` requests per second in
+    all, over `concurrency` keep-alive connections, for `duration_s` seconds, recording every
+    request (`LoadResult.samples`; asyncio engine, in a child process).
+
+    A connection sends its next request `concurrency / rate_per_s` seconds after its previous
+    one, or at once when the answer came later, so the rate is met while answers take less than
+    that. `errors` counts non-2xx answers and transport errors or timeouts (`timeout_s` per
+    request) of every request sent within the window. Raises as `run_load` does.
+    """
+    host, port, _ = _check_url(base_url)
+    if not paths:
+        raise ValueError("paths must name at least one path")
+    if concurrency < 1 or rate_per_s <= 0:
+        raise ValueError("concurrency must be >= 1 and rate_per_s positive")
+    if not 0 < duration_s <= 600:
+        raise ValueError("duration_s must be in (0, 600]")
+    socket.create_connection((host, port), timeout=5).close()
+    spec = {
+        "url": base_url,
+        "paths": list(paths),
+        "headers": headers,
+        "concurrency": concurrency,
+        "rate_per_s": rate_per_s,
+        "duration_s": duration_s,
+        "timeout_s": timeout_s,
+    }
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    raw = _parse_marker(_run_bounded(cmd, duration_s + timeout_s + KILL_GRACE_S))
+    records = raw["samples"]
+    samples = tuple(Sample(float(s), float(t), str(p), int(c)) for s, t, p, c in records)
+    latencies = sorted(sample.latency_s for sample in samples)
+    return LoadResult(
+        requests=len(samples),
+        errors=sum(not sample.ok for sample in samples),
+        rps=len(samples) / duration_s,
+        p50_ms=_percentile(latencies, 50.0) * 1e3,
+        p99_ms=_percentile(latencies, 99.0) * 1e3,
+        max_ms=(latencies[-1] if latencies else 0.0) * 1e3,
+        duration_s=duration_s,
+        engine="asyncio",
+        samples=samples,
+    )
+
+
+def latency_percentile_ms(samples: Sequence[Sample], pct: float) -> float:
+    """The nearest-rank `pct` percentile of the samples' latencies, in milliseconds (0.0 when
+    there are none); failed requests count with the time they took to fail."""
+    return _percentile(sorted(sample.latency_s for sample in samples), pct) * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:
