@@ -815,6 +815,11 @@ class PredictConfig(StrictModel):
     """
 
     replicas: int = Field(default=1, ge=1)
+    cpus_per_replica: float = Field(
+        default=0.0,
+        ge=0,
+        description="Ray CPUs reserved per replica (0: placed anywhere, the head included)",
+    )
     max_ongoing_requests: int = Field(
         default=2, ge=1, description="predictions one replica runs at once"
     )
@@ -881,6 +886,18 @@ class ServeConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     ingress_replicas: int = Field(default=1, ge=1)
+    ingress_cpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="Ray CPUs reserved per ingress replica (0: placed anywhere, the head "
+        "included; on a cluster whose head has no CPUs, any share keeps them on the workers)",
+    )
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        default="EveryNode",
+        description="where Serve runs its HTTP proxies (or HAProxies): every node that holds a "
+        "replica, or the head alone, which then holds the API port whatever worker node is lost; "
+        "HeadOnly also when several nodes share one machine and so one address",
+    )
     ingress_mode: Literal["haproxy", "proxy"] = Field(
         default="haproxy",
         description="haproxy: Serve's HAProxy ingress routes straight to the ingress replicas "

@@ -23,7 +23,7 @@ EAGER_THRESHOLDS = BacktestConfig(taker_fee_bps=0, slippage_bps=0, p_up_threshol
 
 
 def register_model(
-    registry_dir: Path,
+    registry_dir: str | Path,
     seed: int,
     *,
     promote: bool = True,
@@ -31,7 +31,9 @@ def register_model(
     horizon_bars: LabelHorizon = HORIZON_BARS,
 ) -> str:
     """Register an untrained (seeded) GRU reading `window_bars` bars and answering for
-    `horizon_bars` bars ahead, with a scaler fitted on simulated bars.
+    `horizon_bars` bars ahead, with a scaler fitted on simulated bars, in the registry at
+    `registry_dir` (a directory or a storage URI; an object store's settings from the standard
+    environment).
 
     An untrained network is enough for the service: it is loaded, run and swapped exactly like
     a trained one, in seconds. Returns the version id.

@@ -372,13 +372,15 @@ def build_app(config: ServeConfig) -> Any:
         max_ongoing_requests=config.predict.max_ongoing_requests,
         max_queued_requests=config.predict.max_queued_requests,
         ray_actor_options={
-            "num_cpus": 0,
+            "num_cpus": config.predict.cpus_per_replica,
             # Read once, when polars starts its pool: it must be in the process' environment.
             "runtime_env": {"env_vars": {POLARS_THREADS_ENV: str(config.predict.threads)}},
         },
     ).bind(data)
     ingress = SignalIngress.options(  # type: ignore[attr-defined]
-        num_replicas=config.ingress_replicas, max_ongoing_requests=config.max_ongoing_requests
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress_cpus},
     )
     return ingress.bind(engines, predictor, data)
 

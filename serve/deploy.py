@@ -172,7 +172,8 @@ def deploy_failure(app_name: str = APP_NAME) -> str | None:
 
 
 def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -> dict[str, Any]:
-    """Start Serve's HTTP proxy on the configured host/port, run the app, wait for /healthz.
+    """Start Serve's HTTP proxies on the configured host/port (on every node with a replica, or
+    on the head alone: `proxy_location`), run the app, wait for /healthz.
 
     Returns the API's base URL, the application name, the seconds from `serve.run` to the
     first healthy answer and `metrics`: the operator endpoints' metrics URLs that the ingress
@@ -189,6 +190,7 @@ def deploy(config: ServeConfig, address: str | None, timeout_s: float = 180.0) -
 
     connect(config.ray, address)
     serve.start(
+        proxy_location=config.proxy_location,
         http_options={"host": config.host, "port": config.port},
         controller_options={"runtime_env": {"env_vars": ingress_env(config.ingress_mode)}},
     )

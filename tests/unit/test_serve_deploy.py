@@ -15,9 +15,11 @@ from cluster.ray_runtime import free_port
 from configs.schema import (
     DEFAULT_GOLD_URL,
     DEFAULT_SERVE_CONFIG,
+    EngineShardsConfig,
     FeedConfig,
     GoldConfig,
     IngestConfig,
+    PredictConfig,
     ServeConfig,
     load_config,
 )
@@ -158,3 +160,29 @@ def test_a_universe_adds_simulated_symbols_that_the_engine_serves(tmp_path: Path
     signal = engine.signal("SIM0042")
     assert signal.signal in ("BUY", "SELL", "NEUTRAL") and signal.p_up is not None
     assert signal.bar_open_time_ms == engine.feed.last_bar_open_ms("SIM0042")
+
+
+def test_every_deployment_reserves_the_cpus_its_config_names() -> None:
+    """On a cluster whose head has no CPUs, a CPU share keeps a replica on the workers."""
+    from serve.app import build_app
+
+    config = ServeConfig(
+        ingress_cpus=0.1,
+        predict=PredictConfig(cpus_per_replica=0.2),
+        engine=EngineShardsConfig(shards=2, cpus_per_shard=0.3),
+        feed=FeedConfig(symbols=["SIMA", "SIMB"]),
+    )
+    # The bound application: the ingress deployment, bound with the engine shards' and the
+    # predictor's applications.
+    ingress = build_app(config)._bound_deployment
+    engines, predictor, _ = ingress.init_args
+    assert ingress.ray_actor_options == {"num_cpus": 0.1}
+    assert [engine._bound_deployment.ray_actor_options for engine in engines] == [
+        {"num_cpus": 0.3},
+        {"num_cpus": 0.3},
+    ]
+    assert predictor._bound_deployment.ray_actor_options["num_cpus"] == 0.2
+    # Nothing reserved by default: a single machine's local Ray places them anywhere.
+    defaults = build_app(ServeConfig())._bound_deployment
+    assert defaults.ray_actor_options == {"num_cpus": 0.0}
+    assert ServeConfig().proxy_location == "EveryNode"
