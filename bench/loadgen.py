@@ -119,7 +119,8 @@ class Sample:
 @dataclass(frozen=True)
 class LoadResult:
     """Outcome of one measured window (warm-up excluded). `samples` holds every request of a
-    paced load (`paced_load`), in the order they ended; empty otherwise."""
+    paced load (`paced_load`), in the order they ended, and `started_at` the epoch seconds at
+    which its window opened (the samples' time origin); empty and 0.0 otherwise."""
 
     requests: int
     errors: int
@@ -130,6 +131,7 @@ class LoadResult:
     duration_s: float = 0.0
     engine: str = ""
     samples: tuple[Sample, ...] = ()
+    started_at: float = 0.0
 
 
 def _check_url(url: str) -> tuple[str, int, str]:
@@ -432,7 +434,7 @@ async def _paced_main(spec: dict[str, object]) -> dict[str, object]:
     timeout_s = float(str(spec["timeout_s"]))
     interval_s = concurrency / float(str(spec["rate_per_s"]))
     requests = [(str(path), _request_bytes(host, port, str(path), headers)) for path in paths]
-    opened = time.perf_counter()
+    opened, opened_at = time.perf_counter(), time.time()
     measure_to = opened + duration_s
     samples: list[list[object]] = []
     tasks = [
@@ -455,7 +457,7 @@ async def _paced_main(spec: dict[str, object]) -> dict[str, object]:
     _, pending = await asyncio.wait(tasks, timeout=duration_s + timeout_s + 1.0)
     for task in pending:
         task.cancel()
-    return {"duration_s": duration_s, "samples": samples}
+    return {"duration_s": duration_s, "samples": samples, "started_at": opened_at}
 
 
 def _worker(spec_json: str) -> None:
@@ -589,6 +591,7 @@ def paced_load(
         duration_s=duration_s,
         engine="asyncio",
         samples=samples,
+        started_at=float(raw["started_at"]),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -54,6 +55,7 @@ def test_paced_load_keeps_its_rate_cycles_paths_and_records_every_failure(server
     assert {s.status for s in result.samples if s.path == "/fail"} == {500}
     sent = sorted(sample.sent_s for sample in result.samples)
     assert sent[0] < 0.1 and sent[-1] < 1.5
+    assert abs(result.started_at - time.time()) < 10
     assert 0 < latency_percentile_ms(result.samples, 50) <= result.max_ms
 
 
