@@ -211,14 +211,18 @@ def _placement(cluster: LocalCluster) -> dict[str, Counter[str]]:
 def _running_replicas(cluster: LocalCluster) -> dict[str, Counter[str]]:
     """Serve's own view (the dashboard's Serve API): the replicas in state RUNNING, by
     deployment -> how many on each node (by name). A replica actor is alive before its
-    constructor has run; Serve routes to it only once it is RUNNING."""
+    constructor has run; Serve routes to it only once it is RUNNING. Empty while the
+    dashboard cannot say (it asks the controller, which may be busy replacing replicas)."""
     names = cluster.node_names_by_id()
-    answer = httpx.get(
-        f"{cluster.dashboard_url}/api/serve/applications/",
-        headers={"Authorization": f"Bearer {cluster.token}"},
-        timeout=10.0,
-    )
-    answer.raise_for_status()
+    try:
+        answer = httpx.get(
+            f"{cluster.dashboard_url}/api/serve/applications/",
+            headers={"Authorization": f"Bearer {cluster.token}"},
+            timeout=10.0,
+        )
+        answer.raise_for_status()
+    except httpx.HTTPError:
+        return {}
     deployments = answer.json()["applications"][APP]["deployments"]
     return {
         name: Counter(
