@@ -1,5 +1,6 @@
-"""The Ray Train worker loop: one candidate trained on every walk-forward fold (or CPCV split)
-in turn.
+"""The Ray Train worker loop: one candidate trained on the walk-forward folds (or CPCV splits)
+it is given, in turn: every fold of a trial, or one fold when the trial trains its folds in
+parallel runs (`TuneJobConfig.parallel_folds`).
 
 Runs inside `TorchTrainer` workers (Lightning with Ray's DDP strategy), so the same code trains
 on one local worker or several workers of a cluster. Each epoch's validation loss is reported to
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,15 @@ from models.runs import TrialDir
 
 
 class EpochReporter(pl.Callback):
-    """Reports each validation epoch to Ray Train and keeps the best epoch's weights."""
+    """Reports each validation epoch to Ray Train, keeps the best epoch's weights and every
+    report sent (`reports`, in epoch order)."""
 
     def __init__(self, fold: int, epochs_before: int) -> None:
         self.fold = fold
         self.epochs_before = epochs_before
         self.best_loss = float("inf")
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.reports: list[dict[str, float | int]] = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -47,14 +50,14 @@ class EpochReporter(pl.Callback):
         if val_loss < self.best_loss:
             self.best_loss = val_loss
             self.best_state = copy.deepcopy(pl_module.state_dict())
-        ray.train.report(
-            {
-                "val_loss": val_loss,
-                "train_loss": float(train_loss) if train_loss is not None else float("nan"),
-                "fold": self.fold,
-                "epoch": self.epochs_before + trainer.current_epoch,
-            }
-        )
+        report: dict[str, float | int] = {
+            "val_loss": val_loss,
+            "train_loss": float(train_loss) if train_loss is not None else float("nan"),
+            "fold": self.fold,
+            "epoch": self.epochs_before + trainer.current_epoch,
+        }
+        self.reports.append(report)
+        ray.train.report(dict(report))
 
 
 def _loader(
@@ -91,6 +94,16 @@ def subsample(ends: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     return ends[np.sort(chosen)]
 
 
+@dataclass(frozen=True)
+class TrainedFold:
+    """One fold's (or CPCV split's) training: the best-validation-epoch model files, that
+    epoch's validation loss, and the per-epoch reports sent to Ray Train, in order."""
+
+    files: dict[str, bytes]
+    best_loss: float
+    epoch_reports: list[dict[str, float | int]]
+
+
 def train_fold(
     arrays: MarketArrays,
     fold: TrainingRanges,
@@ -102,10 +115,9 @@ def train_fold(
     shuffle_labels: bool,
     epochs_before: int,
     distributed: bool,
-) -> tuple[dict[str, bytes], float]:
+) -> TrainedFold:
     """Train one fold (or CPCV split) on every window whose decision bar and label lie inside
-    one of its training ranges; return the best-validation-epoch model files and that epoch's
-    loss."""
+    one of its training ranges."""
     fold_seed = seed * 1000 + fold.index
     pl.seed_everything(fold_seed, workers=True)
     train_ends = window_ends_in(arrays, fold.train_ranges, spec.window_bars, labelled=True)
@@ -140,7 +152,7 @@ def train_fold(
     trainer.fit(module, train_loader, val_loader)
     if reporter.best_state is not None:
         module.load_state_dict(reporter.best_state)
-    return model_files(spec, scaler, module.net), reporter.best_loss
+    return TrainedFold(model_files(spec, scaler, module.net), reporter.best_loss, reporter.reports)
 
 
 def _trainer(max_epochs: int, reporter: EpochReporter, distributed: bool) -> pl.Trainer:
@@ -186,7 +198,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ObjectRef), labelling (keyword arguments of `MarketArrays.labelled`: the trial's horizon
     and label; absent = the arrays' own), spec (its cross-asset symbols add their inputs),
     folds (`TrainingRanges.as_dict()` of each fold or split), seed, max_epochs,
-    max_train_windows, shuffle_labels, threads."""
+    max_train_windows, shuffle_labels, threads, and optionally epoch_history (true: the closing
+    report also carries every per-epoch report sent, in order, for a caller that replays them
+    to Tune itself)."""
     import ray
     import ray.train
 
@@ -199,8 +213,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Laid out as a trial directory, into which the sweep copies the checkpoint whole.
         out = TrialDir(Path(scratch))
         last_val_loss = float("nan")
+        epoch_history: list[dict[str, float | int]] = []
         for fold in folds:
-            files, last_val_loss = train_fold(
+            trained = train_fold(
                 arrays,
                 fold,
                 spec,
@@ -211,17 +226,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 epochs_before=fold.index * int(config["max_epochs"]),
                 distributed=True,
             )
-            write_model_dir(out.fold(fold.index), files)
+            write_model_dir(out.fold(fold.index), trained.files)
+            last_val_loss = trained.best_loss
+            epoch_history.extend(trained.epoch_reports)
         checkpoint = None
         if context.get_world_rank() == 0:
             checkpoint = ray.train.Checkpoint.from_directory(scratch)
         # The last report repeats the last validation loss: schedulers expect their metric in
         # every result.
-        ray.train.report(
-            {
-                "val_loss": last_val_loss,
-                "trained_folds": len(folds),
-                "world_size": context.get_world_size(),
-            },
-            checkpoint=checkpoint,
-        )
+        final: dict[str, Any] = {
+            "val_loss": last_val_loss,
+            "trained_folds": len(folds),
+            "world_size": context.get_world_size(),
+        }
+        if config.get("epoch_history"):
+            final["epoch_history"] = epoch_history
+        ray.train.report(final, checkpoint=checkpoint)
