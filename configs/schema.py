@@ -368,6 +368,14 @@ class FoldConfig(StrictModel):
         default=None, ge=1, description="cpcv: k, the test groups of each split (1 <= k < N)"
     )
 
+    @property
+    def most_training_units(self) -> int | None:
+        """The most folds (walk-forward) or splits (CPCV, C(N, k)) this config cuts; None when
+        the data's length decides (walk-forward without `max_folds`)."""
+        if self.scheme == "cpcv" and self.groups is not None and self.test_groups is not None:
+            return math.comb(self.groups, self.test_groups)
+        return self.max_folds
+
     @model_validator(mode="after")
     def _scheme_fields(self) -> FoldConfig:
         if self.scheme != "cpcv":
@@ -549,6 +557,13 @@ class TuneJobConfig(StrictModel):
     symbols: list[Symbol] | None = Field(default=None, description="None = every Silver symbol")
     num_samples: int = Field(default=4, ge=1)
     max_concurrent_trials: int = Field(default=1, ge=1)
+    parallel_folds: int = Field(
+        default=1,
+        ge=1,
+        description="folds (or CPCV splits) of one trial trained at once, each its own Ray "
+        "Train run of `scaling` (so a trial holds up to parallel_folds x num_workers workers "
+        "besides its driver); 1 trains a trial's folds in turn in one run",
+    )
     max_epochs: int = Field(default=3, ge=1, description="epochs per fold")
     asha: bool = True
     asha_grace_period: int = Field(default=1, ge=1)
@@ -564,6 +579,16 @@ class TuneJobConfig(StrictModel):
     meta_label: MetaLabelConfig = MetaLabelConfig()
     gate: GateConfig = GateConfig()
     model_name: str = "signal"
+
+    @model_validator(mode="after")
+    def _parallel_folds_within_folds(self) -> TuneJobConfig:
+        most = self.folds.most_training_units
+        if most is not None and self.parallel_folds > most:
+            raise ValueError(
+                f"parallel_folds ({self.parallel_folds}) exceeds the {most} folds (or splits) "
+                "a trial trains: the extra runs would never start"
+            )
+        return self
 
 
 class PowerStudyConfig(StrictModel):

@@ -2,12 +2,17 @@
 
 A trial is a Tune function that launches a `TorchTrainer` (Lightning workers, `ScalingConfig`
 from the config) whose per-epoch validation losses reach Tune through `TuneReportCallback`, so
-ASHA can stop weak candidates early. When training finishes, the trial loads each fold's model
-with the shared load function, predicts that fold's test block, backtests the track record after
-costs and reports the walk-forward score (mean fold net Sharpe, annualised). Under CPCV a trial
-trains one model per split, scores every backtest path and reports the mean path net Sharpe
-(`models.evaluation.combine_paths`). Every trial leaves its fold (or split) models, per-bar
-returns and folds (or path Sharpe distribution) in its trial directory (`models.runs`).
+ASHA can stop weak candidates early. With `parallel_folds` above 1 a trial trains that many
+folds at once instead, each in its own `TorchTrainer` run, and replays their per-epoch reports
+to Tune in fold order as the folds finish (`train_folds_in_parallel`): the same models, scores
+and reports as training them in turn, so that a sweep of few trials still fills a cluster's
+CPUs or GPUs (ASHA then sees a fold's epochs only once that fold has trained). When training
+finishes, the trial loads each fold's model with the shared load function, predicts that
+fold's test block, backtests the track record after costs and reports the walk-forward score
+(mean fold net Sharpe, annualised). Under CPCV a trial trains one model per split, scores every
+backtest path and reports the mean path net Sharpe (`models.evaluation.combine_paths`). Every
+trial leaves its fold (or split) models, per-bar returns and folds (or path Sharpe
+distribution) in its trial directory (`models.runs`).
 
 Ray Tune's and Ray Train's storage (trial results, checkpoints, the experiment's state) lies in
 the run directory, on its filesystem: on an object store every node reads and writes the same
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,44 +140,26 @@ def make_trial(
     def trial(config: dict[str, Any]) -> None:
         import ray
         from ray import tune
-        from ray.train import RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-        from ray.tune.integration.ray_train import TuneReportCallback
 
         trial_id = tune.get_context().get_trial_id()
         base: MarketArrays = ray.get(data_ref)
         spec = spec_of(config, base.symbols)
-        scaling = job.scaling
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={
-                "data": [data_ref],
-                "labelling": labelling(job, spec),
-                "spec": spec.model_dump(mode="json"),
-                "folds": folds_json,
-                "seed": job.seed,
-                "max_epochs": job.max_epochs,
-                "max_train_windows": job.max_train_windows,
-                "shuffle_labels": shuffle_labels,
-                "threads": max(1, int(scaling.cpus_per_worker)),
-            },
-            scaling_config=ScalingConfig(
-                num_workers=scaling.num_workers,
-                use_gpu=scaling.use_gpu,
-                resources_per_worker={"CPU": scaling.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=f"train-{trial_id}",
-                **ray_storage(run.train_storage),
-                callbacks=[TuneReportCallback()],  # type: ignore[list-item]
-            ),
-        )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"trial {trial_id}: training returned no checkpoint")
+        train_config = {
+            "data": [data_ref],
+            "labelling": labelling(job, spec),
+            "spec": spec.model_dump(mode="json"),
+            "folds": folds_json,
+            "seed": job.seed,
+            "max_epochs": job.max_epochs,
+            "max_train_windows": job.max_train_windows,
+            "shuffle_labels": shuffle_labels,
+            "threads": max(1, int(job.scaling.cpus_per_worker)),
+        }
         trial_dir = run.trial(trial_id)
-        with result.checkpoint.as_directory() as checkpoint_dir:
-            trial_dir.path.upload(Path(checkpoint_dir))
+        if job.parallel_folds > 1 and len(folds_json) > 1:
+            val_loss = train_folds_in_parallel(job, run, trial_id, train_config, trial_dir)
+        else:
+            val_loss = train_folds_in_one_run(job, run, trial_id, train_config, trial_dir)
         trial_dir.config.write_text(json.dumps(config, default=str))
         arrays = trial_arrays(base, labelling(job, spec), spec)
         backtest = backtest_for(job.backtest, spec.horizon_bars)
@@ -187,7 +174,7 @@ def make_trial(
             predicted, p_up = model_predictions(arrays, schedule, test, models)
             evaluation = evaluate(trial_id, arrays, schedule, test, backtest, predicted, p_up)
             trial_dir.save(evaluation, schedule)
-        tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": _last_val(result)})
+        tune.report({**evaluation.metrics, "evaluated": 1.0, "val_loss": val_loss})
 
     # Tune registers a trainable under its name for the whole Ray job: two sweeps running at
     # once from one driver (the power study's runs) would otherwise share the name and run
@@ -201,6 +188,117 @@ def trainable_name(run: RunDir) -> str:
     return "trial_" + hashlib.sha256(run.root.uri.encode()).hexdigest()[:10]
 
 
+def _torch_trainer(
+    job: TuneJobConfig,
+    run: RunDir,
+    name: str,
+    train_config: dict[str, Any],
+    callbacks: list[Any],
+) -> Any:
+    """A `TorchTrainer` of `train_loop_per_worker` on the job's scaling, storing in the run's
+    Train storage under `name`."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = job.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=train_config,
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
+        run_config=RunConfig(name=name, **ray_storage(run.train_storage), callbacks=callbacks),
+    )
+
+
+def train_folds_in_one_run(
+    job: TuneJobConfig,
+    run: RunDir,
+    trial_id: str,
+    train_config: dict[str, Any],
+    trial_dir: TrialDir,
+) -> float:
+    """Train every fold of a trial in turn in one Ray Train run whose per-epoch reports reach
+    Tune as they happen; the checkpoint (every fold's model) goes to `trial_dir`. Returns the
+    last fold's best validation loss."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = _torch_trainer(job, run, f"train-{trial_id}", train_config, [TuneReportCallback()])
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {trial_id}: training returned no checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        trial_dir.path.upload(Path(checkpoint_dir))
+    return _last_val(result)
+
+
+def train_folds_in_parallel(
+    job: TuneJobConfig,
+    run: RunDir,
+    trial_id: str,
+    train_config: dict[str, Any],
+    trial_dir: TrialDir,
+) -> float:
+    """Train a trial's folds (or CPCV splits) `job.parallel_folds` at a time, each in its own
+    Ray Train run (the job's scaling, its own workers), started in fold order; each run's
+    checkpoint (its fold's model) goes to `trial_dir` as it finishes, laid out as the one-run
+    path leaves it. Returns the last fold's best validation loss.
+
+    Every fold is seeded by the job's seed and its index alone (`models.training.train_fold`),
+    so each model and each loss equals the one-run path's, bit for bit. Tune receives the same
+    reports in the same order, at the same `training_iteration`s: fold i's per-epoch reports
+    are replayed once folds 0..i have all finished, then the one-run path's closing report
+    (without its checkpoint). What ASHA sees differs only in time: a fold's epochs reach it
+    after that fold and every earlier one have finished training, not epoch by epoch. So it
+    makes the same decisions, but a trial it stops has already trained the folds in flight
+    (up to `parallel_folds` of them): early stopping saves the folds not yet started and the
+    evaluation, not the training of those in flight (their runs end with the trial).
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from ray import tune
+
+    def train_one(fold: dict[str, Any]) -> dict[str, Any]:
+        name = f"train-{trial_id}-fold_{fold['index']}"
+        one_fold = {**train_config, "folds": [fold], "epoch_history": True}
+        # A fold's run reports to no Tune session: its epochs are replayed below, in order.
+        result = _torch_trainer(job, run, name, one_fold, []).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"trial {trial_id}: fold {fold['index']} returned no checkpoint")
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            trial_dir.path.upload(Path(checkpoint_dir))
+        return dict(result.metrics or {})
+
+    folds: list[dict[str, Any]] = train_config["folds"]
+    # Threads, not tasks: each only waits on its Train run, whose workers hold the resources.
+    executor = ThreadPoolExecutor(
+        max_workers=min(job.parallel_folds, len(folds)), thread_name_prefix=f"{trial_id}-fold"
+    )
+    try:
+        futures: list[Future[dict[str, Any]]] = [executor.submit(train_one, f) for f in folds]
+        finals = []
+        for future in futures:
+            final = future.result()
+            for report in final["epoch_history"]:
+                tune.report(dict(report))
+            finals.append(final)
+    finally:
+        # On a failed fold, the runs not yet started never start; those in flight end with
+        # the trial's process.
+        executor.shutdown(wait=False, cancel_futures=True)
+    last_val_loss = float(finals[-1].get("val_loss", float("nan")))
+    tune.report(
+        {
+            "val_loss": last_val_loss,
+            "trained_folds": len(folds),
+            "world_size": int(finals[-1]["world_size"]),
+        }
+    )
+    return last_val_loss
+
+
 def ray_storage(location: Location) -> dict[str, Any]:
     """The `storage_path` (and, on an object store, `storage_filesystem`) arguments of a Tune
     or Train `RunConfig` storing at `location`: a local path as is, an object store through
@@ -208,6 +306,37 @@ def ray_storage(location: Location) -> dict[str, Any]:
     if location.is_local:
         return {"storage_path": location.path}
     return {"storage_path": location.path, "storage_filesystem": location.filesystem}
+
+
+def trial_resources(job: TuneJobConfig, units: int) -> dict[str, float]:
+    """The most one trial of a sweep whose trials train `units` folds (or splits) holds at
+    once: its driver's CPUs, and `num_workers` workers of `cpus_per_worker` CPUs (and one GPU
+    each with `use_gpu`) per fold run in flight (min(parallel_folds, units) runs)."""
+    scaling = job.scaling
+    runs = max(1, min(job.parallel_folds, units))
+    held = {"CPU": scaling.trial_driver_cpus + runs * scaling.num_workers * scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        held["GPU"] = float(runs * scaling.num_workers)
+    return held
+
+
+def check_parallel_folds_fit(job: TuneJobConfig, units: int, cluster: Mapping[str, float]) -> None:
+    """Refuse (ValueError) fold-parallel trials that the cluster's resources (`cluster`, as
+    `ray.cluster_resources()` gives them) cannot hold: a fold run that cannot get its workers
+    fails after Ray Train's worker-group start timeout instead of waiting. On an autoscaling
+    cluster only the nodes already up count. Trials that train their folds in one run
+    (`parallel_folds` 1) are not checked."""
+    if job.parallel_folds == 1 or units < 2:
+        return
+    for resource, amount in trial_resources(job, units).items():
+        available = float(cluster.get(resource, 0.0))
+        if amount > available:
+            raise ValueError(
+                f"a trial training {min(job.parallel_folds, units)} folds at once holds "
+                f"{amount:g} {resource} (driver {job.scaling.trial_driver_cpus:g} CPU, each fold "
+                f"run {job.scaling.num_workers} x {job.scaling.cpus_per_worker:g} CPU); the "
+                f"cluster has {available:g}: lower parallel_folds or scaling.cpus_per_worker"
+            )
 
 
 class SweepResumeError(Exception):
@@ -250,9 +379,12 @@ def run_sweep(
     lost cluster) instead of starting one: its finished trials are kept as they are, its
     unfinished and errored ones run again, and the trials it never started run as sampled.
     SweepResumeError when the run directory holds no experiment."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    check_parallel_folds_fit(job, len(training_units(schedule)), ray.cluster_resources())
 
     # Reports per trial: one per fold (or split) epoch, the checkpoint report, then the
     # evaluation. ASHA stops a trial when it reaches max_t, so max_t must lie past the
