@@ -37,11 +37,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from configs.schema import REVEAL_SECRETS, ServeConfig, load_config
+from market.bar_columns import BarColumns
 from serve.api.apps import make_apps
 from serve.engine.engine import SignalEngine
 from serve.engine.production import ProductionModel
 from serve.engine.shards import ShardPlan
-from serve.engine.signals import bars_frame
 from serve.engine.snapshot import (
     EngineSnapshot,
     InvalidBarsError,
@@ -148,12 +148,9 @@ class PredictDeployment:
                 log.exception("registry check failed")
             await asyncio.sleep(self.config.registry_poll_s)
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+    async def predict(self, symbol: str, bars: BarColumns) -> Signal:
         self._ensure_loop()
-        return await asyncio.to_thread(self._predict, symbol, bars)
-
-    def _predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        return self.model.predict(symbol, bars_frame(symbol, bars))
+        return await asyncio.to_thread(self.model.predict, symbol, bars)
 
     async def check_health(self) -> None:
         self._ensure_loop()
@@ -241,7 +238,7 @@ class HandleBackend:
         for task in self._tasks:
             task.cancel()
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+    async def predict(self, symbol: str, bars: BarColumns) -> Signal:
         """The `/predict` deployment's signal for client bars; InvalidBarsError (its client
         message only) when it cannot use them, NoModelError when it has no model, and
         PredictBusyError when its replicas are busy and this replica's queue for them is full.

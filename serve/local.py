@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from configs.schema import ServeConfig
+from market.bar_columns import BarColumns
 from serve.api.apps import ApiApps, make_apps
 from serve.api.ratelimit import ConcurrencyLimit
 from serve.engine.engine import SignalEngine
-from serve.engine.signals import bars_frame
 from serve.engine.snapshot import EngineSnapshot, PredictBusyError, Signal
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,11 @@ class LocalBackend:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+    async def predict(self, symbol: str, bars: BarColumns) -> Signal:
         if not self._predictions.try_acquire():
             raise PredictBusyError()
         try:
-            frame = bars_frame(symbol, bars)
-            return await asyncio.to_thread(self.engine.predict, symbol, frame)
+            return await asyncio.to_thread(self.engine.predict, symbol, bars)
         finally:
             self._predictions.release()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from market.bar_columns import BarColumns
 from models.untrained import EAGER_THRESHOLDS, MODEL_NAME, register_model
 from serve.api.clients import ClientEntry, ClientStore
 from serve.engine.snapshot import EngineSnapshot, Signal
@@ -39,7 +40,7 @@ class NoEngine:
     def snapshot(self) -> EngineSnapshot | None:
         return None
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+    async def predict(self, symbol: str, bars: BarColumns) -> Signal:
         raise AssertionError("not called")
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:

@@ -16,7 +16,6 @@ reason). Prometheus `/metrics` and the detailed readiness are on the operator po
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -27,16 +26,17 @@ from typing import Any, Protocol
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from configs.schema import SCOPE_PREDICT, SCOPE_READ, SYMBOL_PATTERN, ServeConfig
-from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS
+from market.bar_columns import BarColumns
 from serve.api.auth import AuthError, Claims, TokenService
 from serve.api.clients import ClientStore
 from serve.api.metrics import ApiMetrics
+from serve.api.predict_input import PredictIn, read_predict_body
 from serve.api.ratelimit import ClientAddress, ConcurrencyLimit, RateLimiter
 from serve.api.readiness import NOT_REPORTED, assess
 from serve.api.schemas import (
@@ -85,11 +85,11 @@ class Backend(Protocol):
     def snapshot(self) -> EngineSnapshot | None:
         """The latest engine snapshot held in memory (None before the first one)."""
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
-        """A signal for client-supplied bars; raises InvalidBarsError, whose message is meant
-        for the client, for unusable bars, NoModelError when the predictor has no model yet, and
-        PredictBusyError when every predictor is busy and no more requests may wait. Any other
-        exception is a server fault."""
+    async def predict(self, symbol: str, bars: BarColumns) -> Signal:
+        """A signal for a client's validated bars of `symbol`; raises InvalidBarsError, whose
+        message is meant for the client, for unusable bars, NoModelError when the predictor has
+        no model yet, and PredictBusyError when every predictor is busy and no more requests may
+        wait. Any other exception is a server fault."""
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:
         """Served signals, newest first."""
@@ -133,61 +133,6 @@ def no_model(error: NoModelError) -> ApiError:
     """The engine has no model to serve: 503, saying whether nothing is promoted yet or the last
     load failed."""
     return ApiError(503, "no_model", LOAD_FAILED if error.load_error else str(error))
-
-
-INT64_LIMIT = 2**63
-"""Integers at or past this do not fit the engine's Int64 columns."""
-
-
-class BarIn(BaseModel):
-    """One closed 1-minute bar supplied to `/predict`; `open_time` in epoch milliseconds.
-
-    Every number must be finite (JSON `Infinity`/`NaN`, the string "inf" and overflowing
-    literals such as 1e999 are refused). `open_time` lies below 1e14: Binance's microsecond
-    timestamps begin there (`market.klines`), and larger values overflow the engine's Int64
-    times and calendar dates. `trades` lies below 2**63: the engine holds it as Int64.
-    """
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    open_time: int = Field(ge=0, lt=MICROSECOND_THRESHOLD)
-    open: float = Field(gt=0)
-    high: float = Field(gt=0)
-    low: float = Field(gt=0)
-    close: float = Field(gt=0)
-    volume: float = Field(ge=0)
-    quote_volume: float = Field(ge=0)
-    trades: int = Field(ge=0, lt=INT64_LIMIT)
-    taker_buy_base: float = Field(ge=0)
-    taker_buy_quote: float = Field(ge=0)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> BarIn:
-        if self.high < max(self.open, self.close, self.low) or self.low > min(
-            self.open, self.close
-        ):
-            raise ValueError(f"bar {self.open_time}: OHLC inconsistent")
-        if self.taker_buy_base > self.volume:
-            raise ValueError(f"bar {self.open_time}: taker_buy_base exceeds volume")
-        return self
-
-
-class PredictIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    symbol: str = Field(pattern=SYMBOL_PATTERN)
-    bars: list[BarIn] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _consecutive(self) -> PredictIn:
-        times = [bar.open_time for bar in self.bars]
-        for earlier, later in itertools.pairwise(times):
-            if later - earlier != ONE_MINUTE_MS:
-                raise ValueError(
-                    "bars must be consecutive 1-minute bars in time order "
-                    f"(open_time {earlier} is followed by {later})"
-                )
-        return self
 
 
 class MetricsMiddleware:
@@ -397,18 +342,18 @@ def make_api(
     async def predict(request: Request) -> Signal:
         body = await _read_body(request, config.max_body_bytes)
         try:
-            payload = PredictIn.model_validate_json(body)
+            symbol, bars = read_predict_body(body)
         except ValidationError as error:
             raise ApiError(422, "invalid_request", _describe(error.errors())) from None
-        if len(payload.bars) > config.max_predict_bars:
+        if len(bars) > config.max_predict_bars:
             raise ApiError(
                 422,
                 "too_many_bars",
-                f"{len(payload.bars)} bars supplied; at most {config.max_predict_bars}",
+                f"{len(bars)} bars supplied; at most {config.max_predict_bars}",
             )
         model_or_503(snapshot_or_503())
         try:
-            return await backend.predict(payload.symbol, [bar.model_dump() for bar in payload.bars])
+            return await backend.predict(symbol, bars)
         except InvalidBarsError as error:
             raise ApiError(422, "invalid_request", str(error)) from None
         except NoModelError as error:
@@ -419,7 +364,7 @@ def make_api(
         except Exception:
             # Answered here rather than by the catch-all handler, which re-raises into the server
             # after answering; the exception's text (a replica traceback) goes to the log only.
-            log.exception("predict failed for %s", payload.symbol)
+            log.exception("predict failed for %s", symbol)
             raise ApiError(500, "internal_error", INTERNAL_ERROR) from None
 
     @api.get(

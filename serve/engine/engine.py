@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from configs.schema import ServeConfig
+from market.bar_columns import BarColumns
 from market.features.incremental import IncrementalFeatures
 from serve.engine.feed import BarFeed
 from serve.engine.gold import GoldStore, SignalRecord
@@ -329,7 +330,7 @@ class SignalEngine:
             outcomes=self.outcomes,
         )
 
-    def predict(self, symbol: str, bars: pl.DataFrame) -> Signal:
+    def predict(self, symbol: str, bars: BarColumns) -> Signal:
         """The signal the serving model gives client bars (`ProductionModel.predict`)."""
         return self.model.predict(symbol, bars)
 

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import polars as pl
-
 from configs.schema import BacktestConfig, ServeConfig
+from market.bar_columns import BarColumns
 from market.features.spec import spec_hash
 from models.artifact import LoadedModel, load_registered
 from models.registry import PRODUCTION, ModelRegistry
@@ -120,15 +119,16 @@ class ProductionModel:
         self.install(serving)
         return True
 
-    def predict(self, symbol: str, bars: pl.DataFrame) -> Signal:
-        """The signal the serving model gives a window of bars supplied by a client.
+    def predict(self, symbol: str, bars: BarColumns) -> Signal:
+        """The signal the serving model gives a window of bars of `symbol` supplied by a
+        client (sorted by open time).
 
         Raises NoModelError, or InvalidBarsError when there are too few bars for the model."""
         serving = require_loaded(self.serving, self.load_error)
         needed = min_history_bars(serving.model.spec.window_bars)
-        if bars.height < needed:
+        if len(bars) < needed:
             raise InvalidBarsError(
-                f"{bars.height} bars supplied; the model needs at least {needed} consecutive "
+                f"{len(bars)} bars supplied; the model needs at least {needed} consecutive "
                 f"1-minute bars ({serving.model.spec.window_bars} in its window plus warm-up)"
             )
         return compute_signal(

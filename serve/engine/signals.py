@@ -15,14 +15,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import polars as pl
 
 from configs.schema import BacktestConfig
+from market.bar_columns import BarColumns
 from market.features.incremental import FEATURE_INDEX, FeatureWindows
-from market.klines import BAR_COLUMNS, ONE_MINUTE_MS
+from market.klines import ONE_MINUTE_MS
 from models.artifact import LoadedModel
 from models.backtest import decide_signals
 from models.dataset import INPUT_COLUMNS, model_inputs
@@ -91,18 +91,21 @@ def _gap_reason(window: int) -> str:
 
 def compute_signal(
     symbol: str,
-    bars: pl.DataFrame,
+    bars: pl.DataFrame | BarColumns,
     model: LoadedModel,
     thresholds: BacktestConfig,
     model_version: str,
     feature_spec_hash: str,
 ) -> Signal:
-    """The signal for the newest bar of `bars` (validated 1-minute bars of one symbol, sorted).
+    """The signal for the newest bar of `bars` (validated 1-minute bars of one symbol, sorted:
+    a frame of market.klines.BAR_COLUMNS or the bar columns alone).
 
     The window is the model's last `window_bars` bars; they must be consecutive minutes with
     every input finite, otherwise the answer is NEUTRAL with the reason.
     Raises ValueError when `bars` is empty.
     """
+    if isinstance(bars, BarColumns):
+        bars = bars.frame(symbol)
     if bars.height == 0:
         raise ValueError(f"no bars for {symbol}")
     features = latest_features(bars)
@@ -194,11 +197,3 @@ def compute_signals(
         else:
             signals.append(base.with_reason("NEUTRAL", 0.0, NOT_WARM_REASON))
     return signals
-
-
-def bars_frame(symbol: str, bars: list[dict[str, Any]]) -> pl.DataFrame:
-    """Client-supplied bars (dicts of the validated-bar fields) as the frame features read."""
-    frame = pl.DataFrame(bars).with_columns(pl.lit(symbol).alias("symbol"))
-    return frame.select(BAR_COLUMNS).with_columns(
-        pl.col("open_time").cast(pl.Int64), pl.col("trades").cast(pl.Int64)
-    )

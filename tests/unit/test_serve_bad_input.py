@@ -19,6 +19,7 @@ from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError
 
 from configs.schema import PredictConfig, ServeConfig
+from market.bar_columns import BarColumns
 from market.klines import MICROSECOND_THRESHOLD, ONE_MINUTE_MS
 from serve.api.auth import TokenService
 from serve.api.metrics import ApiMetrics
@@ -172,7 +173,8 @@ def test_predict_accepts_the_last_millisecond_time(served: Served) -> None:
 
 def test_too_few_bars_is_a_422_with_the_engine_message_only(served: Served) -> None:
     with pytest.raises(InvalidBarsError):
-        served.engine.predict("SIMAAA", served.engine.feed.bars("SIMAAA").tail(20))
+        bars = BarColumns.from_frame(served.engine.feed.bars("SIMAAA").tail(20))
+        served.engine.predict("SIMAAA", bars)
     response = post_predict(served, client_bars(served.engine, 20))
     assert response.status_code == 422
     assert response.json()["error"] == "invalid_request"
@@ -252,7 +254,7 @@ def test_local_backend_refuses_predictions_past_its_limit(tmp_path: Path) -> Non
     )
     engine = SignalEngine(config, clock=FakeClock())
     engine.tick()
-    bars = client_bars(engine, 5)
+    bars = BarColumns.from_frame(engine.feed.bars("SIMAAA").tail(5))
     release = threading.Event()
     answer = engine.snapshot()  # any value: what the held prediction returns
 
@@ -285,7 +287,7 @@ class FailingBackend:
     def snapshot(self) -> EngineSnapshot | None:
         return self._snapshot
 
-    async def predict(self, symbol: str, bars: list[dict[str, Any]]) -> Signal:
+    async def predict(self, symbol: str, bars: BarColumns) -> Signal:
         raise self.error
 
     async def history(self, symbol: str | None, limit: int) -> list[dict[str, Any]]:

@@ -14,7 +14,8 @@ from configs.schema import SYMBOL_PATTERN, AuthConfig, GoldConfig, JwtConfig, Se
 from market.klines import MICROSECOND_THRESHOLD
 from serve.api.auth import TokenService
 from serve.api.clients import ClientStore
-from serve.api.routes import ROUTES, BarIn, make_api
+from serve.api.predict_input import BarIn
+from serve.api.routes import ROUTES, make_api
 from serve.api.schemas import ErrorBody, HistoryItem
 from serve.engine.gold import GoldStore, SignalRecord
 from tests.serve_support import NoEngine
