@@ -1,7 +1,8 @@
 """The batch feature engine: the shared spec over any number of symbols' bars in one pass.
 
-POST /predict, the live engine, the simulated Silver and the parity tests run this; the Spark ETL
-runs the independent numpy kernel (market.features.numpy_kernel), the incremental engine
+POST /predict (`segment_features`: these kernels over one segment's arrays, no frame), the live
+engine, the simulated Silver and the parity tests run this; the Spark ETL runs the independent
+numpy kernel (market.features.numpy_kernel), the incremental engine
 (market.features.incremental) advances the same features bar by bar, and the tests hold the three
 equal. Input: validated bars (the BAR_COLUMNS of market.klines, `open_time` as a UTC datetime or
 epoch milliseconds), any number of symbols, any order. Output: the bars sorted by symbol and
@@ -20,12 +21,13 @@ One warm-up mask then nulls the first WARMUP_BARS rows of every segment in every
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from market.bar_columns import BarColumns
 from market.features import spec
 from market.klines import ONE_DAY_MS, ONE_MINUTE_MS
 
@@ -207,18 +209,29 @@ def _by_block(
 
 
 def _per_segment(
-    values: FloatArray, offsets: np.ndarray, exprs: dict[str, pl.Expr]
+    values: FloatArray,
+    offsets: np.ndarray,
+    exprs: Mapping[str, Callable[[pl.Expr], pl.Expr]],
 ) -> dict[str, FloatArray]:
-    """Each expression of `pl.element()` run on every segment's values on their own.
+    """Each expression (a function of the expression of the values) run on every segment's
+    values on their own.
 
     `offsets` (n_segments + 1, from 0 to len(values)) bound the segments. The values become one
     list per segment (no copy), so polars evaluates the expressions segment by segment in one
-    call, whatever the number of segments.
+    call, whatever the number of segments. One segment (a /predict window) skips the lists:
+    the same expressions run on the values as one column, the same kernels on the same values.
     """
+    if offsets.shape[0] == 2:
+        column = pl.col("values")
+        one = pl.DataFrame({"values": values}).select(
+            expr(column).alias(name) for name, expr in exprs.items()
+        )
+        return {name: one[name].to_numpy() for name in exprs}
     segments = pa.ListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
     frame = pl.DataFrame({"segments": pl.Series(segments)})
     out = frame.select(
-        pl.col("segments").list.eval(expr).explode().alias(name) for name, expr in exprs.items()
+        pl.col("segments").list.eval(expr(pl.element())).explode().alias(name)
+        for name, expr in exprs.items()
     )
     return {name: out[name].to_numpy() for name in exprs}
 
@@ -231,7 +244,6 @@ def _ewm(expr: pl.Expr, alpha: float) -> pl.Expr:
 def _recursive(c: FloatArray, offsets: np.ndarray) -> dict[str, FloatArray]:
     """EMA 12/26, MACD, its signal and the Wilder mean gain/loss, each seeded at the first bar
     of its segment (`offsets` bound the segments)."""
-    close = pl.element()
     wilder = 1.0 / spec.RSI_PERIOD
     # diff() starts each segment with a null that ewm_mean skips: the Wilder means are seeded
     # at the segment's first change.
@@ -239,15 +251,15 @@ def _recursive(c: FloatArray, offsets: np.ndarray) -> dict[str, FloatArray]:
         c,
         offsets,
         {
-            "ema_fast": _ewm(close, 2.0 / (spec.EMA_FAST + 1)),
-            "ema_slow": _ewm(close, 2.0 / (spec.EMA_SLOW + 1)),
-            "gain": _ewm(close.diff().clip(lower_bound=0.0), wilder),
-            "loss": _ewm((-close.diff()).clip(lower_bound=0.0), wilder),
+            "ema_fast": lambda close: _ewm(close, 2.0 / (spec.EMA_FAST + 1)),
+            "ema_slow": lambda close: _ewm(close, 2.0 / (spec.EMA_SLOW + 1)),
+            "gain": lambda close: _ewm(close.diff().clip(lower_bound=0.0), wilder),
+            "loss": lambda close: _ewm((-close.diff()).clip(lower_bound=0.0), wilder),
         },
     )
     out["macd"] = out["ema_fast"] - out["ema_slow"]
-    signal = {"signal": _ewm(pl.element(), 2.0 / (spec.MACD_SIGNAL + 1))}
-    out.update(_per_segment(out["macd"], offsets, signal))
+    signal_alpha = 2.0 / (spec.MACD_SIGNAL + 1)
+    out.update(_per_segment(out["macd"], offsets, {"signal": lambda m: _ewm(m, signal_alpha)}))
     return out
 
 
@@ -267,13 +279,16 @@ def _cyclic(values: np.ndarray, period: int, sin: FloatArray, cos: FloatArray) -
     np.take(np.cos(angle), values, out=cos, mode="clip")
 
 
-def _fill_features(frame: pl.DataFrame, offsets: np.ndarray, f: dict[str, FloatArray]) -> None:
-    """Every spec feature over the whole sorted frame, before the warm-up mask, written into
-    the arrays of `f` (one per feature name, frame.height long)."""
-
-    def column(name: str) -> FloatArray:
-        return frame[name].cast(pl.Float64).to_numpy()
-
+def _fill_features(
+    column: Callable[[str], FloatArray],
+    t: np.ndarray,
+    offsets: np.ndarray,
+    f: dict[str, FloatArray],
+) -> None:
+    """Every spec feature over bars sorted by symbol and time, before the warm-up mask, written
+    into the arrays of `f` (one per feature name, one value per bar). `column(name)` gives the
+    bar column `name` (close, high, low, volume, trades, taker_buy_base) as float64, `t` the
+    open times (epoch ms), `offsets` the segments' bounds (from 0 to the number of bars)."""
     c, v = column("close"), column("volume")
     ratio = f["taker_buy_ratio"]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -304,7 +319,6 @@ def _fill_features(frame: pl.DataFrame, offsets: np.ndarray, f: dict[str, FloatA
     np.subtract(column("high"), column("low"), out=f["hl_range"])
     f["hl_range"] /= c
 
-    t = frame[_TIME].to_numpy()
     minute = (t // ONE_MINUTE_MS) % spec.MINUTES_PER_DAY
     # 1970-01-01 was a Thursday: ISO weekday 4, so Monday-based index 3.
     dow = (t // ONE_DAY_MS + 3) % spec.DAYS_PER_WEEK
@@ -350,7 +364,11 @@ def compute_features(bars: pl.DataFrame, interval_ms: int = ONE_MINUTE_MS) -> pl
         *(spec.target_ret_column(h) for h in horizons),
     )
     store = dict(zip(names, np.empty((len(names), n)), strict=True))
-    _fill_features(frame, np.append(run_starts, n), store)
+
+    def column(name: str) -> FloatArray:
+        return frame[name].cast(pl.Float64).to_numpy()
+
+    _fill_features(column, frame[_TIME].to_numpy(), np.append(run_starts, n), store)
     columns = [_masked(name, store[name], warm) for name in spec.FEATURE_COLUMNS]
 
     close = frame["close"].cast(pl.Float64).to_numpy()
@@ -372,3 +390,28 @@ def compute_features(bars: pl.DataFrame, interval_ms: int = ONE_MINUTE_MS) -> pl
             _masked(spec.target_up_column(h), (future_close > close).astype(np.int32), has_target),
         ]
     return frame.with_columns(columns).drop(_TIME, _NEW_RUN)
+
+
+def segment_features(bars: BarColumns) -> dict[str, FloatArray]:
+    """Every spec feature of one symbol's bars that form one segment (consecutive 1-minute bars
+    in time order, `BarColumns.one_segment`), as float64 arrays aligned with the bars, NaN in
+    the first WARMUP_BARS (240) rows: bit for bit the values `compute_features` gives the same
+    bars (the same kernels over the same arrays; a test holds them equal), without building,
+    segmenting or masking a frame, and without the targets. For `POST /predict`, whose bars are
+    checked to be one segment. Raises ValueError when they are not.
+    """
+    if not bars.one_segment():
+        raise ValueError("the bars are not consecutive 1-minute bars in time order")
+    n = len(bars)
+    store = dict(zip(spec.FEATURE_COLUMNS, np.empty((len(spec.FEATURE_COLUMNS), n)), strict=True))
+    if n == 0:
+        return store
+
+    def column(name: str) -> FloatArray:
+        values: FloatArray = getattr(bars, name)
+        return values.astype(np.float64, copy=False)
+
+    _fill_features(column, bars.open_time, np.array([0, n]), store)
+    for values in store.values():
+        values[: spec.WARMUP_BARS] = np.nan
+    return store

@@ -22,6 +22,7 @@ import polars as pl
 from configs.schema import BacktestConfig
 from market.bar_columns import BarColumns
 from market.features.incremental import FEATURE_INDEX, FeatureWindows
+from market.features.polars_engine import segment_features
 from market.klines import ONE_MINUTE_MS
 from models.artifact import LoadedModel
 from models.backtest import decide_signals
@@ -101,36 +102,62 @@ def compute_signal(
     a frame of market.klines.BAR_COLUMNS or the bar columns alone).
 
     The window is the model's last `window_bars` bars; they must be consecutive minutes with
-    every input finite, otherwise the answer is NEUTRAL with the reason.
+    every input finite, otherwise the answer is NEUTRAL with the reason. Bar columns that form
+    one segment (what `/predict` passes) have their features computed from their arrays
+    (`segment_features`: the batch engine's values, bit for bit, without a frame); a frame, or
+    columns with a missing minute, go through the batch engine's frame.
     Raises ValueError when `bars` is empty.
     """
-    if isinstance(bars, BarColumns):
-        bars = bars.frame(symbol)
-    if bars.height == 0:
-        raise ValueError(f"no bars for {symbol}")
-    features = latest_features(bars)
     window = model.spec.window_bars
-    tail = features.tail(window)
-    open_times = tail["open_time"].cast(pl.Int64).to_numpy()
-    close = float(tail["close"][-1])
+    if isinstance(bars, BarColumns) and len(bars) and bars.one_segment():
+        features = segment_features(bars)
+        open_times = bars.open_time[-window:]
+        close = bars.close[-window:]
+        columns = {name: features[name][-window:] for name in INPUT_COLUMNS}
+    else:
+        frame = bars.frame(symbol) if isinstance(bars, BarColumns) else bars
+        if frame.height == 0:
+            raise ValueError(f"no bars for {symbol}")
+        tail = latest_features(frame).tail(window)
+        open_times = tail["open_time"].cast(pl.Int64).to_numpy()
+        close = tail["close"].cast(pl.Float64).to_numpy()
+        # One select for every input column (one polars call, not one per column): [bars, inputs].
+        inputs = pl.col(INPUT_COLUMNS).cast(pl.Float64).fill_null(float("nan"))
+        matrix = tail.select(inputs).to_numpy()
+        columns = {name: matrix[:, j] for j, name in enumerate(INPUT_COLUMNS)}
+    return _window_signal(
+        symbol, open_times, close, columns, model, thresholds, model_version, feature_spec_hash
+    )
+
+
+def _window_signal(
+    symbol: str,
+    open_times: np.ndarray,
+    close: np.ndarray,
+    columns: dict[str, np.ndarray],
+    model: LoadedModel,
+    thresholds: BacktestConfig,
+    model_version: str,
+    feature_spec_hash: str,
+) -> Signal:
+    """`compute_signal` from the last (at most `window_bars`) bars: their open times (epoch
+    ms), closes and input feature columns (NaN where null)."""
+    window = model.spec.window_bars
     base = _neutral(
         symbol,
         int(open_times[-1]),
-        close,
+        float(close[-1]),
         model_version,
         feature_spec_hash,
         model.spec.horizon_bars,
     )
-    if tail.height < window:
+    if open_times.shape[0] < window:
         return base.with_reason(
-            "NEUTRAL", 0.0, f"only {tail.height} bars held; the model reads {window}"
+            "NEUTRAL", 0.0, f"only {open_times.shape[0]} bars held; the model reads {window}"
         )
     if np.any(np.diff(open_times) != ONE_MINUTE_MS):
         return base.with_reason("NEUTRAL", 0.0, _gap_reason(window))
-    # One select for every input column (one polars call, not one per column): [bars, inputs].
-    matrix = tail.select(pl.col(INPUT_COLUMNS).cast(pl.Float64).fill_null(float("nan"))).to_numpy()
-    columns = {name: matrix[:, j] for j, name in enumerate(INPUT_COLUMNS)}
-    inputs = model_inputs(columns, tail["close"].cast(pl.Float64).to_numpy())
+    inputs = model_inputs(columns, close)
     predicted, p_up = model.predict_windows(inputs[None, :, :])
     if not (math.isfinite(predicted[0]) and math.isfinite(p_up[0])):
         return base.with_reason("NEUTRAL", 0.0, NOT_WARM_REASON)
