@@ -10,10 +10,13 @@ reference is swapped, and a request in flight sees either the old model or the n
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from configs.schema import BacktestConfig, ServeConfig
 from market.bar_columns import BarColumns
@@ -70,6 +73,8 @@ class ProductionModel:
         self.serving: ServingModel | None = None
         self.load_error: str | None = None
         self.reloads = 0
+        # Threads that have set torch's intra-op thread count (see `_use_compute_threads`).
+        self._threads_set = threading.local()
 
     def fetch(self) -> ServingModel | None:
         """The version the alias names now, loaded and checked, when it is not the one being
@@ -125,6 +130,7 @@ class ProductionModel:
 
         Raises NoModelError, or InvalidBarsError when there are too few bars for the model."""
         serving = require_loaded(self.serving, self.load_error)
+        self._use_compute_threads()
         needed = min_history_bars(serving.model.spec.window_bars)
         if len(bars) < needed:
             raise InvalidBarsError(
@@ -134,3 +140,14 @@ class ProductionModel:
         return compute_signal(
             symbol, bars, serving.model, serving.thresholds, serving.version, self.spec_hash
         )
+
+    def _use_compute_threads(self) -> None:
+        """Give the calling thread torch's intra-op thread count of the config
+        (`predict.threads`), once per thread. OpenMP keeps that count per thread: set in the
+        process' main thread, it leaves the worker threads predictions run on at one thread per
+        core, and a forward there wakes a team whose idle members spin on the other cores
+        (measured: 7.3 ms of CPU per 400-bar /predict forward on a worker thread against 0.4 ms
+        with the count set in that thread)."""
+        if not getattr(self._threads_set, "done", False):
+            torch.set_num_threads(self.config.predict.threads)
+            self._threads_set.done = True

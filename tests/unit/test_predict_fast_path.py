@@ -1,10 +1,13 @@
 """`/predict`'s features from bar columns: `segment_features` equals the batch engine's frame
 path bit for bit, and a `/predict` answer from the columns equals the one the frame path gives
-the same bars, including bars with a missing minute (which take the frame path)."""
+the same bars, including bars with a missing minute (which take the frame path). A prediction
+on a worker thread runs the model on that one thread."""
 
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +188,18 @@ def test_post_predict_answers_what_the_frame_path_gives(tmp_path: Path) -> None:
     assert refused.status_code == 422
     assert "bars must be consecutive 1-minute bars" in refused.json()["detail"]
     engine.close()
+
+
+def test_a_prediction_on_a_worker_thread_starts_no_thread_team(engine: SignalEngine) -> None:
+    """Predictions run on worker threads; with predict.threads = 1 a forward there must not
+    start an OpenMP team (one thread per core, spinning idle between forwards)."""
+    assert engine.config.predict.threads == 1
+    bars = BarColumns.from_frame(symbol_bars(16).tail(400))
+
+    def threads_started() -> int:
+        before = len(os.listdir("/proc/self/task"))
+        engine.predict(SYMBOL, bars)
+        return len(os.listdir("/proc/self/task")) - before
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(threads_started).result() == 0
