@@ -3,12 +3,14 @@ pydantic models (`PredictIn`) accept and refuse, with their values and their mes
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from datetime import date
 from typing import Any
 
 import numpy as np
+import polars as pl
 import pytest
 from pydantic import ValidationError
 
@@ -19,11 +21,16 @@ from market.sim_silver import simulated_bars
 from serve.api.predict_input import PredictIn, read_predict_body
 
 
-def client_bars(n: int, seed: int = 5) -> list[dict[str, Any]]:
-    frame = simulated_bars(SimConfig(seed=seed, anchor_date=date(2024, 5, 1)), ["SIMAAA"], 1)
+@functools.cache
+def simulated_day() -> pl.DataFrame:
+    return simulated_bars(SimConfig(seed=5, anchor_date=date(2024, 5, 1)), ["SIMAAA"], 1)
+
+
+def client_bars(n: int) -> list[dict[str, Any]]:
+    """The first `n` bars of a simulated day as a client sends them (new dicts each call)."""
     return [
         {k: v for k, v in row.items() if k != "symbol"}
-        for row in frame.head(n).iter_rows(named=True)
+        for row in simulated_day().head(n).iter_rows(named=True)
     ]
 
 
