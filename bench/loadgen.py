@@ -287,6 +287,47 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, close
 
 
+TRANSPORT_ERROR = 0
+"""The status recorded for a request that got no complete answer (connection refused or lost,
+malformed response, timeout)."""
+
+
+class _KeepAlive:
+    """One keep-alive HTTP/1.1 connection, opened on first use and again after a response or an
+    error that closed it."""
+
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def exchange(self, request: bytes) -> int:
+        """Send `request` (raw bytes) and read the answer; its status, or TRANSPORT_ERROR."""
+        try:
+            if self._streams is None:
+                self._streams = await asyncio.wait_for(
+                    asyncio.open_connection(self.host, self.port), self.timeout_s
+                )
+            reader, writer = self._streams
+            writer.write(request)
+            status, close = await asyncio.wait_for(_read_response(reader), self.timeout_s)
+        except (
+            OSError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            TimeoutError,
+        ):
+            status, close = TRANSPORT_ERROR, True
+        if close:
+            self.close()
+        return status
+
+    def close(self) -> None:
+        if self._streams is not None:
+            self._streams[1].close()
+        self._streams = None
+
+
 async def _connection_loop(
     host: str,
     port: int,
@@ -298,39 +339,22 @@ async def _connection_loop(
     counters: dict[str, int],
 ) -> None:
     clock = time.perf_counter  # uvloop's loop.time() only has millisecond resolution
-    writer: asyncio.StreamWriter | None = None
-    reader: asyncio.StreamReader | None = None
+    connection = _KeepAlive(host, port, timeout_s)
     while clock() < measure_to:
         start = clock()
-        try:
-            if writer is None or reader is None:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), timeout_s
-                )
-            assert reader is not None and writer is not None
-            writer.write(request)
-            status, close = await asyncio.wait_for(_read_response(reader), timeout_s)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            ok, close, status = False, True, 0
-        except TimeoutError:
-            ok, close, status = False, True, 0
-        else:
-            ok = True
+        status = await connection.exchange(request)
+        ok = status != TRANSPORT_ERROR
         end = clock()
         if start >= measure_from and end <= measure_to:
-            if ok and 200 <= status <= 299:
+            if 200 <= status <= 299:
                 latencies.append(end - start)
             else:
                 counters["errors"] += 1
                 if ok:  # a complete non-2xx response still counts as a request
                     latencies.append(end - start)
-        if close and writer is not None:
-            writer.close()
-            writer, reader = None, None
         if not ok:
             await asyncio.sleep(0.01)  # do not spin on a dead server
-    if writer is not None:
-        writer.close()
+    connection.close()
 
 
 async def _asyncio_main(spec: dict[str, object]) -> dict[str, float]:
@@ -392,8 +416,7 @@ async def _paced_connection_loop(
     from `first_send` until `measure_to` (perf_counter seconds); records each as
     [sent, latency, path, status] with `sent` relative to `opened`."""
     clock = time.perf_counter
-    writer: asyncio.StreamWriter | None = None
-    reader: asyncio.StreamReader | None = None
+    connection = _KeepAlive(host, port, timeout_s)
     due = first_send
     turn = 0
     while due < measure_to:
@@ -401,27 +424,12 @@ async def _paced_connection_loop(
         path, request = requests[turn % len(requests)]
         turn += 1
         start = clock()
-        try:
-            if writer is None or reader is None:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), timeout_s
-                )
-            assert reader is not None and writer is not None
-            writer.write(request)
-            status, close = await asyncio.wait_for(_read_response(reader), timeout_s)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            status, close = 0, True
-        except TimeoutError:
-            status, close = 0, True
+        status = await connection.exchange(request)
         samples.append([start - opened, clock() - start, path, status])
-        if close and writer is not None:
-            writer.close()
-            writer, reader = None, None
         # The next request is due one interval after this one was sent; a late answer delays
         # it (no burst to catch up).
         due = max(due + interval_s, clock())
-    if writer is not None:
-        writer.close()
+    connection.close()
 
 
 async def _paced_main(spec: dict[str, object]) -> dict[str, object]:
