@@ -363,24 +363,7 @@ def write_html_report(
         _section_regimes(regime_table),
         _section_notes(notes, curves, plotted, max_points),
     ]
-    page = "\n".join(
-        [
-            "<!DOCTYPE html>",
-            '<html lang="en">',
-            "<head>",
-            '<meta charset="utf-8">',
-            f"<title>{_esc(title)}</title>",
-            f"<style>{_CSS}</style>",
-            _plotly_script(),
-            "</head>",
-            "<body>",
-            *body,
-            "</body>",
-            "</html>",
-            "",
-        ]
-    )
-    target.write_text(page)
+    target.write_text(_html_page(title, body))
     return target
 
 
@@ -1026,25 +1009,23 @@ def write_power_report(
         ),
         _section("Notes", f"<ul>{items}</ul>" if items else _empty("No notes.")),
     ]
-    page = "\n".join(
-        [
-            "<!DOCTYPE html>",
-            '<html lang="en">',
-            "<head>",
-            '<meta charset="utf-8">',
-            f"<title>{_esc(title)}</title>",
-            f"<style>{_CSS}</style>",
-            _plotly_script(),
-            "</head>",
-            "<body>",
-            *body,
-            "</body>",
-            "</html>",
-            "",
-        ]
-    )
-    target.write_text(page)
+    target.write_text(_html_page(title, body))
     return target
+
+
+def _html_page(title: str, body: Sequence[str]) -> str:
+    """A whole report page: the shared style and Plotly script, `body`'s sections in order."""
+    head = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        _plotly_script(),
+        "</head>",
+    ]
+    return "\n".join([*head, "<body>", *body, "</body>", "</html>", ""])
 
 
 def _power_curve(runs: pd.DataFrame, strengths: pd.DataFrame, summary: Mapping[str, Any]) -> str:
