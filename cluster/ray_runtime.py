@@ -34,7 +34,7 @@ def connect(config: RayConfig | None = None, address: str | None = None) -> dict
         if target:
             ray.init(address=target, namespace=config.namespace, log_to_driver=True)
         else:
-            dashboard_port = _pin_state_api_address() if config.include_dashboard else None
+            dashboard_port = _pin_state_api_address(config.include_dashboard)
             handler = signal.getsignal(signal.SIGTERM)
             ray.init(
                 num_cpus=config.num_cpus,
@@ -70,8 +70,9 @@ def dashboard_url() -> str:
     return f"(see `ray status`; GCS {context.gcs_address})"
 
 
-# Environment variables `connect` set for the local Ray it started; `shutdown` removes them.
-_PINNED: list[str] = []
+# Environment variables `connect` set for the local Ray it started, with the values they had
+# before (None: unset); `shutdown` restores them.
+_SAVED: dict[str, str | None] = {}
 # True while this process runs a local Ray that `connect` started.
 _started_local = False
 
@@ -104,21 +105,25 @@ def free_port() -> int:
         return port
 
 
-def _pin_state_api_address() -> int | None:
-    """Choose the local dashboard's port and name it in RAY_API_SERVER_ADDRESS.
+def _pin_state_api_address(include_dashboard: bool) -> int | None:
+    """Point RAY_API_SERVER_ADDRESS at the local Ray about to start: its dashboard's port,
+    chosen here and returned, or no address at all without a dashboard.
 
     Ray's State API finds the dashboard by auto-detecting "the" local Ray instance, which fails
     with "Found multiple active Ray instances" when another Ray runs on the same machine (a
     deployed service beside a sweep, parallel test sessions). Ray Train's placement-group
-    cleaner uses that API to free the workers of trials ASHA stops; when it fails, the freed
-    CPUs leak and the next trial waits forever. The variable is set before `ray.init`, so the
-    raylet and every worker it starts inherit it. A value already set by the user wins.
+    cleaner uses that API to free the workers of trials ASHA stops; when it fails, or reaches
+    another instance and finds no such controller there, the freed CPUs leak and the next trial
+    waits forever. A value inherited from a parent process names the parent's Ray, never the
+    one started here, so it is replaced (and restored by `shutdown`). The variable is set
+    before `ray.init`, so the raylet and every worker it starts inherit it.
     """
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+    _SAVED["RAY_API_SERVER_ADDRESS"] = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if not include_dashboard:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         return None
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    _PINNED.append("RAY_API_SERVER_ADDRESS")
     return port
 
 
@@ -127,6 +132,10 @@ def shutdown() -> None:
     global _started_local
     if ray.is_initialized():
         ray.shutdown()
-    while _PINNED:
-        os.environ.pop(_PINNED.pop(), None)
+    for name, value in _SAVED.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _SAVED.clear()
     _started_local = False

@@ -7,6 +7,7 @@ instance runs on the machine, so the CPUs of every trial ASHA stops leak and the
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster.ray_runtime import connect
+from cluster.ray_runtime import connect, shutdown
 from configs.schema import RayConfig
 
 pytestmark = pytest.mark.integration
@@ -41,14 +42,24 @@ def other_ray_instance() -> Iterator[None]:
         process.wait(timeout=60)
 
 
+# A parent process running its own Ray (a test session, a service starting a job) passes its
+# State API address on to the children it spawns.
+INHERITED_API_ADDRESS = "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize("inherited", [None, INHERITED_API_ADDRESS])
 def test_state_api_finds_its_own_cluster_beside_another_ray(
-    other_ray_instance: None, monkeypatch: pytest.MonkeyPatch
+    other_ray_instance: None, monkeypatch: pytest.MonkeyPatch, inherited: str | None
 ) -> None:
     import ray
 
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    if inherited is None:
+        monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_API_SERVER_ADDRESS", inherited)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     connect(RayConfig(num_cpus=2, include_dashboard=True))
+    assert os.environ["RAY_API_SERVER_ADDRESS"] != inherited
     try:
 
         @ray.remote(num_cpus=0)
@@ -76,4 +87,6 @@ def test_state_api_finds_its_own_cluster_beside_another_ray(
                     raise
                 time.sleep(2)
     finally:
-        ray.shutdown()
+        shutdown()
+    # The caller's own value is back once the local Ray is gone.
+    assert os.environ.get("RAY_API_SERVER_ADDRESS") == inherited
