@@ -596,6 +596,10 @@ def job_summary(logs: str) -> dict[str, Any] | None:
     return None
 
 
+API_SERVER_ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where Ray's State API and Jobs SDK look for a dashboard before any address they are given."""
+
+
 def connect_client(address: str, token: str | None = None) -> JobSubmissionClient:
     """A Ray Jobs client for the dashboard at `address` (e.g. http://ray-head:8265).
 
@@ -608,7 +612,16 @@ def connect_client(address: str, token: str | None = None) -> JobSubmissionClien
 
     token = token or os.environ.get("RAY_AUTH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(address, headers=headers)
+    # Ray's SDK lets RAY_API_SERVER_ADDRESS override the address it is given, and
+    # `cluster.ray_runtime.connect` sets that variable for a local Ray it starts: a process
+    # running its own Ray would otherwise send this cluster's jobs (and token) to that Ray. The
+    # address is resolved once, here; the variable is put back at once.
+    own_api_server = os.environ.pop(API_SERVER_ADDRESS_ENV, None)
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    finally:
+        if own_api_server is not None:
+            os.environ[API_SERVER_ADDRESS_ENV] = own_api_server
 
 
 def run_stages(

@@ -214,6 +214,17 @@ def test_a_job_succeeds_with_its_log_streamed_and_bulky_dirs_left_behind(
     }
 
 
+def test_the_client_reaches_its_own_cluster_when_another_ray_is_named_in_the_environment(
+    jobs_head: RayHead, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As in a process that started its own local Ray (cluster.ray_runtime.connect names that
+    # Ray's dashboard here): Ray's SDK would send this cluster's jobs and token there.
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    client = connect_client(jobs_head.address, jobs_head.token)
+    assert isinstance(client.list_jobs(), list)
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:9"
+
+
 def test_a_failing_job_raises_with_its_exit_and_log_tail(jobs_client: Any) -> None:
     entrypoint = "python -c \"import sys; print('boom: bad input'); sys.exit(3)\""
     with pytest.raises(RayJobError) as failure:
