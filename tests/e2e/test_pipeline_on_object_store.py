@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from cluster.ray_runtime import free_port
-from configs.schema import TuneJobConfig
+from cluster.ray_runtime import connect, free_port, shutdown
+from configs.schema import RayConfig, TuneJobConfig
 from models.registry import PRODUCTION, ModelRegistry
 from models.runs import BUY_AND_HOLD, RunDir
 from models.selection import run_selection
@@ -97,6 +98,23 @@ def write_configs(directory: Path, store: ObjectStore, prefix: str) -> Path:
     path = directory / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline))
     return path
+
+
+@pytest.fixture(scope="module")
+def module_ray() -> Iterator[None]:
+    """A local Ray for this module's in-process sweeps, shut down after the module. The session's
+    `ray_local` would stay up through every later module, and later modules start Rays of their
+    own (some in this process, some as clusters beside it) and expect none here."""
+    import ray
+
+    if ray.is_initialized():  # an earlier module's Ray: used as is, left to its owner
+        yield
+        return
+    connect(RayConfig(num_cpus=2))
+    try:
+        yield
+    finally:
+        shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +192,7 @@ def test_every_stage_writes_to_the_store_and_serve_loads_the_promoted_model_from
 
 
 def test_an_interrupted_sweep_resumes_from_the_store_to_the_undisturbed_leaderboard(
-    pipeline_run: PipelineOnStore, object_store: ObjectStore, ray_local: None
+    pipeline_run: PipelineOnStore, object_store: ObjectStore, module_ray: None
 ) -> None:
     """The pipeline's sweep is the undisturbed run; this one reads the same Silver."""
     pipeline_out = pipeline_run.summary["stages"]["tune"]["leaderboard"].rsplit("/", 1)[0]
