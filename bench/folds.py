@@ -66,7 +66,7 @@ def main() -> int:
     import ray
 
     from models.dataset import arrays_from_table
-    from models.folds import make_schedule, training_units
+    from models.folds import sweep_schedule, training_units
     from models.runs import RunDir
     from models.sweep import run_sweep
 
@@ -74,13 +74,7 @@ def main() -> int:
     arrays = arrays_from_table(
         silver_frame(simulated_bars(config, ["SIMAAA", "SIMBBB"], args.days)).to_arrow()
     )
-    schedule = make_schedule(
-        int(arrays.open_time_ms.min()),
-        int(arrays.open_time_ms.max()),
-        job.folds,
-        max(job.search.window_bars),
-        max(job.search.horizon_bars),
-    )
+    schedule = sweep_schedule(job, int(arrays.open_time_ms.min()), int(arrays.open_time_ms.max()))
     folds = len(training_units(schedule))
     data_ref = ray.put(arrays)
     figures: dict[str, Any] = {

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from configs.schema import FoldConfig
+from configs.schema import FoldConfig, TuneJobConfig
 from market.features.spec import HORIZON_BARS, LONGEST_WINDOW_BARS
 from market.klines import ONE_MINUTE_MS
 from models.cpcv import CpcvPlan, cpcv_plan
@@ -304,3 +304,16 @@ def make_schedule(
     if config.scheme == "cpcv":
         return make_cpcv(first_open_ms, last_open_ms, config, window_bars, horizon_bars)
     return make_folds(first_open_ms, last_open_ms, config, horizon_bars)
+
+
+def sweep_schedule(job: TuneJobConfig, first_open_ms: int, last_open_ms: int) -> Schedule:
+    """The folds (or CPCV splits) a sweep of `job` cuts over bars opening from `first_open_ms`
+    to `last_open_ms` (epoch ms): purged for the longest window and horizon its search samples.
+    Anything that must line up with a sweep's test blocks cuts them through this."""
+    return make_schedule(
+        first_open_ms,
+        last_open_ms,
+        job.folds,
+        max(job.search.window_bars),
+        max(job.search.horizon_bars),
+    )

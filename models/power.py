@@ -37,7 +37,7 @@ import pandas as pd
 from configs.schema import PowerStudyConfig, SimConfig
 from market.sources.sim import SimBars, simulate_symbols
 from market.storage import Location, as_location
-from models.folds import CpcvFolds, Schedule, make_schedule
+from models.folds import CpcvFolds, Schedule, sweep_schedule
 from models.metrics import annualised_sharpe
 
 PLANTED: Literal["planted"] = "planted"
@@ -155,13 +155,7 @@ def planted_measure_of(config: PowerStudyConfig, sim: SimConfig) -> PlantedMeasu
     block = simulate_symbols(sim, list(config.symbols), config.days)
     times = block.open_time_ms[block.present]
     job = config.tune
-    schedule = make_schedule(
-        int(times.min()),
-        int(times.max()),
-        job.folds,
-        max(job.search.window_bars),
-        max(job.search.horizon_bars),
-    )
+    schedule = sweep_schedule(job, int(times.min()), int(times.max()))
     return measure_planted(
         block,
         out_of_sample_ranges(schedule),

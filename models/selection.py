@@ -40,7 +40,7 @@ from models.evaluation import (
     evaluate,
     evaluate_cpcv,
 )
-from models.folds import CpcvFolds, Fold, Schedule, make_schedule, training_units
+from models.folds import CpcvFolds, Fold, Schedule, sweep_schedule, training_units
 from models.gate import GateDecision, apply_gate, candidate_dsr
 from models.networks import ModelSpec
 from models.pbo import PboResult, probability_of_backtest_overfitting
@@ -138,13 +138,7 @@ def run_selection(
     run = RunDir(out_dir, settings)
     run.root.mkdir()
     arrays = load_silver(lake, job.symbols, settings)
-    schedule = make_schedule(
-        int(arrays.open_time_ms.min()),
-        int(arrays.open_time_ms.max()),
-        job.folds,
-        max(job.search.window_bars),
-        max(job.search.horizon_bars),
-    )
+    schedule = sweep_schedule(job, int(arrays.open_time_ms.min()), int(arrays.open_time_ms.max()))
     folds: list[Fold] = [] if isinstance(schedule, CpcvFolds) else list(schedule)
     progress(f"data: {arrays.bars} bars of {', '.join(arrays.symbols)}; {_describe(schedule)}")
     scored_references = reference_evaluations(arrays, schedule, job)
